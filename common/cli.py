@@ -1,0 +1,222 @@
+"""The ``densenet`` command (also ``python -m common``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from common.config import DenseNetConfig, plan
+from common.errors import DenseNetError
+from common.registry import BACKENDS, available, canonical_name, load_backend
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _arch(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(" ", "").strip("()").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 4,4,4,4, got {text!r}") from None
+
+
+def _input_size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts if p]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected a size like 96 or 96x64, got {text!r}")
+    return values[0], values[1]
+
+
+def _add_network_options(p: argparse.ArgumentParser) -> None:
+    d = DenseNetConfig()
+    g = p.add_argument_group("network (defaults: the book's d2l DenseNet)")
+    g.add_argument("--num-channels", type=int, default=d.num_channels, help="stem output channels")
+    g.add_argument("--growth-rate", type=int, default=d.growth_rate, help="channels each conv block adds")
+    g.add_argument("--arch", type=_arch, default=d.arch, help="convs per dense block, e.g. 4,4,4,4")
+    g.add_argument("--num-classes", type=int, default=d.num_classes)
+    g.add_argument("--in-channels", type=int, default=d.in_channels, help="image channels")
+    g.add_argument("--input-size", type=_input_size, default=(96, 96), help="image side, or HxW")
+    g.add_argument("--batch-size", type=_positive_int, default=1)
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _config(args: argparse.Namespace) -> DenseNetConfig:
+    return DenseNetConfig(
+        num_channels=args.num_channels,
+        growth_rate=args.growth_rate,
+        arch=args.arch,
+        num_classes=args.num_classes,
+        in_channels=args.in_channels,
+    )
+
+
+def _backend_list(text: str | None) -> list[str] | None:
+    if not text or text == "all":
+        return None
+    return [canonical_name(b) for b in text.split(",") if b.strip()]
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    statuses = available()
+    if args.json:
+        print(json.dumps([s.__dict__ for s in statuses], indent=2))
+    else:
+        rows = [(s.name, s.framework, s.version or "-", "yes" if s.available else f"no: {s.reason}") for s in statuses]
+        print(format_table(["backend", "framework", "version", "available"], rows))
+    return 0
+
+
+def _describe(config: DenseNetConfig) -> str:
+    return (
+        f"num_channels={config.num_channels} growth_rate={config.growth_rate} "
+        f"arch={','.join(map(str, config.arch))} num_classes={config.num_classes}"
+    )
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from common.harness import compare_shapes
+
+    config = _config(args)
+    report = compare_shapes(_backend_list(args.backends), config, args.input_size, args.batch_size, args.seed)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0 if report.ok else 1
+
+    h, w = report.plan.input_size
+    print(f"DenseNet {_describe(config)}")
+    print(f"input: {args.batch_size}x{config.in_channels}x{h}x{w} (NCHW), seeded uniform [0, 1), seed {args.seed}")
+    print("shapes are NCHW whatever the framework's own layout\n")
+    ran = report.ran()
+    rows = []
+    for stage, expected in report.expected().items():
+        shapes = [str(r.stages.get(stage, "-")) for r in ran]
+        rows.append([stage, str(expected), *shapes, "yes" if report.stage_agrees(stage) else "NO"])
+    print(format_table(["stage", "expected", *[r.name for r in ran], "agree"], rows))
+    print()
+    rows = []
+    for r in report.runs:
+        status = {"ok": "ok", "unavailable": "unavailable", "error": "ERROR"}[r.status]
+        rows.append(
+            [
+                r.name,
+                r.version or "-",
+                f"{r.num_params:,}" if r.num_params is not None else "-",
+                f"{r.num_state:,}" if r.num_state is not None else "-",
+                f"{r.build_s:.2f}" if r.build_s is not None else "-",
+                f"{r.forward_s * 1000:.1f}" if r.forward_s is not None else "-",
+                status,
+            ]
+        )
+    print(format_table(["backend", "version", "params", "BN stats", "build s", "forward ms", "status"], rows))
+    print(
+        f"\nexpected parameters: {report.plan.num_params:,}; "
+        f"forward cost: {report.plan.macs / 1e6:.1f} M multiply-adds per image"
+    )
+    for r in report.runs:
+        if r.status == "unavailable" and r.name not in report.required:
+            print(f"note: {r.name} skipped: {r.error}")
+    if report.ok:
+        print(f"OK: {len(ran)} backend(s) agree with each other and with the plan")
+        return 0
+    print("FAILED:\n  " + "\n  ".join(report.failures), file=sys.stderr)
+    return 1
+
+
+_STAGE_LAYERS = {
+    "stem": "conv 7x7/2 pad 3, BN, ReLU, max pool 3x3/2 pad 1",
+    "dense": "{n} x (BN, ReLU, conv 3x3 pad 1), concatenated",
+    "transition": "BN, ReLU, conv 1x1, avg pool 2x2/2",
+    "head": "BN, ReLU, global avg pool, flatten, dense",
+}
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from common.harness import make_input
+    from common.layout import to_layout
+
+    config = _config(args)
+    network_plan = plan(config, args.input_size)
+    adapter = load_backend(args.backend)
+    model = adapter.build(config, seed=args.seed)
+    stages = adapter.stages(model, make_input(config, network_plan.input_size, args.batch_size, args.seed))
+    weights = adapter.get_weights(model)
+    rows = []
+    for name, out in stages.items():
+        kind = name.rstrip("0123456789")
+        n = config.arch[int(name[len(kind) :]) - 1] if kind == "dense" else 0
+        params = sum(v.size for k, v in weights.items() if k.split(".")[0] == name and "running" not in k)
+        native_shape = tuple(to_layout(out, adapter.layout).shape)
+        rows.append([name, _STAGE_LAYERS[kind].format(n=n), str(native_shape), f"{params:,}"])
+    print(f"{adapter.framework} {adapter.version()}: DenseNet {_describe(config)}")
+    print(f"output shapes in {adapter.layout} (the framework's own layout)\n")
+    print(format_table(["stage", "layers", "output shape", "params"], rows))
+    print(
+        f"\ntotal trainable parameters: {adapter.num_params(model):,}; "
+        f"BatchNorm running statistics: {adapter.num_state(model):,}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="densenet",
+        description="The d2l DenseNet in PyTorch, MXNet, JAX/Flax and TensorFlow, side by side.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="backends and why any is unavailable")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("compare", help="feed one seeded input to every backend and compare shapes stage by stage")
+    p.add_argument(
+        "--backends",
+        help=f"comma-separated subset of {','.join(BACKENDS)} (default: every installed one); "
+        "a named backend that cannot load is a failure",
+    )
+    _add_network_options(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("summary", help="layer-by-layer shape table of one backend (the book's layer_summary)")
+    p.add_argument("--backend", required=True, help=", ".join(BACKENDS))
+    _add_network_options(p)
+    p.set_defaults(func=cmd_summary)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DenseNetError as exc:
+        print(f"densenet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The shape harness: identical seeded inputs to every backend, compared stage by stage.
+
+Each backend's per-stage output shapes (NCHW) are compared with each other and with the channel
+plan that ``common.config.plan`` derives before any framework runs.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from common.config import DenseNetConfig, NetworkPlan, plan
+from common.errors import BackendUnavailable, DenseNetError
+from common.registry import BACKENDS, canonical_name, load_backend
+
+
+def make_input(config: DenseNetConfig, input_size: tuple[int, int], batch: int, seed: int = 0) -> np.ndarray:
+    """A seeded float32 NCHW batch in [0, 1), the range of scaled Fashion-MNIST pixels."""
+    rng = np.random.default_rng(seed)
+    return rng.random((batch, config.in_channels, *input_size), dtype=np.float32)
+
+
+@dataclass
+class BackendRun:
+    """What one backend produced (or why it could not run)."""
+
+    name: str
+    framework: str
+    status: str  # "ok", "unavailable" or "error"
+    version: str | None = None
+    error: str | None = None
+    stages: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    num_params: int | None = None
+    num_state: int | None = None
+    build_s: float | None = None
+    forward_s: float | None = None
+
+
+@dataclass
+class ShapeReport:
+    """The comparison of every backend against the plan and against each other."""
+
+    plan: NetworkPlan
+    batch: int
+    seed: int
+    runs: list[BackendRun]
+    required: list[str]
+
+    def expected(self) -> dict[str, tuple[int, ...]]:
+        return self.plan.shapes(self.batch)
+
+    def ran(self) -> list[BackendRun]:
+        return [r for r in self.runs if r.status == "ok"]
+
+    def stage_agrees(self, stage: str) -> bool:
+        expected = self.expected()[stage]
+        return all(r.stages.get(stage) == expected for r in self.ran())
+
+    @property
+    def failures(self) -> list[str]:
+        """Why the comparison fails; empty when every backend that ran agrees with the plan."""
+        out = []
+        for r in self.runs:
+            if r.status == "error":
+                out.append(f"{r.name}: {r.error}")
+            elif r.status == "unavailable" and r.name in self.required:
+                out.append(f"{r.name} was requested but cannot load: {r.error}")
+        for stage in self.expected():
+            if self.ran() and not self.stage_agrees(stage):
+                got = ", ".join(f"{r.name}={r.stages.get(stage)}" for r in self.ran())
+                out.append(f"stage {stage}: expected {self.expected()[stage]}, got {got}")
+        for r in self.ran():
+            if r.num_params != self.plan.num_params:
+                out.append(f"{r.name}: {r.num_params} parameters, expected {self.plan.num_params}")
+        if not self.ran():
+            out.append("no backend could run")
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        expected = self.expected()
+        return {
+            "config": self.plan.config.to_dict(),
+            "input_size": list(self.plan.input_size),
+            "batch": self.batch,
+            "seed": self.seed,
+            "expected_params": self.plan.num_params,
+            "macs_per_image": self.plan.macs,
+            "stages": [
+                {
+                    "stage": stage,
+                    "expected": list(shape),
+                    "shapes": {r.name: list(r.stages[stage]) for r in self.ran() if stage in r.stages},
+                    "agree": self.stage_agrees(stage),
+                }
+                for stage, shape in expected.items()
+            ],
+            "backends": [
+                {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(r).items() if k != "stages"}
+                for r in self.runs
+            ],
+            "ok": self.ok,
+            "failures": self.failures,
+        }
+
+
+def run_backend(name: str, config: DenseNetConfig, X: np.ndarray, *, seed: int = 0) -> BackendRun:
+    """Build one backend's network and record its stage shapes; never raises for the backend."""
+    framework = BACKENDS[name][2]
+    try:
+        adapter = load_backend(name)
+    except BackendUnavailable as exc:
+        return BackendRun(name, framework, "unavailable", error=str(exc))
+    run = BackendRun(name, adapter.framework, "ok", version=adapter.version())
+    try:
+        start = time.perf_counter()
+        model = adapter.build(config, seed=seed)
+        run.build_s = time.perf_counter() - start
+        start = time.perf_counter()
+        stages = adapter.stages(model, X)
+        run.forward_s = time.perf_counter() - start
+        run.stages = {k: tuple(int(d) for d in v.shape) for k, v in stages.items()}
+        run.num_params = adapter.num_params(model)
+        run.num_state = adapter.num_state(model)
+        bad = [k for k, v in stages.items() if not np.all(np.isfinite(v))]
+        if bad:
+            raise DenseNetError(f"non-finite values in stage(s) {', '.join(bad)}")
+    except Exception as exc:  # a backend failing is a result to report, not a crash
+        run.status = "error"
+        detail = "" if isinstance(exc, DenseNetError) else "\n" + traceback.format_exc(limit=3)
+        run.error = f"{type(exc).__name__}: {exc}{detail}"
+    return run
+
+
+def compare_shapes(
+    backends: list[str] | None = None,
+    config: DenseNetConfig | None = None,
+    input_size: int | tuple[int, int] = 96,
+    batch: int = 1,
+    seed: int = 0,
+) -> ShapeReport:
+    """Feed one seeded batch to each backend (all when ``backends`` is None) and compare shapes.
+
+    Backends named explicitly are required: one that cannot load makes the report fail.
+    """
+    config = config or DenseNetConfig()
+    network_plan = plan(config, input_size)  # refuses impossible sizes before any framework loads
+    if batch < 1:
+        raise DenseNetError(f"batch size must be at least 1, got {batch}")
+    names = [canonical_name(b) for b in backends] if backends else list(BACKENDS)
+    names = list(dict.fromkeys(names))
+    X = make_input(config, network_plan.input_size, batch, seed)
+    runs = [run_backend(name, config, X, seed=seed) for name in names]
+    return ShapeReport(network_plan, batch, seed, runs, required=names if backends else [])

@@ -1,0 +1,80 @@
+"""Backends by name, imported only when asked for (importing ``common`` imports no framework)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+
+from common.adapter import Adapter
+from common.errors import BackendError, BackendUnavailable
+
+# name -> (package, adapter class, framework, pip extra)
+BACKENDS: dict[str, tuple[str, str, str, str]] = {
+    "torch": ("densenet_torch", "TorchAdapter", "PyTorch", "torch"),
+    "mxnet": ("densenet_mxnet", "MXNetAdapter", "MXNet Gluon", "mxnet"),
+    "jax": ("densenet_jax", "JaxAdapter", "JAX/Flax", "jax"),
+    "tf": ("densenet_tf", "TFAdapter", "TensorFlow/Keras", "tf"),
+}
+ALIASES = {
+    "pytorch": "torch",
+    "gluon": "mxnet",
+    "flax": "jax",
+    "tensorflow": "tf",
+    "keras": "tf",
+}
+
+_loaded: dict[str, Adapter] = {}
+
+# TensorFlow's C++ core (also loaded by other frameworks' optional imports) prints start-up notes
+# on stderr unless told otherwise before its first import; they would drown the CLI's tables.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def canonical_name(name: str) -> str:
+    """``"tensorflow"`` -> ``"tf"``; unknown names raise :class:`BackendError`."""
+    key = ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key not in BACKENDS:
+        raise BackendError(
+            f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)} (aliases: {', '.join(sorted(ALIASES))})"
+        )
+    return key
+
+
+def load_backend(name: str) -> Adapter:
+    """The adapter of one backend; :class:`BackendUnavailable` says why it cannot load."""
+    key = canonical_name(name)
+    if key not in _loaded:
+        package, cls, framework, extra = BACKENDS[key]
+        try:
+            module = importlib.import_module(f"{package}.adapter")
+        except ImportError as exc:
+            raise BackendUnavailable(
+                f"backend {key!r} ({framework}) cannot be imported: {exc}. "
+                f"Install it with: pip install 'densenet-suite[{extra}]'"
+            ) from exc
+        _loaded[key] = getattr(module, cls)()
+    return _loaded[key]
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    framework: str
+    available: bool
+    version: str | None
+    reason: str | None
+
+
+def available(names: list[str] | None = None) -> list[BackendStatus]:
+    """Every backend (or the named ones) with its version, or the reason it cannot load."""
+    out = []
+    for name in names or list(BACKENDS):
+        key = canonical_name(name)
+        try:
+            adapter = load_backend(key)
+        except BackendUnavailable as exc:
+            out.append(BackendStatus(key, BACKENDS[key][2], False, None, str(exc)))
+        else:
+            out.append(BackendStatus(key, adapter.framework, True, adapter.version(), None))
+    return out

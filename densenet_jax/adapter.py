@@ -1,0 +1,171 @@
+"""The harness's view of the JAX/Flax DenseNet (see ``common.adapter``).
+
+Flax modules hold no state: ``Model.variables`` carries ``params`` and ``batch_stats``, and
+every "mutation" below replaces them with the new values a pure function returned.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.core import unfreeze
+
+from common.adapter import Adapter, Model
+from common.config import DenseNetConfig, min_input_size
+from densenet_jax.model import DenseBlock, DenseNet, transition_block
+
+# canonical BN leaf -> (collection, Flax name)
+_BN_LEAVES = {
+    "weight": ("params", "scale"),
+    "bias": ("params", "bias"),
+    "running_mean": ("batch_stats", "mean"),
+    "running_var": ("batch_stats", "var"),
+}
+
+
+def _loss(net: DenseNet, params, batch_stats, X, y):
+    logits, updates = net.apply({"params": params, "batch_stats": batch_stats}, X, mutable=["batch_stats"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, updates["batch_stats"]
+
+
+@partial(jax.jit, static_argnums=0)
+def _loss_and_grads(net: DenseNet, params, batch_stats, X, y):
+    (loss, batch_stats), (dparams, dX) = jax.value_and_grad(_loss, argnums=(1, 3), has_aux=True)(
+        net, params, batch_stats, X, y
+    )
+    return loss, batch_stats, dparams, dX
+
+
+@partial(jax.jit, static_argnums=0)
+def _sgd_step(net: DenseNet, params, batch_stats, X, y, lr):
+    (loss, batch_stats), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(net, params, batch_stats, X, y)
+    tx = optax.sgd(lr)  # plain SGD keeps no optimizer state
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return loss, optax.apply_updates(params, updates), batch_stats
+
+
+class JaxAdapter(Adapter):
+    name = "jax"
+    framework = "JAX/Flax"
+    layout = "NHWC"
+
+    def version(self) -> str:
+        import flax
+
+        return f"{jax.__version__} (Flax {flax.__version__})"
+
+    def build(self, config: DenseNetConfig, seed: int = 0) -> Model:
+        net = DenseNet(config.num_channels, config.growth_rate, config.arch, config.lr, config.num_classes)
+        size = min_input_size(config)
+        # jit makes initialisation one compiled call instead of hundreds of eager ops.
+        variables = jax.jit(net.init)(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, config.in_channels)))
+        return Model(config, net, unfreeze(variables))
+
+    def _to_native(self, X: np.ndarray) -> jnp.ndarray:
+        return jnp.asarray(X)
+
+    def _to_numpy(self, Y: jnp.ndarray) -> np.ndarray:
+        return np.asarray(Y)
+
+    def _apply(self, model: Model, X: jnp.ndarray, training: bool, compiled: bool, stages: bool = False):
+        net = model.net.clone(training=training)
+        mutable = (["batch_stats"] if training else []) + (["intermediates"] if stages else [])
+
+        def apply(variables, X):
+            return net.apply(variables, X, mutable=mutable) if mutable else (net.apply(variables, X), {})
+
+        if compiled:
+            apply = model.cache.setdefault(("jit", training, stages), jax.jit(apply))
+        return apply(model.variables, X)
+
+    def _forward(self, model: Model, X, training: bool, compiled: bool):
+        return self._apply(model, X, training, compiled)[0]
+
+    def _stages(self, model: Model, X, training: bool) -> list:
+        # Eager Flax dispatches hundreds of small ops one by one (seconds); jit runs one program.
+        _, state = self._apply(model, X, training, compiled=True, stages=True)
+        return list(state["intermediates"]["stages"])
+
+    def _block(self, kind: str, num_convs: int, num_channels: int, X):
+        blk = (
+            DenseBlock(num_convs, num_channels, training=False)
+            if kind == "dense"
+            else transition_block(num_channels, training=False)
+        )
+        variables = blk.init(jax.random.PRNGKey(0), X)
+        return blk.apply(variables, X)
+
+    def _paths(self, model: Model) -> dict[str, tuple[str, ...]]:
+        """Canonical name -> path of the array in ``model.variables``."""
+        out: dict[str, tuple[str, ...]] = {}
+
+        def conv(prefix: str, *path: str) -> None:
+            out[f"{prefix}.conv.weight"] = ("params", *path, "kernel")
+            out[f"{prefix}.conv.bias"] = ("params", *path, "bias")
+
+        def bn(prefix: str, *path: str) -> None:
+            for leaf, (collection, native) in _BN_LEAVES.items():
+                out[f"{prefix}.bn.{leaf}"] = (collection, *path, native)
+
+        conv("stem", "net_0", "layers_0")
+        bn("stem", "net_0", "layers_1")
+        k = 1
+        for i, num_convs in enumerate(model.config.arch):
+            for j in range(num_convs):
+                bn(f"dense{i + 1}.conv{j + 1}", f"net_{k}", f"net_{j}", "BatchNorm_0")
+                conv(f"dense{i + 1}.conv{j + 1}", f"net_{k}", f"net_{j}", "Conv_0")
+            k += 1
+            if i != len(model.config.arch) - 1:
+                bn(f"transition{i + 1}", f"net_{k}", "BatchNorm_0")
+                conv(f"transition{i + 1}", f"net_{k}", "Conv_0")
+                k += 1
+        bn("head", f"net_{k}", "layers_0")
+        out["head.fc.weight"] = ("params", f"net_{k}", "layers_3", "kernel")
+        out["head.fc.bias"] = ("params", f"net_{k}", "layers_3", "bias")
+        return out
+
+    @staticmethod
+    def _get(tree, path: tuple[str, ...]):
+        for key in path:
+            tree = tree[key]
+        return tree
+
+    def _read(self, model: Model) -> dict[str, np.ndarray]:
+        return {k: np.array(self._get(model.variables, p)) for k, p in self._paths(model).items()}
+
+    def _write(self, model: Model, weights: dict[str, np.ndarray]) -> None:
+        variables = jax.tree_util.tree_map(lambda a: a, model.variables)  # new containers
+        for k, path in self._paths(model).items():
+            parent = self._get(variables, path[:-1])
+            parent[path[-1]] = jnp.asarray(weights[k])
+        model.variables = variables
+
+    def _grad_tree_to_canonical(self, model: Model, grads) -> dict[str, np.ndarray]:
+        return {
+            k: self.canonical_param(k, np.asarray(self._get(grads, p[1:])))
+            for k, p in self._paths(model).items()
+            if p[0] == "params"
+        }
+
+    def loss_and_grads(self, model, X, y):
+        X = self.prepare(model, X)
+        y = jnp.asarray(self.check_labels(X, y, model.config.num_classes))
+        v = model.variables
+        loss, batch_stats, dparams, dX = _loss_and_grads(
+            model.net.clone(training=True), v["params"], v["batch_stats"], X, y
+        )
+        model.variables = {"params": v["params"], "batch_stats": batch_stats}
+        return float(loss), self.canonical_activation(np.asarray(dX)), self._grad_tree_to_canonical(model, dparams)
+
+    def sgd_step(self, model, X, y, lr):
+        X = self.prepare(model, X)
+        y = jnp.asarray(self.check_labels(X, y, model.config.num_classes))
+        v = model.variables
+        loss, params, batch_stats = _sgd_step(model.net.clone(training=True), v["params"], v["batch_stats"], X, y, lr)
+        model.variables = {"params": params, "batch_stats": batch_stats}
+        return float(loss)

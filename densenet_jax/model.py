@@ -1,0 +1,152 @@
+"""DenseNet in JAX/Flax linen, as d2l section 8.7 builds it: input widths inferred at ``init``,
+NHWC, channels on the last axis, a ``training`` field and a mutable ``batch_stats`` collection.
+
+Departures from the book (docs/departures.md): channel counts accumulate across dense blocks
+(the book's loop restarts from 64), explicit symmetric padding instead of 'same', exact
+(two-pass) batch variance, the dense block is the only place that concatenates, BatchNorm
+epsilon/momentum come from ``common.config`` and inputs are checked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from common.checks import check_images
+from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, min_input_size
+
+
+def _batch_norm(training: bool) -> nn.BatchNorm:
+    # Flax's momentum is the weight of the old running value. Its default fast variance
+    # E[x^2] - E[x]^2 loses precision when the mean is large; the two-pass form does not.
+    return nn.BatchNorm(
+        use_running_average=not training, momentum=1 - BN_MOMENTUM, epsilon=BN_EPS, use_fast_variance=False
+    )
+
+
+class ConvBlock(nn.Module):
+    """BN -> ReLU -> 3x3 conv: (N, H, W, C) -> (N, H, W, num_channels), only the new features."""
+
+    num_channels: int
+    training: bool = True
+
+    @nn.compact
+    def __call__(self, X: jnp.ndarray) -> jnp.ndarray:
+        Y = nn.relu(_batch_norm(self.training)(X))
+        return nn.Conv(self.num_channels, kernel_size=(3, 3), padding=((1, 1), (1, 1)))(Y)
+
+
+def conv_block(num_channels: int, training: bool = True) -> ConvBlock:
+    return ConvBlock(num_channels, training)
+
+
+class DenseBlock(nn.Module):
+    """``num_convs`` conv blocks, each fed the concatenation of the input and all earlier outputs:
+    (N, H, W, C) -> (N, H, W, C + num_convs * num_channels)."""
+
+    num_convs: int
+    num_channels: int
+    training: bool = True
+
+    def setup(self) -> None:
+        self.net = [conv_block(self.num_channels, self.training) for _ in range(self.num_convs)]
+
+    def __call__(self, X: jnp.ndarray) -> jnp.ndarray:
+        for blk in self.net:
+            Y = blk(X)
+            X = jnp.concatenate((X, Y), axis=-1)
+        return X
+
+
+class TransitionBlock(nn.Module):
+    """BN -> ReLU -> 1x1 conv -> 2x2 average pool: (N, H, W, C) -> (N, H/2, W/2, num_channels)."""
+
+    num_channels: int
+    training: bool = True
+
+    @nn.compact
+    def __call__(self, X: jnp.ndarray) -> jnp.ndarray:
+        X = nn.relu(_batch_norm(self.training)(X))
+        X = nn.Conv(self.num_channels, kernel_size=(1, 1))(X)
+        return nn.avg_pool(X, window_shape=(2, 2), strides=(2, 2))
+
+
+def transition_block(num_channels: int, training: bool = True) -> TransitionBlock:
+    return TransitionBlock(num_channels, training)
+
+
+def _max_pool(X: jnp.ndarray) -> jnp.ndarray:
+    # Flax pads max pooling with -inf, so padding never wins the max.
+    return nn.max_pool(X, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def _global_avg_pool(X: jnp.ndarray) -> jnp.ndarray:
+    return jnp.mean(X, axis=(1, 2))
+
+
+class DenseNet(nn.Module):
+    """The d2l DenseNet: (N, H, W, C) float images -> (N, num_classes) logits.
+
+    Each stage's output is sown into the ``intermediates`` collection when it is mutable.
+    """
+
+    num_channels: int = 64
+    growth_rate: int = 32
+    arch: tuple[int, ...] = (4, 4, 4, 4)
+    lr: float = 0.1
+    num_classes: int = 10
+    training: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.config  # noqa: B018  (validates the hyperparameters at construction)
+
+    @property
+    def config(self) -> DenseNetConfig:
+        return DenseNetConfig(self.num_channels, self.growth_rate, tuple(self.arch), self.num_classes, lr=self.lr)
+
+    def setup(self) -> None:
+        self.net = self.create_net()
+
+    def b1(self) -> nn.Sequential:
+        return nn.Sequential(
+            [
+                nn.Conv(self.num_channels, kernel_size=(7, 7), strides=(2, 2), padding=((3, 3), (3, 3))),
+                _batch_norm(self.training),
+                nn.relu,
+                _max_pool,
+            ]
+        )
+
+    def create_net(self) -> list[Any]:
+        net: list[Any] = [self.b1()]
+        num_channels = self.num_channels
+        for i, num_convs in enumerate(self.arch):
+            net.append(DenseBlock(num_convs, self.growth_rate, self.training))
+            num_channels += num_convs * self.growth_rate
+            if i != len(self.arch) - 1:
+                num_channels //= 2
+                net.append(transition_block(num_channels, self.training))
+        net.append(nn.Sequential([_batch_norm(self.training), nn.relu, _global_avg_pool, nn.Dense(self.num_classes)]))
+        return net
+
+    def in_channels(self) -> int | None:
+        """Image channels the parameters were built for; None while initialising."""
+        kernel = self.variables.get("params", {}).get("net_0", {}).get("layers_0", {}).get("kernel")
+        return None if kernel is None else int(kernel.shape[2])
+
+    def __call__(self, X: jnp.ndarray) -> jnp.ndarray:
+        check_images(
+            tuple(X.shape),
+            jnp.issubdtype(X.dtype, jnp.floating),
+            str(X.dtype),
+            layout="NHWC",
+            in_channels=self.in_channels(),
+            min_size=min_input_size(self.config),
+        )
+        for stage in self.net:
+            X = stage(X)
+            self.sow("intermediates", "stages", X)
+        return X

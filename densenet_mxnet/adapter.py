@@ -1,0 +1,119 @@
+"""The harness's view of the MXNet Gluon DenseNet (see ``common.adapter``)."""
+
+from __future__ import annotations
+
+import numpy as np
+from mxnet import autograd, gluon  # noqa: E402,I001  (after the numpy aliases)
+
+from common.adapter import Adapter, Model
+from common.config import DenseNetConfig, min_input_size
+from densenet_mxnet._compat import mxnet as mx
+from densenet_mxnet.model import DenseBlock, DenseNet, transition_block
+
+_BN_LEAVES = {"weight": "gamma", "bias": "beta", "running_mean": "running_mean", "running_var": "running_var"}
+
+
+class MXNetAdapter(Adapter):
+    name = "mxnet"
+    framework = "MXNet Gluon"
+    layout = "NCHW"
+
+    def version(self) -> str:
+        return mx.__version__
+
+    def build(self, config: DenseNetConfig, seed: int = 0) -> Model:
+        mx.random.seed(seed)
+        net = DenseNet(config.num_channels, config.growth_rate, config.arch, config.lr, config.num_classes)
+        net.initialize(mx.init.Xavier())  # the book's initialiser
+        size = min_input_size(config)
+        net(mx.nd.zeros((1, config.in_channels, size, size)))  # finish the deferred initialisation
+        return Model(config, net)
+
+    def _to_native(self, X: np.ndarray) -> mx.nd.NDArray:
+        return mx.nd.array(X, dtype=np.float32)
+
+    def _to_numpy(self, Y: mx.nd.NDArray) -> np.ndarray:
+        return Y.asnumpy()
+
+    def _forward(self, model: Model, X, training: bool, compiled: bool):
+        model.net.hybridize(compiled)
+        # train_mode switches BatchNorm to batch statistics without recording a graph.
+        if training:
+            with autograd.train_mode():
+                return model.net(X)
+        return model.net(X)
+
+    def _stages(self, model: Model, X, training: bool) -> list:
+        model.net.hybridize(False)
+        outs = []
+        with autograd.train_mode() if training else autograd.predict_mode():
+            for i in range(len(model.net.net)):
+                X = model.net.net[i](X)
+                outs.append(X)
+        return outs
+
+    def _block(self, kind: str, num_convs: int, num_channels: int, X):
+        blk = DenseBlock(num_convs, num_channels) if kind == "dense" else transition_block(num_channels)
+        blk.initialize(mx.init.Xavier())
+        return blk(X)
+
+    def _params(self, model: Model) -> dict[str, gluon.Parameter]:
+        """Canonical name -> the Gluon parameter (running statistics included)."""
+        out: dict[str, gluon.Parameter] = {}
+
+        def conv(prefix: str, m) -> None:
+            out[f"{prefix}.conv.weight"], out[f"{prefix}.conv.bias"] = m.weight, m.bias
+
+        def bn(prefix: str, m) -> None:
+            for leaf, native in _BN_LEAVES.items():
+                out[f"{prefix}.bn.{leaf}"] = getattr(m, native)
+
+        stages = model.net.net
+        conv("stem", stages[0][0])
+        bn("stem", stages[0][1])
+        k = 1
+        for i in range(len(model.config.arch)):
+            blocks = stages[k].net
+            for j in range(len(blocks)):
+                bn(f"dense{i + 1}.conv{j + 1}", blocks[j][0])
+                conv(f"dense{i + 1}.conv{j + 1}", blocks[j][2])
+            k += 1
+            if i != len(model.config.arch) - 1:
+                bn(f"transition{i + 1}", stages[k][0])
+                conv(f"transition{i + 1}", stages[k][2])
+                k += 1
+        bn("head", stages[k][0])
+        out["head.fc.weight"], out["head.fc.bias"] = stages[k][4].weight, stages[k][4].bias
+        return out
+
+    def _read(self, model: Model) -> dict[str, np.ndarray]:
+        return {k: p.data().asnumpy() for k, p in self._params(model).items()}
+
+    def _write(self, model: Model, weights: dict[str, np.ndarray]) -> None:
+        for k, p in self._params(model).items():
+            p.set_data(mx.nd.array(weights[k], dtype=np.float32))
+
+    def _loss_backward(self, model: Model, X, y: np.ndarray):
+        y = mx.nd.array(self.check_labels(X, y, model.config.num_classes), dtype=np.float32)
+        loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+        with autograd.record():
+            loss = loss_fn(model.net(X), y).mean()
+        # MXNet updates BatchNorm's running statistics only here, in the backward pass (CPU).
+        loss.backward()
+        return float(loss.asscalar())
+
+    def loss_and_grads(self, model, X, y):
+        X = self.prepare(model, X)
+        X.attach_grad()
+        loss = self._loss_backward(model, X, y)
+        grads = {k: p.grad().asnumpy() for k, p in self._params(model).items() if p.grad_req != "null"}
+        return loss, X.grad.asnumpy(), grads
+
+    def sgd_step(self, model, X, y, lr):
+        trainer = model.cache.get("trainer")
+        if trainer is None:
+            trainer = model.cache["trainer"] = gluon.Trainer(model.net.collect_params(), "sgd", {"learning_rate": lr})
+        trainer.set_learning_rate(lr)
+        loss = self._loss_backward(model, self.prepare(model, X), y)
+        trainer.step(1)  # the loss is already a batch mean
+        return loss

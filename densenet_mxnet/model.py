@@ -1,0 +1,130 @@
+"""DenseNet in MXNet Gluon, as d2l section 8.7 builds it: deferred init, NCHW, channels on axis 1.
+
+Departures from the book (docs/departures.md): every block is a HybridBlock so ``hybridize()``
+compiles the whole network, BatchNorm epsilon/momentum come from ``common.config`` and inputs
+are checked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mxnet.gluon import nn
+
+from common.checks import check_images
+from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, min_input_size
+from densenet_mxnet._compat import mxnet as mx  # noqa: F401  (restores numpy aliases first)
+
+
+def _batch_norm() -> nn.BatchNorm:
+    # Gluon's momentum is the weight of the old running value.
+    return nn.BatchNorm(momentum=1 - BN_MOMENTUM, epsilon=BN_EPS)
+
+
+class ConvBlock(nn.HybridSequential):
+    """BN -> ReLU -> 3x3 conv: (N, C, H, W) -> (N, num_channels, H, W), only the new features."""
+
+    def __init__(self, num_channels: int) -> None:
+        super().__init__()
+        self.add(_batch_norm(), nn.Activation("relu"), nn.Conv2D(num_channels, kernel_size=3, padding=1))
+
+
+def conv_block(num_channels: int) -> ConvBlock:
+    return ConvBlock(num_channels)
+
+
+class DenseBlock(nn.HybridBlock):
+    """``num_convs`` conv blocks, each fed the concatenation of the input and all earlier outputs:
+    (N, C, H, W) -> (N, C + num_convs * num_channels, H, W)."""
+
+    def __init__(self, num_convs: int, num_channels: int) -> None:
+        super().__init__()
+        self.net = nn.HybridSequential()
+        for _ in range(num_convs):
+            self.net.add(conv_block(num_channels))
+
+    def hybrid_forward(self, F, X):  # noqa: N803  (Gluon's signature)
+        for i in range(len(self.net)):
+            Y = self.net[i](X)
+            X = F.concat(X, Y, dim=1)
+        return X
+
+
+class TransitionBlock(nn.HybridSequential):
+    """BN -> ReLU -> 1x1 conv -> 2x2 average pool: (N, C, H, W) -> (N, num_channels, H/2, W/2)."""
+
+    def __init__(self, num_channels: int) -> None:
+        super().__init__()
+        self.add(
+            _batch_norm(),
+            nn.Activation("relu"),
+            nn.Conv2D(num_channels, kernel_size=1),
+            nn.AvgPool2D(pool_size=2, strides=2),
+        )
+
+
+def transition_block(num_channels: int) -> TransitionBlock:
+    return TransitionBlock(num_channels)
+
+
+class DenseNet(nn.HybridBlock):
+    """The d2l DenseNet: (N, C, H, W) float images -> (N, num_classes) logits."""
+
+    def __init__(
+        self,
+        num_channels: int = 64,
+        growth_rate: int = 32,
+        arch: tuple[int, ...] = (4, 4, 4, 4),
+        lr: float = 0.1,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.config = DenseNetConfig(num_channels, growth_rate, tuple(arch), num_classes, lr=lr)
+        self.lr = lr
+        self.net = nn.HybridSequential()
+        self.net.add(self.b1(num_channels))
+        for i, num_convs in enumerate(arch):
+            self.net.add(DenseBlock(num_convs, growth_rate))
+            num_channels += num_convs * growth_rate
+            if i != len(arch) - 1:
+                num_channels //= 2
+                self.net.add(transition_block(num_channels))
+        last = nn.HybridSequential()
+        last.add(_batch_norm(), nn.Activation("relu"), nn.GlobalAvgPool2D(), nn.Flatten(), nn.Dense(num_classes))
+        self.net.add(last)
+
+    @staticmethod
+    def b1(num_channels: int = 64) -> nn.HybridSequential:
+        stem = nn.HybridSequential()
+        # Gluon pads max pooling with -inf, so padding never wins the max.
+        stem.add(
+            nn.Conv2D(num_channels, kernel_size=7, strides=2, padding=3),
+            _batch_norm(),
+            nn.Activation("relu"),
+            nn.MaxPool2D(pool_size=3, strides=2, padding=1),
+        )
+        return stem
+
+    @property
+    def in_channels(self) -> int | None:
+        """Image channels the network was built for; None until the first batch."""
+        c = self.net[0][0].weight.shape[1]
+        return c or None
+
+    def check_input(self, X) -> None:  # noqa: N803
+        check_images(
+            X.shape,
+            np.issubdtype(X.dtype, np.floating),
+            np.dtype(X.dtype).name,
+            layout="NCHW",
+            in_channels=self.in_channels,
+            min_size=min_input_size(self.config),
+        )
+
+    def forward(self, X):  # noqa: N803
+        # Checked here, before hybrid_forward, where the concrete array (not a symbol) is known.
+        if isinstance(X, mx.nd.NDArray):
+            self.check_input(X)
+        return super().forward(X)
+
+    def hybrid_forward(self, F, X):  # noqa: N803
+        return self.net(X)

@@ -1,0 +1,158 @@
+"""DenseNet in TensorFlow/Keras, as d2l section 8.7 builds it: Keras layers built on first call,
+NHWC, channels on the last axis, a ``training`` argument that reaches every BatchNorm.
+
+Departures from the book (docs/departures.md): explicit symmetric padding instead of 'same'
+(which pads stride-2 layers asymmetrically), ``training`` passed through so BatchNorm really
+trains, the dense block is the only place that concatenates, BatchNorm epsilon/momentum come
+from ``common.config`` and inputs are checked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from common.checks import check_images
+from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, min_input_size
+
+layers = tf.keras.layers
+
+
+def _batch_norm() -> layers.BatchNormalization:
+    # Keras's momentum is the weight of the old moving value; its default epsilon is 1e-3.
+    return layers.BatchNormalization(momentum=1 - BN_MOMENTUM, epsilon=BN_EPS)
+
+
+class MaxPoolPadded(layers.Layer):
+    """Max pooling with symmetric padding that acts as -inf (torch/MXNet semantics).
+
+    Keras offers only 'valid' or 'same'; 'same' pads (0, 1) at stride 2 on even sizes, and a
+    ZeroPadding2D would be exact only for non-negative inputs.
+    """
+
+    def __init__(self, pool_size: int, strides: int, padding: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.pool_size, self.strides, self.padding = pool_size, strides, padding
+
+    def call(self, X: tf.Tensor) -> tf.Tensor:
+        p = self.padding
+        X = tf.pad(X, [[0, 0], [p, p], [p, p], [0, 0]], constant_values=-np.inf)
+        return tf.nn.max_pool2d(X, self.pool_size, self.strides, "VALID")
+
+
+class ConvBlock(layers.Layer):
+    """BN -> ReLU -> 3x3 conv: (N, H, W, C) -> (N, H, W, num_channels), only the new features."""
+
+    def __init__(self, num_channels: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.bn = _batch_norm()
+        self.relu = layers.ReLU()
+        self.pad = layers.ZeroPadding2D(1)
+        self.conv = layers.Conv2D(num_channels, kernel_size=3)
+
+    def call(self, X: tf.Tensor, training: bool = False) -> tf.Tensor:
+        return self.conv(self.pad(self.relu(self.bn(X, training=training))))
+
+
+def conv_block(num_channels: int) -> ConvBlock:
+    return ConvBlock(num_channels)
+
+
+class DenseBlock(layers.Layer):
+    """``num_convs`` conv blocks, each fed the concatenation of the input and all earlier outputs:
+    (N, H, W, C) -> (N, H, W, C + num_convs * num_channels)."""
+
+    def __init__(self, num_convs: int, num_channels: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.net = [conv_block(num_channels) for _ in range(num_convs)]
+
+    def call(self, X: tf.Tensor, training: bool = False) -> tf.Tensor:
+        for blk in self.net:
+            Y = blk(X, training=training)
+            X = tf.concat([X, Y], axis=-1)
+        return X
+
+
+class TransitionBlock(layers.Layer):
+    """BN -> ReLU -> 1x1 conv -> 2x2 average pool: (N, H, W, C) -> (N, H/2, W/2, num_channels)."""
+
+    def __init__(self, num_channels: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.batch_norm = _batch_norm()
+        self.relu = layers.ReLU()
+        self.conv = layers.Conv2D(num_channels, kernel_size=1)
+        self.avg_pool = layers.AvgPool2D(pool_size=2, strides=2)
+
+    def call(self, X: tf.Tensor, training: bool = False) -> tf.Tensor:
+        return self.avg_pool(self.conv(self.relu(self.batch_norm(X, training=training))))
+
+
+def transition_block(num_channels: int) -> TransitionBlock:
+    return TransitionBlock(num_channels)
+
+
+class DenseNet(tf.keras.Model):
+    """The d2l DenseNet: (N, H, W, C) float images -> (N, num_classes) logits."""
+
+    def __init__(
+        self,
+        num_channels: int = 64,
+        growth_rate: int = 32,
+        arch: tuple[int, ...] = (4, 4, 4, 4),
+        lr: float = 0.1,
+        num_classes: int = 10,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.config = DenseNetConfig(num_channels, growth_rate, tuple(arch), num_classes, lr=lr)
+        self.lr = lr
+        self.net = tf.keras.Sequential([self.b1(num_channels)])
+        for i, num_convs in enumerate(arch):
+            self.net.add(DenseBlock(num_convs, growth_rate))
+            num_channels += num_convs * growth_rate
+            if i != len(arch) - 1:
+                num_channels //= 2
+                self.net.add(transition_block(num_channels))
+        self.net.add(
+            tf.keras.Sequential(
+                [
+                    _batch_norm(),
+                    layers.ReLU(),
+                    layers.GlobalAvgPool2D(),
+                    layers.Flatten(),
+                    layers.Dense(num_classes),
+                ]
+            )
+        )
+
+    @staticmethod
+    def b1(num_channels: int = 64) -> tf.keras.Sequential:
+        return tf.keras.Sequential(
+            [
+                layers.ZeroPadding2D(3),
+                layers.Conv2D(num_channels, kernel_size=7, strides=2),
+                _batch_norm(),
+                layers.ReLU(),
+                MaxPoolPadded(pool_size=3, strides=2, padding=1),
+            ]
+        )
+
+    @property
+    def in_channels(self) -> int | None:
+        """Image channels the network was built for; None until the first batch."""
+        conv = self.net.layers[0].layers[1]
+        return int(conv.kernel.shape[2]) if conv.built else None
+
+    def check_input(self, X: tf.Tensor) -> None:
+        check_images(
+            tuple(X.shape),
+            X.dtype.is_floating,
+            X.dtype.name,
+            layout="NHWC",
+            in_channels=self.in_channels,
+            min_size=min_input_size(self.config),
+        )
+
+    def call(self, X: tf.Tensor, training: bool = False) -> tf.Tensor:
+        self.check_input(X)
+        return self.net(X, training=training)
