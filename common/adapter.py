@@ -40,6 +40,9 @@ class Adapter(ABC):
     name: ClassVar[str]
     framework: ClassVar[str]
     layout: ClassVar[str]
+    # Whether BatchNorm feeds its running variance the unbiased batch variance (n/(n-1)),
+    # as PyTorch does, or the biased one used for normalising (MXNet, Keras, Flax).
+    running_var_unbiased: ClassVar[bool]
 
     # --- framework specifics -------------------------------------------------------------
 
@@ -94,8 +97,10 @@ class Adapter(ABC):
 
     # --- shared -------------------------------------------------------------------------
 
-    def prepare(self, model: Model | None, X: np.ndarray) -> Any:
-        """Check an NCHW numpy batch and hand it to the framework in its own layout."""
+    def prepare(self, model: Model | None, X: np.ndarray, min_size: int | None = None) -> Any:
+        """Check an NCHW numpy batch and hand it to the framework in its own layout.
+
+        ``min_size`` defaults to the network's smallest input (1 without a model)."""
         X = np.asarray(X)
         config = model.config if model is not None else None
         check_images(
@@ -104,7 +109,7 @@ class Adapter(ABC):
             str(X.dtype),
             layout="NCHW",
             in_channels=config.in_channels if config else None,
-            min_size=min_input_size(config) if config else 1,
+            min_size=min_size or (min_input_size(config) if config else 1),
         )
         return self._to_native(to_layout(np.ascontiguousarray(X, dtype=np.float32), self.layout))
 
@@ -123,7 +128,9 @@ class Adapter(ABC):
         """Output (NCHW) of a freshly built dense block or transition block applied to ``X``."""
         if kind not in ("dense", "transition"):
             raise ValueError(f"block kind must be 'dense' or 'transition', got {kind!r}")
-        out = self._block(kind, num_convs, num_channels, self.prepare(None, X))
+        # A transition's 2x2 pooling needs at least 2x2 pixels; a dense block keeps the size.
+        X = self.prepare(None, X, min_size=2 if kind == "transition" else 1)
+        out = self._block(kind, num_convs, num_channels, X)
         return self.canonical_activation(self._to_numpy(out))
 
     def num_params(self, model: Model) -> int:

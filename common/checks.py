@@ -42,6 +42,6 @@ def check_images(
         )
     if (h is not None and h < min_size) or (w is not None and w < min_size):
         raise InputError(
-            f"{what} needs images of at least {min_size}x{min_size} (the network downsamples "
-            f"32x), got {h}x{w}; resize the input, e.g. Fashion-MNIST's 28x28 to 96x96"
+            f"{what} needs images of at least {min_size}x{min_size}, got {h}x{w}; "
+            "resize the input, e.g. Fashion-MNIST's 28x28 to 96x96"
         )

@@ -180,6 +180,52 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_parity(args: argparse.Namespace) -> int:
+    from common.parity import run_parity
+
+    config = _config(args)
+    report = run_parity(
+        _backend_list(args.backends),
+        config,
+        args.input_size,
+        args.batch_size,
+        steps=args.steps,
+        lr=args.lr,
+        seed=args.seed,
+        progress=None if args.json else lambda message: print(f"  {message}", file=sys.stderr),
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0 if report.ok else 1
+    h, w = report.input_size
+    print(f"DenseNet {_describe(config)}; input {args.batch_size}x{config.in_channels}x{h}x{w}, seed {args.seed}")
+    print(f"identical canonical weights in: {', '.join(report.participants)} (numpy = common.reference, float64)\n")
+    rows = [
+        [
+            c.check,
+            f"{c.a} vs {c.b}",
+            f"{c.max_abs:.2e}",
+            f"{c.max_rel:.2e}",
+            c.worst,
+            str(c.tolerance),
+            "pass" if c.passed else "FAIL",
+        ]
+        for c in report.comparisons
+    ]
+    print(format_table(["check", "pair", "max abs", "max rel", "worst tensor", "tolerance", "result"], rows))
+    for name, error in report.errors.items():
+        print(f"{name}: {error}", file=sys.stderr)
+    failed = [c for c in report.comparisons if not c.passed]
+    if report.ok:
+        print(f"\nOK: {len(report.comparisons)} comparisons within tolerance")
+        return 0
+    print(
+        f"\nFAILED: {len(failed)} comparison(s) out of tolerance, {len(report.errors)} backend error(s)",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="densenet",
@@ -205,6 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", required=True, help=", ".join(BACKENDS))
     _add_network_options(p)
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser(
+        "parity", help="identical weights and inputs in every backend: compare forward, gradients, SGD steps"
+    )
+    p.add_argument("--backends", help="comma-separated subset (default: every installed one)")
+    _add_network_options(p)
+    p.set_defaults(input_size=(32, 32), batch_size=8)
+    p.add_argument("--steps", type=_positive_int, default=20, help="lockstep SGD steps")
+    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_parity)
+
+    from common import cli_weights
+
+    cli_weights.add_parsers(sub)
     return parser
 
 

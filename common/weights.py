@@ -1,18 +1,56 @@
-"""The canonical weight format: names and shapes from ``common.config.canonical_spec``."""
+"""The canonical weight format: names and shapes from ``common.config.canonical_spec``.
+
+A canonical weight file is a ``.safetensors`` or ``.npz`` file (read and written without pickle by
+:mod:`common.safetensors_io`) holding every tensor of :func:`common.config.canonical_spec` as
+float32, in that order, with string metadata:
+
+``format``          ``"densenet-suite/canonical"``
+``format_version``  ``"1"``
+``config``          JSON of :meth:`DenseNetConfig.to_dict`, from which the file rebuilds its network
+``source``          who produced the tensors: a backend name, ``"numpy-init"``, ...
+
+Nothing here imports a framework.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from common.errors import WeightFileError
+from common.config import DenseNetConfig, canonical_spec
+from common.errors import ConfigError, WeightFileError
+from common.safetensors_io import PathLike, read_weights, write_weights
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "CanonicalFile",
+    "check_weights",
+    "config_differences",
+    "init_canonical",
+    "load_canonical",
+    "load_weights",
+    "save_weights",
+    "weight_problems",
+]
+
+FORMAT = "densenet-suite/canonical"
+FORMAT_VERSION = "1"
+DTYPE = np.dtype(np.float32)
+
+# Fields that decide the names and shapes of the tensors; a file must state every one of them.
+# (``lr`` only matters to training: it may be absent and is not compared against an expected one.)
+STRUCTURAL_FIELDS = ("num_channels", "growth_rate", "arch", "num_classes", "in_channels")
+
+_TORCH_LEAVES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def check_weights(
-    spec: Mapping[str, tuple[int, ...]], weights: Mapping[str, np.ndarray], source: str = "weights"
-) -> None:
-    """Raise one :class:`WeightFileError` listing every missing, unexpected and mis-shaped tensor."""
+def weight_problems(spec: Mapping[str, tuple[int, ...]], weights: Mapping[str, np.ndarray]) -> list[str]:
+    """Every missing, unexpected, mis-shaped, non-float and non-finite tensor, one line each."""
     problems = []
     missing = [k for k in spec if k not in weights]
     unexpected = [k for k in weights if k not in spec]
@@ -29,5 +67,149 @@ def check_weights(
                 problems.append(f"{k}: expected floating-point values, got {np.asarray(weights[k]).dtype}")
             elif not np.all(np.isfinite(weights[k])):
                 problems.append(f"{k}: contains NaN or infinite values")
+    return problems
+
+
+def _raise(source: str, problems: list[str]) -> None:
     if problems:
         raise WeightFileError(f"{source} do not fit the network:\n  " + "\n  ".join(problems))
+
+
+def check_weights(
+    spec: Mapping[str, tuple[int, ...]], weights: Mapping[str, np.ndarray], source: str = "weights"
+) -> None:
+    """Raise one :class:`WeightFileError` listing every missing, unexpected and mis-shaped tensor."""
+    _raise(source, weight_problems(spec, weights))
+
+
+def init_canonical(config: DenseNetConfig, seed: int) -> dict[str, np.ndarray]:
+    """Seeded float32 canonical weights (:func:`common.reference.init_weights`), in canonical order."""
+    from common.reference import init_weights  # common.reference imports this module
+
+    return init_weights(config, seed)
+
+
+def config_differences(found: DenseNetConfig, expected: DenseNetConfig) -> list[str]:
+    """``"field: file has X, expected Y"`` for every field that shapes the weights and differs."""
+    out = []
+    for name in STRUCTURAL_FIELDS:
+        a, b = getattr(found, name), getattr(expected, name)
+        if a != b:
+            out.append(f"{name}: file has {_show(a)}, expected {_show(b)}")
+    return out
+
+
+def _show(value: object) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+
+
+def save_weights(
+    path: PathLike, weights: Mapping[str, np.ndarray], config: DenseNetConfig, *, source: str | None = None
+) -> None:
+    """Write canonical ``weights`` for ``config`` to ``path`` (``.safetensors`` or ``.npz``), atomically.
+
+    Every tensor is checked first (all problems in one :class:`WeightFileError`, nothing written),
+    then stored as float32 in canonical order with the format metadata. ``source`` names where the
+    tensors come from (a backend name, ``"numpy-init"``); ``"unknown"`` when not given.
+    """
+    if not isinstance(config, DenseNetConfig):
+        raise TypeError(f"config must be a DenseNetConfig, got {type(config).__name__}")
+    spec = canonical_spec(config)
+    check_weights(spec, weights, source="weights to save")
+    with np.errstate(over="ignore"):
+        arrays = {k: np.ascontiguousarray(weights[k], dtype=DTYPE) for k in spec}
+    # Finite float64 values can overflow float32; refuse rather than store infinities.
+    check_weights(spec, arrays, source="weights to save (as float32)")
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(config.to_dict(), sort_keys=True),
+        "source": source if source is not None else "unknown",
+    }
+    write_weights(arrays, path, metadata)
+
+
+class CanonicalFile(NamedTuple):
+    """A canonical weight file's contents: its configuration, tensors (canonical order) and metadata."""
+
+    config: DenseNetConfig
+    weights: dict[str, np.ndarray]
+    metadata: dict[str, str]
+
+
+def load_weights(
+    path: PathLike, expected_config: DenseNetConfig | None = None
+) -> tuple[DenseNetConfig, dict[str, np.ndarray]]:
+    """Read a canonical weight file: ``(its configuration, float32 tensors in canonical order)``.
+
+    Never unpickles. Refuses, with a :class:`WeightFileError` naming the file, anything that is
+    not a canonical file, a configuration other than ``expected_config`` (listing the fields that
+    differ) and tensors that do not fit the configuration (all problems listed at once).
+    """
+    found = load_canonical(path, expected_config)
+    return found.config, found.weights
+
+
+def load_canonical(path: PathLike, expected_config: DenseNetConfig | None = None) -> CanonicalFile:
+    """:func:`load_weights`, also returning the file's metadata."""
+    path = Path(path)
+    tensors, metadata = read_weights(path)
+    fmt = metadata.get("format")
+    if fmt != FORMAT:
+        what = "it has no 'format' metadata" if fmt is None else f"its metadata says format {fmt!r}"
+        message = f"{path}: not a densenet-suite canonical weight file ({what}, expected {FORMAT!r})"
+        example = _torch_like_name(tensors)
+        if example is not None:
+            message += (
+                f"; its tensor names (e.g. {example!r}) look like a PyTorch state dict, and peer formats "
+                "(framework-native checkpoints) are not supported by this command"
+            )
+        raise WeightFileError(message + "; write canonical files with `densenet init` or common.weights.save_weights")
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise WeightFileError(
+            f"{path}: canonical format version {version!r} is not supported; this densenet-suite reads "
+            f"version {FORMAT_VERSION!r}"
+        )
+    config = _config_from_metadata(metadata, path)
+    if expected_config is not None:
+        differences = config_differences(config, expected_config)
+        if differences:
+            raise WeightFileError(f"{path}: weights are for a different network:\n  " + "\n  ".join(differences))
+    spec = canonical_spec(config)
+    problems = weight_problems(spec, tensors)
+    for k in spec:
+        # Shape, float and finiteness problems are already listed; the format stores float32 only.
+        if k in tensors and tuple(tensors[k].shape) == spec[k] and tensors[k].dtype.kind == "f":
+            if tensors[k].dtype != DTYPE:
+                problems.append(f"{k}: expected float32, got {tensors[k].dtype}")
+    _raise(f"{path}: tensors", problems)
+    return CanonicalFile(config, {k: tensors[k] for k in spec}, dict(metadata))
+
+
+def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> DenseNetConfig:
+    text = metadata.get("config")
+    if text is None:
+        raise WeightFileError(f"{path}: metadata has no 'config' entry; cannot tell which network the weights are for")
+    try:
+        d = json.loads(text)
+    except ValueError as e:
+        raise WeightFileError(f"{path}: metadata 'config' is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise WeightFileError(f"{path}: metadata 'config' must be a JSON object, got {type(d).__name__}")
+    missing = [k for k in STRUCTURAL_FIELDS if k not in d]
+    if missing:
+        raise WeightFileError(f"{path}: metadata 'config' lacks {', '.join(missing)}")
+    try:
+        return DenseNetConfig.from_dict(d)
+    except (ConfigError, TypeError) as e:
+        raise WeightFileError(f"{path}: metadata 'config' is not a valid configuration: {e}") from None
+
+
+def _torch_like_name(tensors: Mapping[str, np.ndarray]) -> str | None:
+    """A tensor name that looks like ``torch.nn.Module.state_dict`` (``net.0.1.running_mean``), if any."""
+    for name in tensors:
+        parts = name.split(".")
+        if parts[-1] == "num_batches_tracked" or (parts[-1] in _TORCH_LEAVES and any(p.isdigit() for p in parts[:-1])):
+            return name
+    return None

@@ -53,6 +53,7 @@ class JaxAdapter(Adapter):
     name = "jax"
     framework = "JAX/Flax"
     layout = "NHWC"
+    running_var_unbiased = False
 
     def version(self) -> str:
         import flax

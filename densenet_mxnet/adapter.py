@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-from mxnet import autograd, gluon  # noqa: E402,I001  (after the numpy aliases)
 
 from common.adapter import Adapter, Model
 from common.config import DenseNetConfig, min_input_size
 from densenet_mxnet._compat import mxnet as mx
 from densenet_mxnet.model import DenseBlock, DenseNet, transition_block
+
+autograd, gluon = mx.autograd, mx.gluon
 
 _BN_LEAVES = {"weight": "gamma", "bias": "beta", "running_mean": "running_mean", "running_var": "running_var"}
 
@@ -17,6 +18,7 @@ class MXNetAdapter(Adapter):
     name = "mxnet"
     framework = "MXNet Gluon"
     layout = "NCHW"
+    running_var_unbiased = False
 
     def version(self) -> str:
         return mx.__version__

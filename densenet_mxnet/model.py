@@ -8,11 +8,12 @@ are checked.
 from __future__ import annotations
 
 import numpy as np
-from mxnet.gluon import nn
 
 from common.checks import check_images
 from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, min_input_size
-from densenet_mxnet._compat import mxnet as mx  # noqa: F401  (restores numpy aliases first)
+from densenet_mxnet._compat import mxnet as mx  # restores numpy's removed aliases, then imports MXNet
+
+nn = mx.gluon.nn
 
 
 def _batch_norm() -> nn.BatchNorm:

@@ -16,6 +16,7 @@ class TFAdapter(Adapter):
     name = "tf"
     framework = "TensorFlow/Keras"
     layout = "NHWC"
+    running_var_unbiased = False
 
     def version(self) -> str:
         return f"{tf.__version__} (Keras {tf.keras.__version__})"

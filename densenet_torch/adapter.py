@@ -15,6 +15,7 @@ class TorchAdapter(Adapter):
     name = "torch"
     framework = "PyTorch"
     layout = "NCHW"
+    running_var_unbiased = True
 
     def version(self) -> str:
         return torch.__version__
@@ -37,7 +38,9 @@ class TorchAdapter(Adapter):
     def _forward(self, model: Model, X: torch.Tensor, training: bool, compiled: bool) -> torch.Tensor:
         net = model.net
         if compiled:
-            net = model.cache.setdefault("compiled", torch.compile(model.net))
+            if "compiled" not in model.cache:
+                model.cache["compiled"] = torch.compile(model.net)
+            net = model.cache["compiled"]
         model.net.train(training)
         with torch.no_grad():
             return net(X)

@@ -1,0 +1,155 @@
+"""``densenet init`` and ``densenet convert``: canonical weight files from the command line.
+
+``init`` writes a seeded canonical initialisation; ``convert`` reads a canonical file, passes the
+tensors through each named backend in turn (load with ``set_weights``, export with
+``get_weights``), insists that every round trip is bit-identical, and writes the result in the
+format the output suffix names (``.safetensors`` or ``.npz``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from common.config import DenseNetConfig, count_bn_stats, count_params
+from common.errors import WeightFileError
+from common.registry import BACKENDS, canonical_name, load_backend
+from common.safetensors_io import SUFFIXES
+from common.weights import init_canonical, load_canonical, save_weights
+
+__all__ = ["add_parsers", "cmd_convert", "cmd_init"]
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add the ``init`` and ``convert`` subcommands to ``sub`` (an ``add_subparsers()`` object)."""
+    from common.cli import _arch, _positive_int  # at call time: common.cli may import this module
+
+    d = DenseNetConfig()
+    p = sub.add_parser("init", help="write a seeded canonical weight file (.safetensors or .npz)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output file; the suffix picks the format")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    g = p.add_argument_group("network (defaults: the book's d2l DenseNet)")
+    g.add_argument("--num-channels", type=_positive_int, default=d.num_channels, help="stem output channels")
+    g.add_argument("--growth-rate", type=_positive_int, default=d.growth_rate, help="channels each conv block adds")
+    g.add_argument("--arch", type=_arch, default=d.arch, help="convs per dense block, e.g. 4,4,4,4")
+    g.add_argument("--num-classes", type=_positive_int, default=d.num_classes)
+    g.add_argument("--in-channels", type=_positive_int, default=d.in_channels, help="image channels")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser(
+        "convert",
+        help="round-trip a canonical weight file through backends and write it (.safetensors <-> .npz)",
+    )
+    p.add_argument("--from", dest="src", required=True, metavar="FILE", help="canonical weight file to read")
+    p.add_argument("--to", dest="dst", required=True, metavar="FILE", help="file to write; the suffix picks the format")
+    p.add_argument(
+        "--backend",
+        dest="backends",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"pass the weights through this backend ({', '.join(BACKENDS)}); repeatable or comma-separated, "
+        "applied in order; none: only convert the file format",
+    )
+    p.set_defaults(func=cmd_convert)
+
+
+def _file_size(path: str | os.PathLike) -> str:
+    try:
+        return f"{os.path.getsize(path):,} bytes"
+    except OSError:
+        return "size unknown"
+
+
+def _describe(config: DenseNetConfig) -> str:
+    return (
+        f"num_channels={config.num_channels} growth_rate={config.growth_rate} "
+        f"arch={','.join(map(str, config.arch))} num_classes={config.num_classes} in_channels={config.in_channels}"
+    )
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    config = DenseNetConfig(
+        num_channels=args.num_channels,
+        growth_rate=args.growth_rate,
+        arch=args.arch,
+        num_classes=args.num_classes,
+        in_channels=args.in_channels,
+    )
+    weights = init_canonical(config, args.seed)
+    save_weights(args.out, weights, config, source="numpy-init")
+    print(f"DenseNet {_describe(config)}")
+    print(
+        f"wrote {args.out}: {len(weights)} tensors, {count_params(config):,} parameters + "
+        f"{count_bn_stats(config):,} BatchNorm statistics, seed {args.seed}, {_file_size(args.out)}"
+    )
+    return 0
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if os.path.samefile(a, b):
+            return True
+    except OSError:
+        pass  # one of them does not exist (yet)
+    return a.resolve() == b.resolve()
+
+
+def _changed(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> list[str]:
+    """Names whose exported tensor is not bit-for-bit the one loaded (with the largest difference)."""
+    out = []
+    for k, a in before.items():
+        b = after.get(k)
+        if b is None:
+            out.append(f"{k} (missing from the export)")
+        elif a.shape != b.shape or b.dtype != np.float32:
+            out.append(f"{k} (exported as {b.dtype} {b.shape}, loaded float32 {a.shape})")
+        elif not np.array_equal(a.view(np.uint32), b.view(np.uint32)):
+            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+            n = int(np.count_nonzero(a.view(np.uint32) != b.view(np.uint32)))
+            out.append(f"{k} ({n} of {a.size} values differ, max |difference| {np.nanmax(diff):.3g})")
+    return out
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    src, dst = Path(args.src), Path(args.dst)
+    if _same_file(src, dst):
+        raise WeightFileError(f"--to {dst} is the input file; write the conversion to another file")
+    if dst.suffix.lower() not in SUFFIXES:
+        raise WeightFileError(
+            f"{dst}: unsupported weight file suffix {dst.suffix or '(none)'!r}; expected one of {', '.join(SUFFIXES)}"
+        )
+    names = [canonical_name(n) for text in args.backends for n in text.split(",") if n.strip()]
+    adapters = [load_backend(n) for n in names]  # refuse unknown or missing backends before any work
+
+    found = load_canonical(src)
+    config, weights = found.config, found.weights
+    source = found.metadata.get("source", "unknown")
+    print(f"DenseNet {_describe(config)}")
+    print(
+        f"read  {src}: {len(weights)} tensors, {count_params(config):,} parameters + "
+        f"{count_bn_stats(config):,} BatchNorm statistics, {_file_size(src)} (source: {source})"
+    )
+    for adapter in adapters:
+        model = adapter.build(config)
+        adapter.set_weights(model, weights)
+        exported = adapter.get_weights(model)
+        changed = _changed(weights, exported)
+        label = f"{adapter.name} {adapter.version()}"
+        if changed:
+            print(
+                f"FAILED: {label} round trip changed {len(changed)} of {len(weights)} tensor(s):\n  "
+                + "\n  ".join(changed)
+                + f"\nnothing written to {dst}",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{label}: round trip bit-identical ({len(weights)} tensors)")
+        weights, source = {k: exported[k] for k in weights}, adapter.name
+    save_weights(dst, weights, config, source=source)
+    print(f"wrote {dst}: {len(weights)} tensors, {_file_size(dst)} (source: {source})")
+    return 0
