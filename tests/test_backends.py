@@ -61,10 +61,7 @@ MXNET_ONEDNN_XFAIL = pytest.mark.xfail(
 
 def backend_params(**extra: list[Any]) -> list[Any]:
     """The conftest parametrisation of ``backend_name``, with extra marks for some backends."""
-    return [
-        pytest.param(name, marks=[getattr(pytest.mark, name), *extra.get(name, [])], id=name)
-        for name in BACKENDS
-    ]
+    return [pytest.param(name, marks=[getattr(pytest.mark, name), *extra.get(name, [])], id=name) for name in BACKENDS]
 
 
 @pytest.fixture(scope="module")
@@ -389,8 +386,9 @@ def test_set_weights_loads_every_tensor(adapter, rng: np.random.Generator) -> No
     X = images(rng, (2, 1, 32, 32))
     before = adapter.forward(model, X)
     new = {
-        k: (rng.uniform(0.5, 1.5, v.shape) if k.endswith("running_var") else rng.normal(0, 0.1, v.shape))
-        .astype(np.float32)
+        k: (rng.uniform(0.5, 1.5, v.shape) if k.endswith("running_var") else rng.normal(0, 0.1, v.shape)).astype(
+            np.float32
+        )
         for k, v in adapter.get_weights(model).items()
     }
     adapter.set_weights(model, new)

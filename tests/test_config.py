@@ -330,16 +330,28 @@ def test_canonical_spec_order_and_sizes(config: DenseNetConfig) -> None:
     # Within a layer, the order of the forward pass: stem conv -> BN; conv blocks and
     # transitions BN -> conv (pre-activation); head BN -> dense.
     assert names[:6] == [
-        "stem.conv.weight", "stem.conv.bias",
-        "stem.bn.weight", "stem.bn.bias", "stem.bn.running_mean", "stem.bn.running_var",
+        "stem.conv.weight",
+        "stem.conv.bias",
+        "stem.bn.weight",
+        "stem.bn.bias",
+        "stem.bn.running_mean",
+        "stem.bn.running_var",
     ]
     assert names[6:12] == [
-        "dense1.conv1.bn.weight", "dense1.conv1.bn.bias", "dense1.conv1.bn.running_mean",
-        "dense1.conv1.bn.running_var", "dense1.conv1.conv.weight", "dense1.conv1.conv.bias",
+        "dense1.conv1.bn.weight",
+        "dense1.conv1.bn.bias",
+        "dense1.conv1.bn.running_mean",
+        "dense1.conv1.bn.running_var",
+        "dense1.conv1.conv.weight",
+        "dense1.conv1.conv.bias",
     ]
     assert names[-6:] == [
-        "head.bn.weight", "head.bn.bias", "head.bn.running_mean", "head.bn.running_var",
-        "head.fc.weight", "head.fc.bias",
+        "head.bn.weight",
+        "head.bn.bias",
+        "head.bn.running_mean",
+        "head.bn.running_var",
+        "head.fc.weight",
+        "head.fc.bias",
     ]
     assert len(names) == 6 * (2 + sum(config.arch) + len(config.arch) - 1)
     sizes = {name: math.prod(shape) for name, shape in spec.items()}
