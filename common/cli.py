@@ -50,7 +50,8 @@ def _input_size(text: str) -> tuple[int, int]:
     return values[0], values[1]
 
 
-def _add_network_options(p: argparse.ArgumentParser) -> None:
+def add_config_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The configuration's fields as options; read back with :func:`config_from_args`."""
     d = DenseNetConfig()
     g = p.add_argument_group("network (defaults: the book's d2l DenseNet)")
     g.add_argument("--num-channels", type=int, default=d.num_channels, help="stem output channels")
@@ -58,12 +59,17 @@ def _add_network_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--arch", type=_arch, default=d.arch, help="convs per dense block, e.g. 4,4,4,4")
     g.add_argument("--num-classes", type=int, default=d.num_classes)
     g.add_argument("--in-channels", type=int, default=d.in_channels, help="image channels")
+    return g
+
+
+def _add_network_options(p: argparse.ArgumentParser) -> None:
+    g = add_config_options(p)
     g.add_argument("--input-size", type=_input_size, default=(96, 96), help="image side, or HxW")
     g.add_argument("--batch-size", type=_positive_int, default=1)
     g.add_argument("--seed", type=int, default=0)
 
 
-def _config(args: argparse.Namespace) -> DenseNetConfig:
+def config_from_args(args: argparse.Namespace) -> DenseNetConfig:
     return DenseNetConfig(
         num_channels=args.num_channels,
         growth_rate=args.growth_rate,
@@ -99,7 +105,7 @@ def _describe(config: DenseNetConfig) -> str:
 def cmd_compare(args: argparse.Namespace) -> int:
     from common.harness import compare_shapes
 
-    config = _config(args)
+    config = config_from_args(args)
     report = compare_shapes(_backend_list(args.backends), config, args.input_size, args.batch_size, args.seed)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -157,7 +163,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from common.harness import make_input
     from common.layout import to_layout
 
-    config = _config(args)
+    config = config_from_args(args)
     network_plan = plan(config, args.input_size)
     adapter = load_backend(args.backend)
     model = adapter.build(config, seed=args.seed)
@@ -183,7 +189,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_parity(args: argparse.Namespace) -> int:
     from common.parity import run_parity
 
-    config = _config(args)
+    config = config_from_args(args)
     report = run_parity(
         _backend_list(args.backends),
         config,

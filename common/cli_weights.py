@@ -26,18 +26,12 @@ __all__ = ["add_parsers", "cmd_convert", "cmd_init"]
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add the ``init`` and ``convert`` subcommands to ``sub`` (an ``add_subparsers()`` object)."""
-    from common.cli import _arch, _positive_int  # at call time: common.cli may import this module
+    from common.cli import add_config_options  # at call time: common.cli imports this module
 
-    d = DenseNetConfig()
     p = sub.add_parser("init", help="write a seeded canonical weight file (.safetensors or .npz)")
     p.add_argument("--out", required=True, metavar="FILE", help="output file; the suffix picks the format")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
-    g = p.add_argument_group("network (defaults: the book's d2l DenseNet)")
-    g.add_argument("--num-channels", type=_positive_int, default=d.num_channels, help="stem output channels")
-    g.add_argument("--growth-rate", type=_positive_int, default=d.growth_rate, help="channels each conv block adds")
-    g.add_argument("--arch", type=_arch, default=d.arch, help="convs per dense block, e.g. 4,4,4,4")
-    g.add_argument("--num-classes", type=_positive_int, default=d.num_classes)
-    g.add_argument("--in-channels", type=_positive_int, default=d.in_channels, help="image channels")
+    add_config_options(p)
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser(
@@ -73,13 +67,9 @@ def _describe(config: DenseNetConfig) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    config = DenseNetConfig(
-        num_channels=args.num_channels,
-        growth_rate=args.growth_rate,
-        arch=args.arch,
-        num_classes=args.num_classes,
-        in_channels=args.in_channels,
-    )
+    from common.cli import config_from_args
+
+    config = config_from_args(args)
     weights = init_canonical(config, args.seed)
     save_weights(args.out, weights, config, source="numpy-init")
     print(f"DenseNet {_describe(config)}")
