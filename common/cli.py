@@ -95,13 +95,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _describe(config: DenseNetConfig) -> str:
-    return (
-        f"num_channels={config.num_channels} growth_rate={config.growth_rate} "
-        f"arch={','.join(map(str, config.arch))} num_classes={config.num_classes}"
-    )
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
     from common.harness import compare_shapes
 
@@ -112,7 +105,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 0 if report.ok else 1
 
     h, w = report.plan.input_size
-    print(f"DenseNet {_describe(config)}")
+    print(f"DenseNet {config.describe()}")
     print(f"input: {args.batch_size}x{config.in_channels}x{h}x{w} (NCHW), seeded uniform [0, 1), seed {args.seed}")
     print("shapes are NCHW whatever the framework's own layout\n")
     ran = report.ran()
@@ -176,7 +169,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
         params = sum(v.size for k, v in weights.items() if k.split(".")[0] == name and "running" not in k)
         native_shape = tuple(to_layout(out, adapter.layout).shape)
         rows.append([name, _STAGE_LAYERS[kind].format(n=n), str(native_shape), f"{params:,}"])
-    print(f"{adapter.framework} {adapter.version()}: DenseNet {_describe(config)}")
+    print(f"{adapter.framework} {adapter.version()}: DenseNet {config.describe()}")
     print(f"output shapes in {adapter.layout} (the framework's own layout)\n")
     print(format_table(["stage", "layers", "output shape", "params"], rows))
     print(
@@ -204,7 +197,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2))
         return 0 if report.ok else 1
     h, w = report.input_size
-    print(f"DenseNet {_describe(config)}; input {args.batch_size}x{config.in_channels}x{h}x{w}, seed {args.seed}")
+    print(f"DenseNet {config.describe()}; input {args.batch_size}x{config.in_channels}x{h}x{w}, seed {args.seed}")
     print(f"identical canonical weights in: {', '.join(report.participants)} (numpy = common.reference, float64)\n")
     rows = [
         [

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import DenseNetConfig, count_bn_stats, count_params
+from common.config import count_bn_stats, count_params
 from common.errors import WeightFileError
 from common.registry import BACKENDS, canonical_name, load_backend
 from common.safetensors_io import SUFFIXES
@@ -59,20 +59,13 @@ def _file_size(path: str | os.PathLike) -> str:
         return "size unknown"
 
 
-def _describe(config: DenseNetConfig) -> str:
-    return (
-        f"num_channels={config.num_channels} growth_rate={config.growth_rate} "
-        f"arch={','.join(map(str, config.arch))} num_classes={config.num_classes} in_channels={config.in_channels}"
-    )
-
-
 def cmd_init(args: argparse.Namespace) -> int:
     from common.cli import config_from_args
 
     config = config_from_args(args)
     weights = init_canonical(config, args.seed)
     save_weights(args.out, weights, config, source="numpy-init")
-    print(f"DenseNet {_describe(config)}")
+    print(f"DenseNet {config.describe()}")
     print(
         f"wrote {args.out}: {len(weights)} tensors, {count_params(config):,} parameters + "
         f"{count_bn_stats(config):,} BatchNorm statistics, seed {args.seed}, {_file_size(args.out)}"
@@ -119,7 +112,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     found = load_canonical(src)
     config, weights = found.config, found.weights
     source = found.metadata.get("source", "unknown")
-    print(f"DenseNet {_describe(config)}")
+    print(f"DenseNet {config.describe()}")
     print(
         f"read  {src}: {len(weights)} tensors, {count_params(config):,} parameters + "
         f"{count_bn_stats(config):,} BatchNorm statistics, {_file_size(src)} (source: {source})"

@@ -69,6 +69,13 @@ class DenseNetConfig:
         """A copy with some fields changed (validated like a new configuration)."""
         return dataclasses.replace(self, **changes)
 
+    def describe(self) -> str:
+        """One line for people: ``num_channels=64 growth_rate=32 arch=4,4,4,4 ...``."""
+        return (
+            f"num_channels={self.num_channels} growth_rate={self.growth_rate} "
+            f"arch={','.join(map(str, self.arch))} num_classes={self.num_classes} in_channels={self.in_channels}"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["arch"] = list(self.arch)

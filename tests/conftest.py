@@ -67,3 +67,21 @@ def native(backend_name: str, adapter):
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def model_cache() -> dict:
+    """Models that tests only read, built once per backend and configuration in a module."""
+    return {}
+
+
+def cached_model(cache: dict, adapter, config):
+    """``adapter.build(config, seed=0)``, shared through ``model_cache`` (building costs seconds)."""
+    key = (adapter.name, config)
+    if key not in cache:
+        cache[key] = adapter.build(config, seed=0)
+    return cache[key]
+
+
+def images(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)

@@ -25,6 +25,7 @@ from common.config import (
     plan_channels,
 )
 from common.registry import BACKENDS
+from tests.conftest import cached_model, images
 
 # Tiny networks keep every test fast; the book's network is built once per backend per module.
 TINY = DenseNetConfig(num_channels=8, growth_rate=4, arch=(2, 2))
@@ -62,23 +63,6 @@ MXNET_ONEDNN_XFAIL = pytest.mark.xfail(
 def backend_params(**extra: list[Any]) -> list[Any]:
     """The conftest parametrisation of ``backend_name``, with extra marks for some backends."""
     return [pytest.param(name, marks=[getattr(pytest.mark, name), *extra.get(name, [])], id=name) for name in BACKENDS]
-
-
-@pytest.fixture(scope="module")
-def model_cache() -> dict[tuple[str, DenseNetConfig], Any]:
-    """Models that tests only read, built once per backend and configuration in this module."""
-    return {}
-
-
-def cached_model(cache: dict, adapter, config: DenseNetConfig):
-    key = (adapter.name, config)
-    if key not in cache:
-        cache[key] = adapter.build(config, seed=0)
-    return cache[key]
-
-
-def images(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    return rng.standard_normal(shape).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,27 +13,11 @@ import pytest
 from common.config import D2L, DenseNetConfig, canonical_spec
 from common.errors import BackendError, ConfigError, InputError, WeightFileError
 from common.registry import ALIASES, BACKENDS, canonical_name, load_backend
+from tests.conftest import cached_model, images
 
 TINY = DenseNetConfig(num_channels=8, growth_rate=4, arch=(2, 2))  # smallest image: 5x5
 TINY_KWARGS = {"num_channels": 8, "growth_rate": 4, "arch": (2, 2)}
 NHWC = {"jax", "tf"}
-
-
-@pytest.fixture(scope="module")
-def model_cache() -> dict[tuple[str, DenseNetConfig], Any]:
-    """Models built once per backend and configuration in this module (tests never change them)."""
-    return {}
-
-
-def cached_model(cache: dict, adapter, config: DenseNetConfig):
-    key = (adapter.name, config)
-    if key not in cache:
-        cache[key] = adapter.build(config, seed=0)
-    return cache[key]
-
-
-def images(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    return rng.standard_normal(shape).astype(np.float32)
 
 
 def input_error(call: Callable[[], Any]) -> str:
