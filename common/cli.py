@@ -193,8 +193,15 @@ def cmd_parity(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=None if args.json else lambda message: print(f"  {message}", file=sys.stderr),
     )
+    naive = []
+    if args.naive:
+        from dataclasses import asdict
+
+        from common.parity import run_naive
+
+        naive = run_naive(config, args.input_size, args.batch_size, args.seed)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps({**report.to_dict(), "naive": [asdict(r) for r in naive]}, indent=2))
         return 0 if report.ok else 1
     h, w = report.input_size
     print(f"DenseNet {config.describe()}; input {args.batch_size}x{config.in_channels}x{h}x{w}, seed {args.seed}")
@@ -212,6 +219,10 @@ def cmd_parity(args: argparse.Namespace) -> int:
         for c in report.comparisons
     ]
     print(format_table(["check", "pair", "max abs", "max rel", "worst tensor", "tolerance", "result"], rows))
+    if naive:
+        print("\nwith each framework's default instead (numpy oracle, same weights and input):")
+        rows = [[r.default, r.frameworks, r.affects, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}"] for r in naive]
+        print(format_table(["default", "frameworks", "changes", "max abs", "max rel"], rows))
     for name, error in report.errors.items():
         print(f"{name}: {error}", file=sys.stderr)
     failed = [c for c in report.comparisons if not c.passed]
@@ -223,6 +234,24 @@ def cmd_parity(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1
+
+
+def cmd_golden(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from common import golden
+
+    directory = Path(args.dir) if args.dir else None
+    if args.check:
+        problems = golden.drift(directory)
+        if problems:
+            print("golden vectors drifted:\n  " + "\n  ".join(problems), file=sys.stderr)
+            return 1
+        print(f"OK: {len(golden.CASES)} golden case(s) match the numpy oracle")
+        return 0
+    for path in golden.write(directory):
+        print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,15 +281,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser(
-        "parity", help="identical weights and inputs in every backend: compare forward, gradients, SGD steps"
+        "parity",
+        help="identical weights and inputs in every backend: compare forward, gradients, SGD steps",
+        description="Defaults: the parity case, DenseNetConfig(16, 16, (2, 2)) on 8x1x32x32. For the book's "
+        "network add --num-channels 64 --growth-rate 32 --arch 4,4,4,4 (its lockstep losses diverge: "
+        "docs/parity.md).",
     )
     p.add_argument("--backends", help="comma-separated subset (default: every installed one)")
     _add_network_options(p)
-    p.set_defaults(input_size=(32, 32), batch_size=8)
+    p.set_defaults(input_size=(32, 32), batch_size=8, num_channels=16, growth_rate=16, arch=(2, 2))
     p.add_argument("--steps", type=_positive_int, default=20, help="lockstep SGD steps")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
+    p.add_argument("--naive", action="store_true", help="also show what each framework's default settings would change")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_parity)
+
+    p = sub.add_parser("golden", help="regenerate (or --check) the golden vectors in common/golden")
+    p.add_argument("--check", action="store_true", help="compare with a fresh computation instead of writing")
+    p.add_argument("--dir", help="directory of the files (default: common/golden in the package)")
+    p.set_defaults(func=cmd_golden)
 
     from common import cli_weights
 

@@ -48,21 +48,25 @@ class Tolerance:
         return " ".join(p for p in parts if p)
 
 
-# Float32 on CPU, measured with `densenet parity` (docs/parity.md); each bound leaves about an
-# order of magnitude over the largest error seen, and stays inside the issue's targets
-# (activations 1e-4 abs, gradients 1e-3 rel, lockstep losses 1e-3).
+# Float32 on CPU, measured with `densenet parity` on the parity case over seeds 0-3 and on the
+# d2l network (docs/parity.md); each bound sits above the largest error seen and inside the
+# issue's targets (activations 1e-4 abs, gradients 1e-3 rel, lockstep losses 1e-3).
 TOLERANCES: dict[str, Tolerance] = {
-    "inference": Tolerance(abs=2e-5),
-    "train-forward": Tolerance(abs=2e-5),
-    "grad-input": Tolerance(rel=1e-4),
-    "grad-params": Tolerance(rel=1e-3),
+    "inference": Tolerance(abs=2e-5),  # worst seen 8.4e-6 (d2l)
+    "train-forward": Tolerance(abs=2e-5),  # 9.8e-6 (d2l)
+    "grad-input": Tolerance(rel=2e-5),  # 7.4e-6 (d2l)
+    "grad-params": Tolerance(rel=1e-3),  # 9.2e-4 (parity case, stem BatchNorm scale)
     # Every conv feeds a training-mode BatchNorm, which subtracts the batch mean, so the conv
     # biases' gradients are exactly zero in exact arithmetic: only rounding noise is compared.
-    "grad-conv-bias": Tolerance(abs=1e-5),
-    "running-stats": Tolerance(abs=1e-5),
-    "sgd-step": Tolerance(abs=1e-5),
-    "lockstep": Tolerance(abs=1e-3),
+    "grad-conv-bias": Tolerance(abs=1e-5),  # 5.5e-6 (d2l)
+    "running-stats": Tolerance(abs=2e-6),  # 2.4e-7
+    "sgd-step": Tolerance(abs=2e-6),  # 2.4e-7
+    "lockstep": Tolerance(abs=3e-4),  # 2.9e-5 over 20 steps (parity case); the d2l network diverges
 }
+
+# The network `densenet parity` checks by default: narrow enough that float32's discrete events
+# (a ReLU input or max-pool near-tie rounding to the other side) stay out of 20 lockstep steps.
+PARITY_CASE = DenseNetConfig(num_channels=16, growth_rate=16, arch=(2, 2))
 
 
 @dataclass
@@ -190,7 +194,7 @@ def run_parity(
     """Run every check on every pair of participants (see the module docstring)."""
     from common.weights import init_canonical
 
-    config = config or DenseNetConfig()
+    config = config or PARITY_CASE
     input_size = plan(config, input_size).input_size
     names = [canonical_name(b) for b in backends] if backends else list(BACKENDS)
     adapters: dict[str, Adapter] = {}
@@ -272,3 +276,82 @@ def run_parity(
         max_abs, max_rel, _ = _diff(la, lb)
         report.comparisons.append(Comparison("lockstep", a, b, max_abs, max_rel, "loss", TOLERANCES["lockstep"]))
     return report
+
+
+@dataclass
+class NaiveRow:
+    """What one framework default would change, measured with the numpy oracle."""
+
+    default: str
+    frameworks: str
+    affects: str
+    max_abs: float
+    max_rel: float
+
+
+def run_naive(
+    config: DenseNetConfig | None = None, input_size: int | tuple[int, int] = 32, batch: int = 8, seed: int = 0
+) -> list[NaiveRow]:
+    """The cost of each framework default the suite aligns away, on the same weights and input.
+
+    Each row compares the oracle with the aligned conventions against the oracle with one
+    framework's default (``common.reference.Conventions``), so it measures the default itself,
+    not a framework's rounding.
+    """
+    from common.weights import init_canonical
+
+    config = config or DenseNetConfig()
+    input_size = plan(config, input_size).input_size
+    w = init_canonical(config, seed)
+    ((X, _),) = make_batches(config, input_size, batch, 1, seed)
+    aligned = reference.ALIGNED
+
+    def run(conventions: reference.Conventions, training: bool, X=X, dtype=np.float64, weights=w):
+        logits, stages, stats = reference.forward(
+            config, weights, X, training=training, conventions=conventions, dtype=dtype
+        )
+        return {**stages, "logits": logits}, stats
+
+    rows = []
+
+    def add(default: str, frameworks: str, affects: str, a: dict, b: dict) -> None:
+        rows.append(NaiveRow(default, frameworks, affects, *_diff(a, b)[:2]))
+
+    keras_eps = reference.Conventions(eps=1e-3)
+    add("BN epsilon 1e-3", "Keras", "inference logits and stages", run(aligned, False)[0], run(keras_eps, False)[0])
+    add("BN epsilon 1e-3", "Keras", "training-mode logits and stages", run(aligned, True)[0], run(keras_eps, True)[0])
+    same = reference.Conventions(same_padding=True)
+    add(
+        "'same' padding on the stride-2 stem",
+        "TF, Flax (the book)",
+        "inference logits and stages",
+        run(aligned, False)[0],
+        run(same, False)[0],
+    )
+    fast = reference.Conventions(fast_variance=True)
+    for shift in (0.0, 100.0):
+        Xs = X + np.float32(shift)
+        add(
+            f"fast variance E[x^2]-E[x]^2, float32, input mean {0.5 + shift:g}",
+            "Flax",
+            "training-mode logits and stages",
+            run(aligned, True, Xs, np.float32)[0],
+            run(fast, True, Xs, np.float32)[0],
+        )
+    _, stats = run(aligned, True)
+    for name, conventions in (
+        ("momentum 0.99 (0.01 in PyTorch's meaning)", reference.Conventions(momentum=0.01)),
+        ("running variance fed the biased batch variance", reference.Conventions(unbiased_running_var=False)),
+    ):
+        _, other = run(conventions, True)
+        frameworks = "Keras, Flax" if "momentum" in name else "MXNet, Keras, Flax"
+        add(name, frameworks, "running statistics after one step", stats, other)
+        after, after_other = {**w, **stats}, {**w, **other}
+        add(
+            name,
+            frameworks,
+            "inference logits after one step",
+            {"logits": run(aligned, False, weights=after)[0]["logits"]},
+            {"logits": run(aligned, False, weights=after_other)[0]["logits"]},
+        )
+    return rows

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -44,6 +45,26 @@ __all__ = [
 
 Weights = Mapping[str, np.ndarray]
 Stats = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """Framework conventions the oracle can follow; the defaults are the ones the suite aligns on.
+
+    The alternatives are each framework's own defaults, so ``densenet parity --naive`` can show
+    what each would cost: Keras's epsilon 1e-3, Keras/Flax momentum 0.99 (0.01 in PyTorch's
+    meaning), the biased running variance of MXNet/Keras/Flax, Flax's fast variance
+    E[x^2] - E[x]^2, and the 'same' padding of the book's TF/Flax stride-2 stem.
+    """
+
+    eps: float = BN_EPS
+    momentum: float = BN_MOMENTUM  # weight of the new batch statistic
+    unbiased_running_var: bool = True
+    fast_variance: bool = False
+    same_padding: bool = False
+
+
+ALIGNED = Conventions()
 
 
 def _pair(value: int | tuple[int, int], what: str) -> tuple[int, int]:
@@ -92,6 +113,7 @@ def batch_norm(
     momentum: float = BN_MOMENTUM,
     *,
     unbiased_running_var: bool = True,
+    fast_variance: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch normalisation over every axis but 1: ``(Y, new_running_mean, new_running_var)``.
 
@@ -114,9 +136,11 @@ def batch_norm(
     if n < 2:
         raise InputError("batch norm in training mode needs more than one value per channel")
     mean = X.mean(axis=axes)
-    # Two-pass variance: subtracting the mean first avoids E[x^2] - E[x]^2 cancellation.
     centred = X - col(mean)
-    var = (centred * centred).mean(axis=axes)
+    if fast_variance:  # Flax's default: one pass, cancels catastrophically when |mean| >> std
+        var = np.maximum((X * X).mean(axis=axes) - mean * mean, 0)
+    else:  # two-pass: subtracting the mean first avoids the cancellation
+        var = (centred * centred).mean(axis=axes)
     Y = centred / np.sqrt(col(var) + eps) * col(weight) + col(bias)
     batch_var = var * (n / (n - 1)) if unbiased_running_var else var
     new_mean = (1 - momentum) * running_mean + momentum * mean
@@ -180,7 +204,9 @@ def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
 # The network
 
 
-def _bn_relu(X: np.ndarray, weights: Weights, prefix: str, training: bool, stats: Stats, unbiased: bool) -> np.ndarray:
+def _bn_relu(
+    X: np.ndarray, weights: Weights, prefix: str, training: bool, stats: Stats, conventions: Conventions
+) -> np.ndarray:
     p = f"{prefix}.bn."
     Y, mean, var = batch_norm(
         X,
@@ -189,7 +215,10 @@ def _bn_relu(X: np.ndarray, weights: Weights, prefix: str, training: bool, stats
         weights[p + "running_mean"],
         weights[p + "running_var"],
         training,
-        unbiased_running_var=unbiased,
+        conventions.eps,
+        conventions.momentum,
+        unbiased_running_var=conventions.unbiased_running_var,
+        fast_variance=conventions.fast_variance,
     )
     if training:
         stats[p + "running_mean"] = mean
@@ -209,7 +238,7 @@ def dense_block(
     num_convs: int,
     training: bool,
     *,
-    unbiased_running_var: bool = True,
+    conventions: Conventions = ALIGNED,
 ) -> tuple[np.ndarray, Stats]:
     """``num_convs`` times BN -> ReLU -> 3x3 conv, each output concatenated onto its input.
 
@@ -218,19 +247,29 @@ def dense_block(
     stats: Stats = {}
     for j in range(1, num_convs + 1):
         p = f"{prefix}.conv{j}"
-        Y = _conv(_bn_relu(X, weights, p, training, stats, unbiased_running_var), weights, p, CONV3)
+        Y = _conv(_bn_relu(X, weights, p, training, stats, conventions), weights, p, CONV3)
         X = np.concatenate([X, Y], axis=1)
     return X, stats
 
 
 def transition(
-    X: np.ndarray, weights: Weights, prefix: str, training: bool, *, unbiased_running_var: bool = True
+    X: np.ndarray, weights: Weights, prefix: str, training: bool, *, conventions: Conventions = ALIGNED
 ) -> tuple[np.ndarray, Stats]:
     """BN -> ReLU -> 1x1 conv (halving the channels) -> 2x2 average pool, stride 2."""
     stats: Stats = {}
-    Y = _conv(_bn_relu(X, weights, prefix, training, stats, unbiased_running_var), weights, prefix, (1, 1, 0))
+    Y = _conv(_bn_relu(X, weights, prefix, training, stats, conventions), weights, prefix, (1, 1, 0))
     kernel, stride, _ = TRANSITION_POOL
     return avg_pool2d(Y, kernel, stride), stats
+
+
+def _pad_same(X: np.ndarray, geometry: tuple[int, int, int], value: float) -> np.ndarray:
+    """Pad H and W the way TensorFlow's and Flax's 'same' does for ``(kernel, stride, _)``."""
+    kernel, stride, _ = geometry
+    pads = [(0, 0), (0, 0)]
+    for n in X.shape[2:]:
+        total = max((-(-n // stride) - 1) * stride + kernel - n, 0)
+        pads.append((total // 2, total - total // 2))
+    return np.pad(X, pads, constant_values=value)
 
 
 def forward(
@@ -239,7 +278,7 @@ def forward(
     X: np.ndarray,
     training: bool = False,
     *,
-    unbiased_running_var: bool = True,
+    conventions: Conventions = ALIGNED,
     dtype: np.dtype | type | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The book's DenseNet on NCHW ``X``: ``(logits, stage outputs, updated running stats)``.
@@ -260,23 +299,25 @@ def forward(
 
     stages: dict[str, np.ndarray] = {}
     stats: Stats = {}
-    Y = _conv(X, weights, "stem", STEM_CONV)
-    Y = _bn_relu(Y, weights, "stem", training, stats, unbiased_running_var)
-    kernel, stride, padding = STEM_POOL
-    Y = stages["stem"] = max_pool2d(Y, kernel, stride, padding)
+    if conventions.same_padding:
+        # 'same' pads (total // 2, total - total // 2): asymmetric at stride 2 on even sizes.
+        Y = _conv(_pad_same(X, STEM_CONV, 0.0), weights, "stem", (STEM_CONV[0], STEM_CONV[1], 0))
+        Y = _bn_relu(Y, weights, "stem", training, stats, conventions)
+        Y = stages["stem"] = max_pool2d(_pad_same(Y, STEM_POOL, -np.inf), STEM_POOL[0], STEM_POOL[1], 0)
+    else:
+        Y = _conv(X, weights, "stem", STEM_CONV)
+        Y = _bn_relu(Y, weights, "stem", training, stats, conventions)
+        kernel, stride, padding = STEM_POOL
+        Y = stages["stem"] = max_pool2d(Y, kernel, stride, padding)
     for i, num_convs in enumerate(config.arch, start=1):
-        Y, block_stats = dense_block(
-            Y, weights, f"dense{i}", num_convs, training, unbiased_running_var=unbiased_running_var
-        )
+        Y, block_stats = dense_block(Y, weights, f"dense{i}", num_convs, training, conventions=conventions)
         stages[f"dense{i}"] = Y
         stats.update(block_stats)
         if i != len(config.arch):
-            Y, block_stats = transition(
-                Y, weights, f"transition{i}", training, unbiased_running_var=unbiased_running_var
-            )
+            Y, block_stats = transition(Y, weights, f"transition{i}", training, conventions=conventions)
             stages[f"transition{i}"] = Y
             stats.update(block_stats)
-    Y = global_avg_pool(_bn_relu(Y, weights, "head", training, stats, unbiased_running_var))
+    Y = global_avg_pool(_bn_relu(Y, weights, "head", training, stats, conventions))
     logits = stages["head"] = linear(Y, weights["head.fc.weight"], weights["head.fc.bias"])
     return logits, stages, stats
 

@@ -79,3 +79,56 @@ def test_bn_counts_follow_the_plan() -> None:
     assert counts["stem"] == 2 * 48 * 48
     assert counts["dense1.conv4"] == counts["transition1"] == 2 * 24 * 24
     assert counts["head"] == 2 * 3 * 3
+
+
+def test_naive_defaults_each_cost_something() -> None:
+    from common.parity import run_naive
+
+    rows = {(r.default, r.affects): r for r in run_naive(SMALL, input_size=32, batch=4)}
+    assert rows[("BN epsilon 1e-3", "inference logits and stages")].max_abs > 1e-3
+    assert rows[("'same' padding on the stride-2 stem", "inference logits and stages")].max_abs > 1e-2
+    momentum = rows[("momentum 0.99 (0.01 in PyTorch's meaning)", "running statistics after one step")]
+    assert momentum.max_abs > 1e-2
+    # Fast variance only matters when the mean dwarfs the spread.
+    small = rows[("fast variance E[x^2]-E[x]^2, float32, input mean 0.5", "training-mode logits and stages")]
+    large = rows[("fast variance E[x^2]-E[x]^2, float32, input mean 100.5", "training-mode logits and stages")]
+    assert small.max_abs < large.max_abs
+
+
+def test_same_padding_is_symmetric_on_odd_sizes() -> None:
+    """At 33x33 'same' pads (3, 3) and (1, 1): exactly the explicit padding, so it costs nothing."""
+    from common.parity import run_naive
+
+    rows = {(r.default, r.affects): r for r in run_naive(SMALL, input_size=33, batch=2)}
+    assert rows[("'same' padding on the stride-2 stem", "inference logits and stages")].max_abs == 0.0
+
+
+@pytest.mark.torch
+def test_parity_cli_naive_json(capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest) -> None:
+    import json
+
+    from common.cli import main
+    from tests.conftest import get_adapter
+
+    get_adapter("torch", request.config)  # skips (or fails, if required) when torch cannot load
+
+    code = main(
+        [
+            "parity",
+            "--backends",
+            "torch",
+            "--num-channels",
+            "16",
+            "--growth-rate",
+            "16",
+            "--arch",
+            "2,2",
+            "--steps",
+            "2",
+            "--naive",
+            "--json",
+        ]
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["ok"]
+    assert {r["frameworks"] for r in report["naive"]} >= {"Keras", "Flax", "TF, Flax (the book)"}

@@ -229,7 +229,7 @@ def test_forward_training_updates_every_running_stat(rng: np.random.Generator) -
     assert logits_train.dtype == np.float64
     assert not np.allclose(logits_train, logits_eval)
     # The biased convention moves only the variances.
-    _, _, biased = ref.forward(SMALL, w, X, training=True, unbiased_running_var=False)
+    _, _, biased = ref.forward(SMALL, w, X, training=True, conventions=ref.Conventions(unbiased_running_var=False))
     for name in stats:
         if name.endswith("running_mean"):
             np.testing.assert_allclose(biased[name], stats[name], rtol=1e-6)
