@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from common.checks import check_images
-from common.config import DenseNetConfig, canonical_spec, is_state, min_input_size, stage_names
+from common.config import DenseNetConfig, canonical_layers, canonical_spec, is_state, min_input_size, stage_names
 from common.layout import from_layout, param_from_native, param_to_native, to_layout
 from common.weights import check_weights
 
@@ -76,12 +76,37 @@ class Adapter(ABC):
         """A framework tensor as numpy."""
 
     @abstractmethod
+    def _layers(self, model: Model) -> list[tuple[str, Any]]:
+        """Every conv (``"conv"``), BatchNorm (``"bn"``) and dense (``"fc"``) layer, in forward order."""
+
+    @abstractmethod
+    def _layer_tensors(self, kind: str, layer: Any) -> dict[str, Any]:
+        """A layer's tensors by canonical leaf (``weight``, ``bias``, ``running_mean``,
+        ``running_var``), as whatever handle ``_read`` and ``_write`` work with."""
+
+    @abstractmethod
     def _read(self, model: Model) -> dict[str, np.ndarray]:
         """Every tensor by canonical name, in the framework's native layout."""
 
     @abstractmethod
     def _write(self, model: Model, weights: dict[str, np.ndarray]) -> None:
         """Overwrite every tensor (canonical names, native layout, already checked)."""
+
+    def _tensors(self, model: Model) -> dict[str, Any]:
+        """Canonical name -> the framework's handle on that tensor, by pairing the network's layers
+        with ``common.config.canonical_layers`` (the one place the naming is defined)."""
+        expected = canonical_layers(model.config)
+        layers = self._layers(model)
+        if [k for _, k in expected] != [k for k, _ in layers]:
+            raise RuntimeError(
+                f"{self.name}: the network's layers ({len(layers)}) do not follow the canonical order "
+                f"({len(expected)}); the model and common.config.canonical_spec disagree"
+            )
+        return {
+            f"{prefix}.{leaf}": handle
+            for (prefix, _), (kind, layer) in zip(expected, layers)
+            for leaf, handle in self._layer_tensors(kind, layer).items()
+        }
 
     @abstractmethod
     def loss_and_grads(

@@ -30,6 +30,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class DenseNetConfig:
     """The book's ``DenseNet(num_channels=64, growth_rate=32, arch=(4, 4, 4, 4), num_classes=10)``.
@@ -44,6 +48,14 @@ class DenseNetConfig:
     num_classes: int = 10
     in_channels: int = 1
     lr: float = 0.1
+    # DenseNet-BC (Huang et al.): a 1x1 bottleneck to ``bn_size * growth_rate`` channels before
+    # each 3x3 conv (None: the book's plain conv block), the fraction of channels a transition
+    # keeps, dropout after each dense layer, and whether convolutions carry a bias (the book's
+    # do; the paper's, torchvision's, Keras's and Gluon's do not).
+    bn_size: int | None = None
+    compression: float = 0.5
+    drop_rate: float = 0.0
+    conv_bias: bool = True
 
     def __post_init__(self) -> None:
         arch = self.arch
@@ -62,8 +74,20 @@ class DenseNetConfig:
                 raise ConfigError(f"{field} must be a positive int, got {value!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        if self.bn_size is not None and (not _is_int(self.bn_size) or self.bn_size < 1):
+            raise ConfigError(f"bn_size must be a positive int or None (no bottleneck), got {self.bn_size!r}")
+        if not _is_number(self.compression) or not 0 < self.compression <= 1:
+            raise ConfigError(f"compression must be in (0, 1], got {self.compression!r}")
+        if not _is_number(self.drop_rate) or not 0 <= self.drop_rate < 1:
+            raise ConfigError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if not isinstance(self.conv_bias, bool):
+            raise ConfigError(f"conv_bias must be True or False, got {self.conv_bias!r}")
         # Halving must leave at least one channel for every transition.
         plan_channels(self)
+
+    def transition_channels(self, channels: int) -> int:
+        """Channels a transition keeps: ``channels // 2`` for the book's 0.5."""
+        return int(channels * self.compression)
 
     def replace(self, **changes: Any) -> DenseNetConfig:
         """A copy with some fields changed (validated like a new configuration)."""
@@ -71,10 +95,19 @@ class DenseNetConfig:
 
     def describe(self) -> str:
         """One line for people: ``num_channels=64 growth_rate=32 arch=4,4,4,4 ...``."""
-        return (
+        text = (
             f"num_channels={self.num_channels} growth_rate={self.growth_rate} "
             f"arch={','.join(map(str, self.arch))} num_classes={self.num_classes} in_channels={self.in_channels}"
         )
+        if self.bn_size is not None:
+            text += f" bn_size={self.bn_size}"
+        if self.compression != 0.5:
+            text += f" compression={self.compression}"
+        if self.drop_rate:
+            text += f" drop_rate={self.drop_rate}"
+        if not self.conv_bias:
+            text += " conv_bias=False"
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -130,9 +163,9 @@ def plan_channels(config: DenseNetConfig) -> list[tuple[str, int]]:
         channels += num_convs * config.growth_rate
         stages.append((f"dense{i + 1}", channels))
         if i != len(config.arch) - 1:
-            channels //= 2
+            channels = config.transition_channels(channels)
             if channels < 1:
-                raise ConfigError(f"transition {i + 1} would halve the channels to zero")
+                raise ConfigError(f"transition {i + 1} would compress the channels to zero")
             stages.append((f"transition{i + 1}", channels))
     stages.append(("head", config.num_classes))
     return stages
@@ -229,19 +262,23 @@ def _size(shape: tuple[int, ...]) -> int:
 
 
 def count_macs(config: DenseNetConfig, input_size: int | tuple[int, int] = 96) -> int:
+    """Multiply-adds of one forward pass for one image: every convolution and the dense layer."""
     h, w = _as_hw(input_size)
     hs, ws = _spatial_chain(config, h), _spatial_chain(config, w)
-    conv_h, conv_w = _out(h, STEM_CONV), _out(w, STEM_CONV)
-    total = config.in_channels * config.num_channels * 49 * conv_h * conv_w
+    total = config.in_channels * config.num_channels * 49 * _out(h, STEM_CONV) * _out(w, STEM_CONV)
     channels, k = config.num_channels, 1
     for i, num_convs in enumerate(config.arch):
         area = hs[k] * ws[k]
         for _ in range(num_convs):
-            total += channels * config.growth_rate * 9 * area
+            if config.bn_size is None:
+                total += channels * config.growth_rate * 9 * area
+            else:
+                width = config.bn_size * config.growth_rate
+                total += (channels * width + width * config.growth_rate * 9) * area
             channels += config.growth_rate
         if i != len(config.arch) - 1:
-            total += channels * (channels // 2) * area
-            channels //= 2
+            total += channels * config.transition_channels(channels) * area
+            channels = config.transition_channels(channels)
             k += 2
     return total + channels * config.num_classes
 
@@ -256,7 +293,8 @@ def canonical_spec(config: DenseNetConfig) -> dict[str, tuple[int, ...]]:
 
     def conv(prefix: str, cin: int, cout: int, k: int) -> None:
         spec[f"{prefix}.conv.weight"] = (cout, cin, k, k)
-        spec[f"{prefix}.conv.bias"] = (cout,)
+        if config.conv_bias:
+            spec[f"{prefix}.conv.bias"] = (cout,)
 
     def bn(prefix: str, c: int) -> None:
         for leaf in BN_LEAVES:
@@ -267,17 +305,34 @@ def canonical_spec(config: DenseNetConfig) -> dict[str, tuple[int, ...]]:
     channels = config.num_channels
     for i, num_convs in enumerate(config.arch):
         for j in range(num_convs):
-            bn(f"dense{i + 1}.conv{j + 1}", channels)
-            conv(f"dense{i + 1}.conv{j + 1}", channels, config.growth_rate, 3)
+            prefix, cin = f"dense{i + 1}.conv{j + 1}", channels
+            if config.bn_size is not None:
+                bn(f"{prefix}.bottleneck", cin)
+                cin = config.bn_size * config.growth_rate
+                conv(f"{prefix}.bottleneck", channels, cin, 1)
+            bn(prefix, cin)
+            conv(prefix, cin, config.growth_rate, 3)
             channels += config.growth_rate
         if i != len(config.arch) - 1:
             bn(f"transition{i + 1}", channels)
-            conv(f"transition{i + 1}", channels, channels // 2, 1)
-            channels //= 2
+            conv(f"transition{i + 1}", channels, config.transition_channels(channels), 1)
+            channels = config.transition_channels(channels)
     bn("head", channels)
     spec["head.fc.weight"] = (config.num_classes, channels)
     spec["head.fc.bias"] = (config.num_classes,)
     return spec
+
+
+def canonical_layers(config: DenseNetConfig) -> list[tuple[str, str]]:
+    """Every layer that holds tensors, in forward order: ``(prefix, kind)`` with kind ``conv``,
+    ``bn`` or ``fc``, e.g. ``("dense1.conv1.bottleneck.bn", "bn")``. Adapters list their own layers
+    in the same order, and the canonical names follow from the pairing."""
+    layers: list[tuple[str, str]] = []
+    for name in canonical_spec(config):
+        prefix = name.rsplit(".", 1)[0]
+        if not layers or layers[-1][0] != prefix:
+            layers.append((prefix, prefix.rsplit(".", 1)[-1]))
+    return layers
 
 
 # BatchNorm tensors: scale, shift (trainable) and the running statistics (state).
@@ -292,3 +347,23 @@ def is_state(name: str) -> bool:
 
 # The book's network, as section 8.7 builds it.
 D2L = DenseNetConfig()
+
+# The DenseNet-BC family of the paper's Table 1 (ImageNet: 3 channels, 1000 classes).
+_BC = {"bn_size": 4, "conv_bias": False, "num_classes": 1000, "in_channels": 3}
+CONFIGS: dict[str, DenseNetConfig] = {
+    "d2l": D2L,
+    "densenet121": DenseNetConfig(64, 32, (6, 12, 24, 16), **_BC),
+    "densenet161": DenseNetConfig(96, 48, (6, 12, 36, 24), **_BC),
+    "densenet169": DenseNetConfig(64, 32, (6, 12, 32, 32), **_BC),
+    "densenet201": DenseNetConfig(64, 32, (6, 12, 48, 32), **_BC),
+    "densenet264": DenseNetConfig(64, 32, (6, 12, 64, 48), **_BC),
+}
+
+
+def named_config(name: str, **changes: Any) -> DenseNetConfig:
+    """A named configuration (``d2l``, ``densenet121`` ...), optionally with fields changed."""
+    try:
+        config = CONFIGS[name.strip().lower()]
+    except KeyError:
+        raise ConfigError(f"unknown configuration {name!r}; expected one of {', '.join(CONFIGS)}") from None
+    return config.replace(**changes) if changes else config

@@ -146,6 +146,7 @@ def bn_counts(config: DenseNetConfig, input_size: tuple[int, int], batch: int) -
     for i, num_convs in enumerate(config.arch):
         for j in range(num_convs):
             counts[f"dense{i + 1}.conv{j + 1}"] = batch * size[f"dense{i + 1}"]
+            counts[f"dense{i + 1}.conv{j + 1}.bottleneck"] = batch * size[f"dense{i + 1}"]
         if i != len(config.arch) - 1:
             counts[f"transition{i + 1}"] = batch * size[f"dense{i + 1}"]
     counts["head"] = batch * size[f"dense{len(config.arch)}"]

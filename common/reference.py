@@ -228,7 +228,8 @@ def _bn_relu(
 
 def _conv(X: np.ndarray, weights: Weights, prefix: str, geometry: tuple[int, int, int]) -> np.ndarray:
     _, stride, padding = geometry
-    return conv2d(X, weights[f"{prefix}.conv.weight"], weights[f"{prefix}.conv.bias"], stride, padding)
+    # DenseNet-BC convolutions carry no bias (config.conv_bias=False).
+    return conv2d(X, weights[f"{prefix}.conv.weight"], weights.get(f"{prefix}.conv.bias"), stride, padding)
 
 
 def dense_block(
@@ -246,8 +247,15 @@ def dense_block(
     """
     stats: Stats = {}
     for j in range(1, num_convs + 1):
-        p = f"{prefix}.conv{j}"
-        Y = _conv(_bn_relu(X, weights, p, training, stats, conventions), weights, p, CONV3)
+        p, Y = f"{prefix}.conv{j}", X
+        if f"{p}.bottleneck.bn.weight" in weights:  # DenseNet-BC: BN -> ReLU -> 1x1 conv first
+            Y = _conv(
+                _bn_relu(Y, weights, f"{p}.bottleneck", training, stats, conventions),
+                weights,
+                f"{p}.bottleneck",
+                (1, 1, 0),
+            )
+        Y = _conv(_bn_relu(Y, weights, p, training, stats, conventions), weights, p, CONV3)
         X = np.concatenate([X, Y], axis=1)
     return X, stats
 

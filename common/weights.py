@@ -44,7 +44,16 @@ DTYPE = np.dtype(np.float32)
 
 # Fields that decide the names and shapes of the tensors; a file must state every one of them.
 # (``lr`` only matters to training: it may be absent and is not compared against an expected one.)
-STRUCTURAL_FIELDS = ("num_channels", "growth_rate", "arch", "num_classes", "in_channels")
+STRUCTURAL_FIELDS = (
+    "num_channels",
+    "growth_rate",
+    "arch",
+    "num_classes",
+    "in_channels",
+    "bn_size",
+    "compression",
+    "conv_bias",
+)
 
 _TORCH_LEAVES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 

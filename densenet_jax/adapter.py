@@ -27,23 +27,25 @@ _BN_LEAVES = {
 }
 
 
-def _loss(net: DenseNet, params, batch_stats, X, y):
-    logits, updates = net.apply({"params": params, "batch_stats": batch_stats}, X, mutable=["batch_stats"])
+def _loss(net: DenseNet, params, batch_stats, X, y, key):
+    logits, updates = net.apply(
+        {"params": params, "batch_stats": batch_stats}, X, mutable=["batch_stats"], rngs={"dropout": key}
+    )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, updates["batch_stats"]
 
 
 @partial(jax.jit, static_argnums=0)
-def _loss_and_grads(net: DenseNet, params, batch_stats, X, y):
+def _loss_and_grads(net: DenseNet, params, batch_stats, X, y, key):
     (loss, batch_stats), (dparams, dX) = jax.value_and_grad(_loss, argnums=(1, 3), has_aux=True)(
-        net, params, batch_stats, X, y
+        net, params, batch_stats, X, y, key
     )
     return loss, batch_stats, dparams, dX
 
 
 @partial(jax.jit, static_argnums=0)
-def _sgd_step(net: DenseNet, params, batch_stats, X, y, lr):
-    (loss, batch_stats), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(net, params, batch_stats, X, y)
+def _sgd_step(net: DenseNet, params, batch_stats, X, y, lr, key):
+    (loss, batch_stats), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(net, params, batch_stats, X, y, key)
     tx = optax.sgd(lr)  # plain SGD keeps no optimizer state
     updates, _ = tx.update(grads, tx.init(params), params)
     return loss, optax.apply_updates(params, updates), batch_stats
@@ -61,11 +63,11 @@ class JaxAdapter(Adapter):
         return f"{jax.__version__} (Flax {flax.__version__})"
 
     def build(self, config: DenseNetConfig, seed: int = 0) -> Model:
-        net = DenseNet(config.num_channels, config.growth_rate, config.arch, config.lr, config.num_classes)
+        net = DenseNet.for_config(config)
         size = min_input_size(config)
         # jit makes initialisation one compiled call instead of hundreds of eager ops.
         variables = jax.jit(net.init)(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, config.in_channels)))
-        return Model(config, net, unfreeze(variables))
+        return Model(config, net, unfreeze(variables), cache={"seed": seed})
 
     def _to_native(self, X: np.ndarray) -> jnp.ndarray:
         return jnp.asarray(X)
@@ -73,16 +75,26 @@ class JaxAdapter(Adapter):
     def _to_numpy(self, Y: jnp.ndarray) -> np.ndarray:
         return np.asarray(Y)
 
+    @staticmethod
+    def _dropout_key(model: Model) -> jax.Array:
+        """A fresh, seeded key for dropout on every training call (ignored without dropout)."""
+        step = model.cache["dropout_step"] = model.cache.get("dropout_step", -1) + 1
+        return jax.random.fold_in(jax.random.PRNGKey(model.cache.get("seed", 0)), step)
+
     def _apply(self, model: Model, X: jnp.ndarray, training: bool, compiled: bool, stages: bool = False):
         net = model.net.clone(training=training)
         mutable = (["batch_stats"] if training else []) + (["intermediates"] if stages else [])
 
-        def apply(variables, X):
-            return net.apply(variables, X, mutable=mutable) if mutable else (net.apply(variables, X), {})
+        def apply(variables, X, key):
+            if not mutable:
+                return net.apply(variables, X), {}
+            return net.apply(variables, X, mutable=mutable, rngs={"dropout": key})
 
         if compiled:
-            apply = model.cache.setdefault(("jit", training, stages), jax.jit(apply))
-        return apply(model.variables, X)
+            if ("jit", training, stages) not in model.cache:
+                model.cache[("jit", training, stages)] = jax.jit(apply)
+            apply = model.cache[("jit", training, stages)]
+        return apply(model.variables, X, self._dropout_key(model))
 
     def _forward(self, model: Model, X, training: bool, compiled: bool):
         return self._apply(model, X, training, compiled)[0]
@@ -101,34 +113,49 @@ class JaxAdapter(Adapter):
         variables = blk.init(jax.random.PRNGKey(0), X)
         return blk.apply(variables, X)
 
-    def _paths(self, model: Model) -> dict[str, tuple[str, ...]]:
-        """Canonical name -> path of the array in ``model.variables``."""
-        out: dict[str, tuple[str, ...]] = {}
+    def _layers(self, model: Model) -> list[tuple[str, tuple[str, ...]]]:
+        """Paths of the conv, BatchNorm and dense layers in ``params``, in forward order.
 
-        def conv(prefix: str, *path: str) -> None:
-            out[f"{prefix}.conv.weight"] = ("params", *path, "kernel")
-            out[f"{prefix}.conv.bias"] = ("params", *path, "bias")
+        jax.jit returns dicts with sorted keys ("net_10" before "net_2", "Conv_0" before
+        "BatchNorm_1"), so the order is rebuilt from Flax's names: by the number after the last
+        underscore, a BatchNorm before the conv of the same number (the conv block's order).
+        """
 
-        def bn(prefix: str, *path: str) -> None:
-            for leaf, (collection, native) in _BN_LEAVES.items():
-                out[f"{prefix}.bn.{leaf}"] = (collection, *path, native)
+        def order(key: str) -> tuple[int, int]:
+            kind, _, number = key.rpartition("_")
+            return int(number) if number.isdigit() else 0, 0 if kind == "BatchNorm" else 1
 
-        conv("stem", "net_0", "layers_0")
-        bn("stem", "net_0", "layers_1")
-        k = 1
-        for i, num_convs in enumerate(model.config.arch):
-            for j in range(num_convs):
-                bn(f"dense{i + 1}.conv{j + 1}", f"net_{k}", f"net_{j}", "BatchNorm_0")
-                conv(f"dense{i + 1}.conv{j + 1}", f"net_{k}", f"net_{j}", "Conv_0")
-            k += 1
-            if i != len(model.config.arch) - 1:
-                bn(f"transition{i + 1}", f"net_{k}", "BatchNorm_0")
-                conv(f"transition{i + 1}", f"net_{k}", "Conv_0")
-                k += 1
-        bn("head", f"net_{k}", "layers_0")
-        out["head.fc.weight"] = ("params", f"net_{k}", "layers_3", "kernel")
-        out["head.fc.bias"] = ("params", f"net_{k}", "layers_3", "bias")
+        out: list[tuple[str, tuple[str, ...]]] = []
+
+        def walk(tree, path: tuple[str, ...]) -> None:
+            if "kernel" in tree:
+                out.append(("conv" if tree["kernel"].ndim == 4 else "fc", path))
+            elif "scale" in tree:
+                out.append(("bn", path))
+            else:
+                for key in sorted(tree, key=order):
+                    walk(tree[key], (*path, key))
+
+        walk(model.variables["params"], ())
         return out
+
+    def _layer_tensors(self, kind: str, layer: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+        """Canonical leaf -> path of the array in ``Model.variables``."""
+        if kind == "bn":
+            return {leaf: (collection, *layer, native) for leaf, (collection, native) in _BN_LEAVES.items()}
+        return {"weight": ("params", *layer, "kernel"), "bias": ("params", *layer, "bias")}
+
+    def _tensors(self, model: Model) -> dict[str, tuple[str, ...]]:
+        # Networks without conv biases have no "bias" entry under their conv layers.
+        return {k: p for k, p in super()._tensors(model).items() if self._has(model.variables, p)}
+
+    @staticmethod
+    def _has(tree, path: tuple[str, ...]) -> bool:
+        for key in path:
+            if key not in tree:
+                return False
+            tree = tree[key]
+        return True
 
     @staticmethod
     def _get(tree, path: tuple[str, ...]):
@@ -137,11 +164,11 @@ class JaxAdapter(Adapter):
         return tree
 
     def _read(self, model: Model) -> dict[str, np.ndarray]:
-        return {k: np.array(self._get(model.variables, p)) for k, p in self._paths(model).items()}
+        return {k: np.array(self._get(model.variables, p)) for k, p in self._tensors(model).items()}
 
     def _write(self, model: Model, weights: dict[str, np.ndarray]) -> None:
         variables = jax.tree_util.tree_map(lambda a: a, model.variables)  # new containers
-        for k, path in self._paths(model).items():
+        for k, path in self._tensors(model).items():
             parent = self._get(variables, path[:-1])
             parent[path[-1]] = jnp.asarray(weights[k])
         model.variables = variables
@@ -149,7 +176,7 @@ class JaxAdapter(Adapter):
     def _grad_tree_to_canonical(self, model: Model, grads) -> dict[str, np.ndarray]:
         return {
             k: self.canonical_param(k, np.asarray(self._get(grads, p[1:])))
-            for k, p in self._paths(model).items()
+            for k, p in self._tensors(model).items()
             if p[0] == "params"
         }
 
@@ -158,7 +185,7 @@ class JaxAdapter(Adapter):
         y = jnp.asarray(self.check_labels(X, y, model.config.num_classes))
         v = model.variables
         loss, batch_stats, dparams, dX = _loss_and_grads(
-            model.net.clone(training=True), v["params"], v["batch_stats"], X, y
+            model.net.clone(training=True), v["params"], v["batch_stats"], X, y, self._dropout_key(model)
         )
         model.variables = {"params": v["params"], "batch_stats": batch_stats}
         return float(loss), self.canonical_activation(np.asarray(dX)), self._grad_tree_to_canonical(model, dparams)
@@ -167,6 +194,8 @@ class JaxAdapter(Adapter):
         X = self.prepare(model, X)
         y = jnp.asarray(self.check_labels(X, y, model.config.num_classes))
         v = model.variables
-        loss, params, batch_stats = _sgd_step(model.net.clone(training=True), v["params"], v["batch_stats"], X, y, lr)
+        loss, params, batch_stats = _sgd_step(
+            model.net.clone(training=True), v["params"], v["batch_stats"], X, y, lr, self._dropout_key(model)
+        )
         model.variables = {"params": params, "batch_stats": batch_stats}
         return float(loss)

@@ -27,19 +27,33 @@ def _batch_norm(training: bool) -> nn.BatchNorm:
 
 
 class ConvBlock(nn.Module):
-    """BN -> ReLU -> 3x3 conv: (N, H, W, C) -> (N, H, W, num_channels), only the new features."""
+    """BN -> ReLU -> 3x3 conv: (N, H, W, C) -> (N, H, W, num_channels), only the new features.
+
+    DenseNet-BC: ``bn_size`` puts a BN -> ReLU -> 1x1 conv bottleneck to ``bn_size * num_channels``
+    first; ``drop_rate`` adds dropout (needs a ``dropout`` rng when training); ``bias=False`` drops
+    the conv biases.
+    """
 
     num_channels: int
     training: bool = True
+    bn_size: int | None = None
+    drop_rate: float = 0.0
+    bias: bool = True
 
     @nn.compact
     def __call__(self, X: jnp.ndarray) -> jnp.ndarray:
+        if self.bn_size is not None:
+            X = nn.relu(_batch_norm(self.training)(X))
+            X = nn.Conv(self.bn_size * self.num_channels, kernel_size=(1, 1), use_bias=self.bias)(X)
         Y = nn.relu(_batch_norm(self.training)(X))
-        return nn.Conv(self.num_channels, kernel_size=(3, 3), padding=((1, 1), (1, 1)))(Y)
+        Y = nn.Conv(self.num_channels, kernel_size=(3, 3), padding=((1, 1), (1, 1)), use_bias=self.bias)(Y)
+        if self.drop_rate:
+            Y = nn.Dropout(self.drop_rate, deterministic=not self.training)(Y)
+        return Y
 
 
-def conv_block(num_channels: int, training: bool = True) -> ConvBlock:
-    return ConvBlock(num_channels, training)
+def conv_block(num_channels: int, training: bool = True, **kwargs) -> ConvBlock:
+    return ConvBlock(num_channels, training, **kwargs)
 
 
 class DenseBlock(nn.Module):
@@ -49,9 +63,13 @@ class DenseBlock(nn.Module):
     num_convs: int
     num_channels: int
     training: bool = True
+    bn_size: int | None = None
+    drop_rate: float = 0.0
+    bias: bool = True
 
     def setup(self) -> None:
-        self.net = [conv_block(self.num_channels, self.training) for _ in range(self.num_convs)]
+        layer = {"bn_size": self.bn_size, "drop_rate": self.drop_rate, "bias": self.bias}
+        self.net = [conv_block(self.num_channels, self.training, **layer) for _ in range(self.num_convs)]
 
     def __call__(self, X: jnp.ndarray) -> jnp.ndarray:
         for blk in self.net:
@@ -65,16 +83,17 @@ class TransitionBlock(nn.Module):
 
     num_channels: int
     training: bool = True
+    bias: bool = True
 
     @nn.compact
     def __call__(self, X: jnp.ndarray) -> jnp.ndarray:
         X = nn.relu(_batch_norm(self.training)(X))
-        X = nn.Conv(self.num_channels, kernel_size=(1, 1))(X)
+        X = nn.Conv(self.num_channels, kernel_size=(1, 1), use_bias=self.bias)(X)
         return nn.avg_pool(X, window_shape=(2, 2), strides=(2, 2))
 
 
-def transition_block(num_channels: int, training: bool = True) -> TransitionBlock:
-    return TransitionBlock(num_channels, training)
+def transition_block(num_channels: int, training: bool = True, **kwargs) -> TransitionBlock:
+    return TransitionBlock(num_channels, training, **kwargs)
 
 
 def _max_pool(X: jnp.ndarray) -> jnp.ndarray:
@@ -97,6 +116,11 @@ class DenseNet(nn.Module):
     arch: tuple[int, ...] = (4, 4, 4, 4)
     lr: float = 0.1
     num_classes: int = 10
+    # DenseNet-BC (common.config.CONFIGS); the defaults are the book's network.
+    bn_size: int | None = None
+    compression: float = 0.5
+    drop_rate: float = 0.0
+    conv_bias: bool = True
     training: bool = True
 
     def __post_init__(self) -> None:
@@ -105,7 +129,33 @@ class DenseNet(nn.Module):
 
     @property
     def config(self) -> DenseNetConfig:
-        return DenseNetConfig(self.num_channels, self.growth_rate, tuple(self.arch), self.num_classes, lr=self.lr)
+        return DenseNetConfig(
+            self.num_channels,
+            self.growth_rate,
+            tuple(self.arch),
+            self.num_classes,
+            lr=self.lr,
+            bn_size=self.bn_size,
+            compression=self.compression,
+            drop_rate=self.drop_rate,
+            conv_bias=self.conv_bias,
+        )
+
+    @classmethod
+    def for_config(cls, config: DenseNetConfig, training: bool = True) -> DenseNet:
+        """The network of a configuration, e.g. ``common.config.CONFIGS["densenet121"]``."""
+        return cls(
+            config.num_channels,
+            config.growth_rate,
+            config.arch,
+            config.lr,
+            config.num_classes,
+            config.bn_size,
+            config.compression,
+            config.drop_rate,
+            config.conv_bias,
+            training,
+        )
 
     def setup(self) -> None:
         self.net = self.create_net()
@@ -113,7 +163,7 @@ class DenseNet(nn.Module):
     def b1(self) -> nn.Sequential:
         return nn.Sequential(
             [
-                nn.Conv(self.num_channels, kernel_size=(7, 7), strides=(2, 2), padding=((3, 3), (3, 3))),
+                nn.Conv(self.num_channels, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=self.conv_bias),
                 _batch_norm(self.training),
                 nn.relu,
                 _max_pool,
@@ -122,13 +172,14 @@ class DenseNet(nn.Module):
 
     def create_net(self) -> list[Any]:
         net: list[Any] = [self.b1()]
+        layer = {"bn_size": self.bn_size, "drop_rate": self.drop_rate, "bias": self.conv_bias}
         num_channels = self.num_channels
         for i, num_convs in enumerate(self.arch):
-            net.append(DenseBlock(num_convs, self.growth_rate, self.training))
+            net.append(DenseBlock(num_convs, self.growth_rate, self.training, **layer))
             num_channels += num_convs * self.growth_rate
             if i != len(self.arch) - 1:
-                num_channels //= 2
-                net.append(transition_block(num_channels, self.training))
+                num_channels = self.config.transition_channels(num_channels)
+                net.append(transition_block(num_channels, self.training, bias=self.conv_bias))
         net.append(nn.Sequential([_batch_norm(self.training), nn.relu, _global_avg_pool, nn.Dense(self.num_classes)]))
         return net
 

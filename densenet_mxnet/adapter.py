@@ -25,7 +25,7 @@ class MXNetAdapter(Adapter):
 
     def build(self, config: DenseNetConfig, seed: int = 0) -> Model:
         mx.random.seed(seed)
-        net = DenseNet(config.num_channels, config.growth_rate, config.arch, config.lr, config.num_classes)
+        net = DenseNet.for_config(config)
         net.initialize(mx.init.Xavier())  # the book's initialiser
         size = min_input_size(config)
         net(mx.nd.zeros((1, config.in_channels, size, size)))  # finish the deferred initialisation
@@ -59,40 +59,28 @@ class MXNetAdapter(Adapter):
         blk.initialize(mx.init.Xavier())
         return blk(X)
 
-    def _params(self, model: Model) -> dict[str, gluon.Parameter]:
-        """Canonical name -> the Gluon parameter (running statistics included)."""
-        out: dict[str, gluon.Parameter] = {}
+    def _layers(self, model: Model) -> list[tuple[str, gluon.Block]]:
+        kinds = ((gluon.nn.Conv2D, "conv"), (gluon.nn.BatchNorm, "bn"), (gluon.nn.Dense, "fc"))
+        out = []
 
-        def conv(prefix: str, m) -> None:
-            out[f"{prefix}.conv.weight"], out[f"{prefix}.conv.bias"] = m.weight, m.bias
+        def walk(block: gluon.Block) -> None:
+            for child in block._children.values():  # registration order is forward order here
+                kind = next((k for cls, k in kinds if isinstance(child, cls)), None)
+                out.append((kind, child)) if kind else walk(child)
 
-        def bn(prefix: str, m) -> None:
-            for leaf, native in _BN_LEAVES.items():
-                out[f"{prefix}.bn.{leaf}"] = getattr(m, native)
-
-        stages = model.net.net
-        conv("stem", stages[0][0])
-        bn("stem", stages[0][1])
-        k = 1
-        for i in range(len(model.config.arch)):
-            blocks = stages[k].net
-            for j in range(len(blocks)):
-                bn(f"dense{i + 1}.conv{j + 1}", blocks[j][0])
-                conv(f"dense{i + 1}.conv{j + 1}", blocks[j][2])
-            k += 1
-            if i != len(model.config.arch) - 1:
-                bn(f"transition{i + 1}", stages[k][0])
-                conv(f"transition{i + 1}", stages[k][2])
-                k += 1
-        bn("head", stages[k][0])
-        out["head.fc.weight"], out["head.fc.bias"] = stages[k][4].weight, stages[k][4].bias
+        walk(model.net)
         return out
 
+    def _layer_tensors(self, kind: str, layer: gluon.Block) -> dict[str, gluon.Parameter]:
+        if kind == "bn":
+            return {leaf: getattr(layer, native) for leaf, native in _BN_LEAVES.items()}
+        return {"weight": layer.weight} | ({"bias": layer.bias} if layer.bias is not None else {})
+
     def _read(self, model: Model) -> dict[str, np.ndarray]:
-        return {k: p.data().asnumpy() for k, p in self._params(model).items()}
+        return {k: p.data().asnumpy() for k, p in self._tensors(model).items()}
 
     def _write(self, model: Model, weights: dict[str, np.ndarray]) -> None:
-        for k, p in self._params(model).items():
+        for k, p in self._tensors(model).items():
             p.set_data(mx.nd.array(weights[k], dtype=np.float32))
 
     def _loss_backward(self, model: Model, X, y: np.ndarray):
@@ -108,7 +96,7 @@ class MXNetAdapter(Adapter):
         X = self.prepare(model, X)
         X.attach_grad()
         loss = self._loss_backward(model, X, y)
-        grads = {k: p.grad().asnumpy() for k, p in self._params(model).items() if p.grad_req != "null"}
+        grads = {k: p.grad().asnumpy() for k, p in self._tensors(model).items() if p.grad_req != "null"}
         return loss, X.grad.asnumpy(), grads
 
     def sgd_step(self, model, X, y, lr):

@@ -22,26 +22,40 @@ def _batch_norm() -> nn.BatchNorm:
 
 
 class ConvBlock(nn.HybridSequential):
-    """BN -> ReLU -> 3x3 conv: (N, C, H, W) -> (N, num_channels, H, W), only the new features."""
+    """BN -> ReLU -> 3x3 conv: (N, C, H, W) -> (N, num_channels, H, W), only the new features.
 
-    def __init__(self, num_channels: int) -> None:
+    DenseNet-BC: ``bn_size`` puts a BN -> ReLU -> 1x1 conv bottleneck to ``bn_size * num_channels``
+    first; ``drop_rate`` adds dropout; ``bias=False`` drops the conv biases.
+    """
+
+    def __init__(
+        self, num_channels: int, bn_size: int | None = None, drop_rate: float = 0.0, bias: bool = True
+    ) -> None:
         super().__init__()
-        self.add(_batch_norm(), nn.Activation("relu"), nn.Conv2D(num_channels, kernel_size=3, padding=1))
+        if bn_size is not None:
+            self.add(
+                _batch_norm(),
+                nn.Activation("relu"),
+                nn.Conv2D(bn_size * num_channels, kernel_size=1, use_bias=bias),
+            )
+        self.add(_batch_norm(), nn.Activation("relu"), nn.Conv2D(num_channels, kernel_size=3, padding=1, use_bias=bias))
+        if drop_rate:
+            self.add(nn.Dropout(drop_rate))
 
 
-def conv_block(num_channels: int) -> ConvBlock:
-    return ConvBlock(num_channels)
+def conv_block(num_channels: int, **kwargs) -> ConvBlock:
+    return ConvBlock(num_channels, **kwargs)
 
 
 class DenseBlock(nn.HybridBlock):
     """``num_convs`` conv blocks, each fed the concatenation of the input and all earlier outputs:
     (N, C, H, W) -> (N, C + num_convs * num_channels, H, W)."""
 
-    def __init__(self, num_convs: int, num_channels: int) -> None:
+    def __init__(self, num_convs: int, num_channels: int, **kwargs) -> None:
         super().__init__()
         self.net = nn.HybridSequential()
         for _ in range(num_convs):
-            self.net.add(conv_block(num_channels))
+            self.net.add(conv_block(num_channels, **kwargs))
 
     def hybrid_forward(self, F, X):  # noqa: N803  (Gluon's signature)
         for i in range(len(self.net)):
@@ -53,22 +67,26 @@ class DenseBlock(nn.HybridBlock):
 class TransitionBlock(nn.HybridSequential):
     """BN -> ReLU -> 1x1 conv -> 2x2 average pool: (N, C, H, W) -> (N, num_channels, H/2, W/2)."""
 
-    def __init__(self, num_channels: int) -> None:
+    def __init__(self, num_channels: int, bias: bool = True) -> None:
         super().__init__()
         self.add(
             _batch_norm(),
             nn.Activation("relu"),
-            nn.Conv2D(num_channels, kernel_size=1),
+            nn.Conv2D(num_channels, kernel_size=1, use_bias=bias),
             nn.AvgPool2D(pool_size=2, strides=2),
         )
 
 
-def transition_block(num_channels: int) -> TransitionBlock:
-    return TransitionBlock(num_channels)
+def transition_block(num_channels: int, **kwargs) -> TransitionBlock:
+    return TransitionBlock(num_channels, **kwargs)
 
 
 class DenseNet(nn.HybridBlock):
-    """The d2l DenseNet: (N, C, H, W) float images -> (N, num_classes) logits."""
+    """The d2l DenseNet: (N, C, H, W) float images -> (N, num_classes) logits.
+
+    ``bn_size``, ``compression``, ``drop_rate`` and ``conv_bias`` give the DenseNet-BC family
+    (``common.config.CONFIGS``); their defaults are the book's network.
+    """
 
     def __init__(
         self,
@@ -77,28 +95,58 @@ class DenseNet(nn.HybridBlock):
         arch: tuple[int, ...] = (4, 4, 4, 4),
         lr: float = 0.1,
         num_classes: int = 10,
+        bn_size: int | None = None,
+        compression: float = 0.5,
+        drop_rate: float = 0.0,
+        conv_bias: bool = True,
     ) -> None:
         super().__init__()
-        self.config = DenseNetConfig(num_channels, growth_rate, tuple(arch), num_classes, lr=lr)
+        self.config = DenseNetConfig(
+            num_channels,
+            growth_rate,
+            tuple(arch),
+            num_classes,
+            lr=lr,
+            bn_size=bn_size,
+            compression=compression,
+            drop_rate=drop_rate,
+            conv_bias=conv_bias,
+        )
         self.lr = lr
+        layer = {"bn_size": bn_size, "drop_rate": drop_rate, "bias": conv_bias}
         self.net = nn.HybridSequential()
-        self.net.add(self.b1(num_channels))
+        self.net.add(self.b1(num_channels, conv_bias))
         for i, num_convs in enumerate(arch):
-            self.net.add(DenseBlock(num_convs, growth_rate))
+            self.net.add(DenseBlock(num_convs, growth_rate, **layer))
             num_channels += num_convs * growth_rate
             if i != len(arch) - 1:
-                num_channels //= 2
-                self.net.add(transition_block(num_channels))
+                num_channels = self.config.transition_channels(num_channels)
+                self.net.add(transition_block(num_channels, bias=conv_bias))
         last = nn.HybridSequential()
         last.add(_batch_norm(), nn.Activation("relu"), nn.GlobalAvgPool2D(), nn.Flatten(), nn.Dense(num_classes))
         self.net.add(last)
 
+    @classmethod
+    def for_config(cls, config: DenseNetConfig) -> DenseNet:
+        """The network of a configuration, e.g. ``common.config.CONFIGS["densenet121"]``."""
+        return cls(
+            config.num_channels,
+            config.growth_rate,
+            config.arch,
+            config.lr,
+            config.num_classes,
+            config.bn_size,
+            config.compression,
+            config.drop_rate,
+            config.conv_bias,
+        )
+
     @staticmethod
-    def b1(num_channels: int = 64) -> nn.HybridSequential:
+    def b1(num_channels: int = 64, bias: bool = True) -> nn.HybridSequential:
         stem = nn.HybridSequential()
         # Gluon pads max pooling with -inf, so padding never wins the max.
         stem.add(
-            nn.Conv2D(num_channels, kernel_size=7, strides=2, padding=3),
+            nn.Conv2D(num_channels, kernel_size=7, strides=2, padding=3, use_bias=bias),
             _batch_norm(),
             nn.Activation("relu"),
             nn.MaxPool2D(pool_size=3, strides=2, padding=1),

@@ -23,7 +23,7 @@ class TFAdapter(Adapter):
 
     def build(self, config: DenseNetConfig, seed: int = 0) -> Model:
         tf.keras.utils.set_random_seed(seed)
-        net = DenseNet(config.num_channels, config.growth_rate, config.arch, config.lr, config.num_classes)
+        net = DenseNet.for_config(config)
         size = min_input_size(config)
         net(tf.zeros((1, size, size, config.in_channels)), training=False)  # build the layers
         return Model(config, net)
@@ -52,45 +52,38 @@ class TFAdapter(Adapter):
         blk = DenseBlock(num_convs, num_channels) if kind == "dense" else transition_block(num_channels)
         return blk(X, training=False)
 
-    def _variables(self, model: Model) -> dict[str, tf.Variable]:
-        """Canonical name -> the Keras variable (moving statistics included)."""
-        out: dict[str, tf.Variable] = {}
+    def _layers(self, model: Model) -> list[tuple[str, tf.keras.layers.Layer]]:
+        layers = tf.keras.layers
+        kinds = ((layers.Conv2D, "conv"), (layers.BatchNormalization, "bn"), (layers.Dense, "fc"))
+        out = []
 
-        def conv(prefix: str, m) -> None:
-            out[f"{prefix}.conv.weight"], out[f"{prefix}.conv.bias"] = m.kernel, m.bias
+        def walk(layer: layers.Layer) -> None:
+            kind = next((k for cls, k in kinds if isinstance(layer, cls)), None)
+            if kind:
+                out.append((kind, layer))
+                return
+            # Sequential keeps its layers in .layers; our blocks keep theirs, in call order, in .net.
+            for sub in layer.layers if isinstance(layer, tf.keras.Sequential) else getattr(layer, "net", []):
+                walk(sub)
 
-        def bn(prefix: str, m) -> None:
-            for leaf, native in _BN_LEAVES.items():
-                out[f"{prefix}.bn.{leaf}"] = getattr(m, native)
-
-        stages = model.net.net.layers
-        conv("stem", stages[0].layers[1])
-        bn("stem", stages[0].layers[2])
-        k = 1
-        for i in range(len(model.config.arch)):
-            for j, blk in enumerate(stages[k].net):
-                bn(f"dense{i + 1}.conv{j + 1}", blk.bn)
-                conv(f"dense{i + 1}.conv{j + 1}", blk.conv)
-            k += 1
-            if i != len(model.config.arch) - 1:
-                bn(f"transition{i + 1}", stages[k].batch_norm)
-                conv(f"transition{i + 1}", stages[k].conv)
-                k += 1
-        head = stages[k].layers
-        bn("head", head[0])
-        out["head.fc.weight"], out["head.fc.bias"] = head[4].kernel, head[4].bias
+        walk(model.net.net)
         return out
 
+    def _layer_tensors(self, kind: str, layer: tf.keras.layers.Layer) -> dict[str, tf.Variable]:
+        if kind == "bn":
+            return {leaf: getattr(layer, native) for leaf, native in _BN_LEAVES.items()}
+        return {"weight": layer.kernel} | ({"bias": layer.bias} if layer.bias is not None else {})
+
     def _read(self, model: Model) -> dict[str, np.ndarray]:
-        return {k: v.numpy() for k, v in self._variables(model).items()}
+        return {k: v.numpy() for k, v in self._tensors(model).items()}
 
     def _write(self, model: Model, weights: dict[str, np.ndarray]) -> None:
-        for k, v in self._variables(model).items():
+        for k, v in self._tensors(model).items():
             v.assign(weights[k])
 
     def _loss_and_grads(self, model: Model, X: tf.Tensor, y: np.ndarray):
         y = self.check_labels(X, y, model.config.num_classes)
-        variables = {k: v for k, v in self._variables(model).items() if v.trainable}
+        variables = {k: v for k, v in self._tensors(model).items() if v.trainable}
         with tf.GradientTape() as tape:
             tape.watch(X)
             logits = model.net(X, training=True)

@@ -41,21 +41,36 @@ class MaxPoolPadded(layers.Layer):
 
 
 class ConvBlock(layers.Layer):
-    """BN -> ReLU -> 3x3 conv: (N, H, W, C) -> (N, H, W, num_channels), only the new features."""
+    """BN -> ReLU -> 3x3 conv: (N, H, W, C) -> (N, H, W, num_channels), only the new features.
 
-    def __init__(self, num_channels: int, **kwargs) -> None:
+    DenseNet-BC: ``bn_size`` puts a BN -> ReLU -> 1x1 conv bottleneck to ``bn_size * num_channels``
+    first; ``drop_rate`` adds dropout; ``bias=False`` drops the conv biases.
+    """
+
+    def __init__(
+        self, num_channels: int, bn_size: int | None = None, drop_rate: float = 0.0, bias: bool = True, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
-        self.bn = _batch_norm()
-        self.relu = layers.ReLU()
-        self.pad = layers.ZeroPadding2D(1)
-        self.conv = layers.Conv2D(num_channels, kernel_size=3)
+        self.net = []  # the book's listLayers, in call order
+        if bn_size is not None:
+            self.net += [_batch_norm(), layers.ReLU(), layers.Conv2D(bn_size * num_channels, 1, use_bias=bias)]
+        self.net += [
+            _batch_norm(),
+            layers.ReLU(),
+            layers.ZeroPadding2D(1),
+            layers.Conv2D(num_channels, 3, use_bias=bias),
+        ]
+        if drop_rate:
+            self.net.append(layers.Dropout(drop_rate))
 
     def call(self, X: tf.Tensor, training: bool = False) -> tf.Tensor:
-        return self.conv(self.pad(self.relu(self.bn(X, training=training))))
+        for layer in self.net:
+            X = layer(X, training=training)
+        return X
 
 
-def conv_block(num_channels: int) -> ConvBlock:
-    return ConvBlock(num_channels)
+def conv_block(num_channels: int, **kwargs) -> ConvBlock:
+    return ConvBlock(num_channels, **kwargs)
 
 
 class DenseBlock(layers.Layer):
@@ -63,8 +78,9 @@ class DenseBlock(layers.Layer):
     (N, H, W, C) -> (N, H, W, C + num_convs * num_channels)."""
 
     def __init__(self, num_convs: int, num_channels: int, **kwargs) -> None:
+        layer_kwargs = {k: kwargs.pop(k) for k in ("bn_size", "drop_rate", "bias") if k in kwargs}
         super().__init__(**kwargs)
-        self.net = [conv_block(num_channels) for _ in range(num_convs)]
+        self.net = [conv_block(num_channels, **layer_kwargs) for _ in range(num_convs)]
 
     def call(self, X: tf.Tensor, training: bool = False) -> tf.Tensor:
         for blk in self.net:
@@ -76,23 +92,31 @@ class DenseBlock(layers.Layer):
 class TransitionBlock(layers.Layer):
     """BN -> ReLU -> 1x1 conv -> 2x2 average pool: (N, H, W, C) -> (N, H/2, W/2, num_channels)."""
 
-    def __init__(self, num_channels: int, **kwargs) -> None:
+    def __init__(self, num_channels: int, bias: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.batch_norm = _batch_norm()
-        self.relu = layers.ReLU()
-        self.conv = layers.Conv2D(num_channels, kernel_size=1)
-        self.avg_pool = layers.AvgPool2D(pool_size=2, strides=2)
+        self.net = [
+            _batch_norm(),
+            layers.ReLU(),
+            layers.Conv2D(num_channels, kernel_size=1, use_bias=bias),
+            layers.AvgPool2D(pool_size=2, strides=2),
+        ]
 
     def call(self, X: tf.Tensor, training: bool = False) -> tf.Tensor:
-        return self.avg_pool(self.conv(self.relu(self.batch_norm(X, training=training))))
+        for layer in self.net:
+            X = layer(X, training=training)
+        return X
 
 
-def transition_block(num_channels: int) -> TransitionBlock:
-    return TransitionBlock(num_channels)
+def transition_block(num_channels: int, **kwargs) -> TransitionBlock:
+    return TransitionBlock(num_channels, **kwargs)
 
 
 class DenseNet(tf.keras.Model):
-    """The d2l DenseNet: (N, H, W, C) float images -> (N, num_classes) logits."""
+    """The d2l DenseNet: (N, H, W, C) float images -> (N, num_classes) logits.
+
+    ``bn_size``, ``compression``, ``drop_rate`` and ``conv_bias`` give the DenseNet-BC family
+    (``common.config.CONFIGS``); their defaults are the book's network.
+    """
 
     def __init__(
         self,
@@ -101,18 +125,33 @@ class DenseNet(tf.keras.Model):
         arch: tuple[int, ...] = (4, 4, 4, 4),
         lr: float = 0.1,
         num_classes: int = 10,
+        bn_size: int | None = None,
+        compression: float = 0.5,
+        drop_rate: float = 0.0,
+        conv_bias: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.config = DenseNetConfig(num_channels, growth_rate, tuple(arch), num_classes, lr=lr)
+        self.config = DenseNetConfig(
+            num_channels,
+            growth_rate,
+            tuple(arch),
+            num_classes,
+            lr=lr,
+            bn_size=bn_size,
+            compression=compression,
+            drop_rate=drop_rate,
+            conv_bias=conv_bias,
+        )
         self.lr = lr
-        self.net = tf.keras.Sequential([self.b1(num_channels)])
+        layer = {"bn_size": bn_size, "drop_rate": drop_rate, "bias": conv_bias}
+        self.net = tf.keras.Sequential([self.b1(num_channels, conv_bias)])
         for i, num_convs in enumerate(arch):
-            self.net.add(DenseBlock(num_convs, growth_rate))
+            self.net.add(DenseBlock(num_convs, growth_rate, **layer))
             num_channels += num_convs * growth_rate
             if i != len(arch) - 1:
-                num_channels //= 2
-                self.net.add(transition_block(num_channels))
+                num_channels = self.config.transition_channels(num_channels)
+                self.net.add(transition_block(num_channels, bias=conv_bias))
         self.net.add(
             tf.keras.Sequential(
                 [
@@ -125,12 +164,30 @@ class DenseNet(tf.keras.Model):
             )
         )
 
+    @classmethod
+    def for_config(cls, config: DenseNetConfig) -> DenseNet:
+        """The network of a configuration, e.g. ``common.config.CONFIGS["densenet121"]``.
+
+        (Not ``from_config``: Keras reserves that name for its own serialisation.)
+        """
+        return cls(
+            config.num_channels,
+            config.growth_rate,
+            config.arch,
+            config.lr,
+            config.num_classes,
+            config.bn_size,
+            config.compression,
+            config.drop_rate,
+            config.conv_bias,
+        )
+
     @staticmethod
-    def b1(num_channels: int = 64) -> tf.keras.Sequential:
+    def b1(num_channels: int = 64, bias: bool = True) -> tf.keras.Sequential:
         return tf.keras.Sequential(
             [
                 layers.ZeroPadding2D(3),
-                layers.Conv2D(num_channels, kernel_size=7, strides=2),
+                layers.Conv2D(num_channels, kernel_size=7, strides=2, use_bias=bias),
                 _batch_norm(),
                 layers.ReLU(),
                 MaxPoolPadded(pool_size=3, strides=2, padding=1),

@@ -22,7 +22,7 @@ class TorchAdapter(Adapter):
 
     def build(self, config: DenseNetConfig, seed: int = 0) -> Model:
         torch.manual_seed(seed)
-        net = DenseNet(config.num_channels, config.growth_rate, config.arch, config.lr, config.num_classes)
+        net = DenseNet.for_config(config)
         net.eval()
         size = min_input_size(config)
         with torch.no_grad():  # materialise the lazy modules
@@ -59,33 +59,13 @@ class TorchAdapter(Adapter):
         with torch.no_grad():
             return blk(X)
 
-    def _tensors(self, model: Model) -> dict[str, torch.Tensor]:
-        """Canonical name -> the module's own tensor (parameter or buffer)."""
-        out: dict[str, torch.Tensor] = {}
+    def _layers(self, model: Model) -> list[tuple[str, torch.nn.Module]]:
+        kinds = ((torch.nn.Conv2d, "conv"), (torch.nn.BatchNorm2d, "bn"), (torch.nn.Linear, "fc"))
+        return [(kind, m) for m in model.net.modules() for cls, kind in kinds if isinstance(m, cls)]
 
-        def conv(prefix: str, m: torch.nn.Module) -> None:
-            out[f"{prefix}.conv.weight"], out[f"{prefix}.conv.bias"] = m.weight, m.bias
-
-        def bn(prefix: str, m: torch.nn.Module) -> None:
-            for leaf in ("weight", "bias", "running_mean", "running_var"):
-                out[f"{prefix}.bn.{leaf}"] = getattr(m, leaf)
-
-        stages = list(model.net.net)
-        conv("stem", stages[0][0])
-        bn("stem", stages[0][1])
-        k = 1
-        for i in range(len(model.config.arch)):
-            for j, blk in enumerate(stages[k].net):
-                bn(f"dense{i + 1}.conv{j + 1}", blk[0])
-                conv(f"dense{i + 1}.conv{j + 1}", blk[2])
-            k += 1
-            if i != len(model.config.arch) - 1:
-                bn(f"transition{i + 1}", stages[k][0])
-                conv(f"transition{i + 1}", stages[k][2])
-                k += 1
-        bn("head", stages[k][0])
-        out["head.fc.weight"], out["head.fc.bias"] = stages[k][4].weight, stages[k][4].bias
-        return out
+    def _layer_tensors(self, kind: str, layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+        leaves = ("weight", "bias", "running_mean", "running_var") if kind == "bn" else ("weight", "bias")
+        return {leaf: getattr(layer, leaf) for leaf in leaves if getattr(layer, leaf) is not None}
 
     def _read(self, model: Model) -> dict[str, np.ndarray]:
         return {k: v.detach().numpy().copy() for k, v in self._tensors(model).items()}

@@ -18,23 +18,35 @@ def _batch_norm() -> nn.LazyBatchNorm2d:
 
 
 class ConvBlock(nn.Sequential):
-    """BN -> ReLU -> 3x3 conv: (N, C, H, W) -> (N, num_channels, H, W), only the new features."""
+    """BN -> ReLU -> 3x3 conv: (N, C, H, W) -> (N, num_channels, H, W), only the new features.
 
-    def __init__(self, num_channels: int) -> None:
-        super().__init__(_batch_norm(), nn.ReLU(), nn.LazyConv2d(num_channels, kernel_size=3, padding=1))
+    DenseNet-BC: ``bn_size`` puts a BN -> ReLU -> 1x1 conv bottleneck to ``bn_size * num_channels``
+    first; ``drop_rate`` adds dropout; ``bias=False`` drops the conv biases.
+    """
+
+    def __init__(
+        self, num_channels: int, bn_size: int | None = None, drop_rate: float = 0.0, bias: bool = True
+    ) -> None:
+        layers: list[nn.Module] = []
+        if bn_size is not None:
+            layers += [_batch_norm(), nn.ReLU(), nn.LazyConv2d(bn_size * num_channels, kernel_size=1, bias=bias)]
+        layers += [_batch_norm(), nn.ReLU(), nn.LazyConv2d(num_channels, kernel_size=3, padding=1, bias=bias)]
+        if drop_rate:
+            layers.append(nn.Dropout(drop_rate))
+        super().__init__(*layers)
 
 
-def conv_block(num_channels: int) -> ConvBlock:
-    return ConvBlock(num_channels)
+def conv_block(num_channels: int, **kwargs) -> ConvBlock:
+    return ConvBlock(num_channels, **kwargs)
 
 
 class DenseBlock(nn.Module):
     """``num_convs`` conv blocks, each fed the concatenation of the input and all earlier outputs:
     (N, C, H, W) -> (N, C + num_convs * num_channels, H, W)."""
 
-    def __init__(self, num_convs: int, num_channels: int) -> None:
+    def __init__(self, num_convs: int, num_channels: int, **kwargs) -> None:
         super().__init__()
-        self.net = nn.Sequential(*(conv_block(num_channels) for _ in range(num_convs)))
+        self.net = nn.Sequential(*(conv_block(num_channels, **kwargs) for _ in range(num_convs)))
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         for blk in self.net:
@@ -46,21 +58,25 @@ class DenseBlock(nn.Module):
 class TransitionBlock(nn.Sequential):
     """BN -> ReLU -> 1x1 conv -> 2x2 average pool: (N, C, H, W) -> (N, num_channels, H/2, W/2)."""
 
-    def __init__(self, num_channels: int) -> None:
+    def __init__(self, num_channels: int, bias: bool = True) -> None:
         super().__init__(
             _batch_norm(),
             nn.ReLU(),
-            nn.LazyConv2d(num_channels, kernel_size=1),
+            nn.LazyConv2d(num_channels, kernel_size=1, bias=bias),
             nn.AvgPool2d(kernel_size=2, stride=2),
         )
 
 
-def transition_block(num_channels: int) -> TransitionBlock:
-    return TransitionBlock(num_channels)
+def transition_block(num_channels: int, **kwargs) -> TransitionBlock:
+    return TransitionBlock(num_channels, **kwargs)
 
 
 class DenseNet(nn.Module):
-    """The d2l DenseNet: (N, C, H, W) float images -> (N, num_classes) logits."""
+    """The d2l DenseNet: (N, C, H, W) float images -> (N, num_classes) logits.
+
+    ``bn_size``, ``compression``, ``drop_rate`` and ``conv_bias`` give the DenseNet-BC family
+    (``common.config.CONFIGS``); their defaults are the book's network.
+    """
 
     def __init__(
         self,
@@ -69,18 +85,33 @@ class DenseNet(nn.Module):
         arch: tuple[int, ...] = (4, 4, 4, 4),
         lr: float = 0.1,
         num_classes: int = 10,
+        bn_size: int | None = None,
+        compression: float = 0.5,
+        drop_rate: float = 0.0,
+        conv_bias: bool = True,
     ) -> None:
         super().__init__()
         # Validates every value and gives the channel arithmetic one definition.
-        self.config = DenseNetConfig(num_channels, growth_rate, tuple(arch), num_classes, lr=lr)
+        self.config = DenseNetConfig(
+            num_channels,
+            growth_rate,
+            tuple(arch),
+            num_classes,
+            lr=lr,
+            bn_size=bn_size,
+            compression=compression,
+            drop_rate=drop_rate,
+            conv_bias=conv_bias,
+        )
         self.lr = lr
-        self.net = nn.Sequential(self.b1(num_channels))
+        layer = {"bn_size": bn_size, "drop_rate": drop_rate, "bias": conv_bias}
+        self.net = nn.Sequential(self.b1(num_channels, conv_bias))
         for i, num_convs in enumerate(arch):
-            self.net.add_module(f"dense_blk{i + 1}", DenseBlock(num_convs, growth_rate))
+            self.net.add_module(f"dense_blk{i + 1}", DenseBlock(num_convs, growth_rate, **layer))
             num_channels += num_convs * growth_rate
             if i != len(arch) - 1:
-                num_channels //= 2
-                self.net.add_module(f"tran_blk{i + 1}", transition_block(num_channels))
+                num_channels = self.config.transition_channels(num_channels)
+                self.net.add_module(f"tran_blk{i + 1}", transition_block(num_channels, bias=conv_bias))
         self.net.add_module(
             "last",
             nn.Sequential(
@@ -92,10 +123,25 @@ class DenseNet(nn.Module):
             ),
         )
 
+    @classmethod
+    def for_config(cls, config: DenseNetConfig) -> DenseNet:
+        """The network of a configuration, e.g. ``common.config.CONFIGS["densenet121"]``."""
+        return cls(
+            config.num_channels,
+            config.growth_rate,
+            config.arch,
+            config.lr,
+            config.num_classes,
+            config.bn_size,
+            config.compression,
+            config.drop_rate,
+            config.conv_bias,
+        )
+
     @staticmethod
-    def b1(num_channels: int = 64) -> nn.Sequential:
+    def b1(num_channels: int = 64, bias: bool = True) -> nn.Sequential:
         return nn.Sequential(
-            nn.LazyConv2d(num_channels, kernel_size=7, stride=2, padding=3),
+            nn.LazyConv2d(num_channels, kernel_size=7, stride=2, padding=3, bias=bias),
             _batch_norm(),
             nn.ReLU(),
             # torch pads max pooling with -inf, so padding never wins the max.

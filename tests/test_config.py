@@ -11,7 +11,6 @@ import math
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -252,12 +251,11 @@ def test_halving_never_reaches_zero_channels_for_a_valid_config() -> None:
     assert [channels[f"dense{i}"] for i in range(1, 9)] == [2] * 8
 
 
-def test_halving_to_zero_channels_is_refused() -> None:
-    # A validated DenseNetConfig cannot reach the guard (see the test above), so feed the
-    # arithmetic a configuration-like object that skips validation: 1 channel, no growth.
-    fake = SimpleNamespace(num_channels=1, growth_rate=0, arch=(1, 1), num_classes=10, in_channels=1)
-    with pytest.raises(ConfigError, match="halve the channels to zero"):
-        plan_channels(fake)
+def test_compressing_to_zero_channels_is_refused() -> None:
+    # With the book's 0.5 a valid configuration never halves to zero (test above); a stronger
+    # compression can: 2 channels * 0.1 -> 0.
+    with pytest.raises(ConfigError, match="compress the channels to zero"):
+        DenseNetConfig(num_channels=1, growth_rate=1, arch=(1, 1), compression=0.1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +275,10 @@ def test_dict_round_trip(config: DenseNetConfig) -> None:
         "num_classes": config.num_classes,
         "in_channels": config.in_channels,
         "lr": config.lr,
+        "bn_size": config.bn_size,
+        "compression": config.compression,
+        "drop_rate": config.drop_rate,
+        "conv_bias": config.conv_bias,
     }
     assert DenseNetConfig.from_dict(d) == config
     assert DenseNetConfig.from_dict(json.loads(json.dumps(d))) == config
