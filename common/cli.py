@@ -50,33 +50,63 @@ def _input_size(text: str) -> tuple[int, int]:
     return values[0], values[1]
 
 
-def add_config_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """The configuration's fields as options; read back with :func:`config_from_args`."""
-    d = DenseNetConfig()
-    g = p.add_argument_group("network (defaults: the book's d2l DenseNet)")
-    g.add_argument("--num-channels", type=int, default=d.num_channels, help="stem output channels")
-    g.add_argument("--growth-rate", type=int, default=d.growth_rate, help="channels each conv block adds")
-    g.add_argument("--arch", type=_arch, default=d.arch, help="convs per dense block, e.g. 4,4,4,4")
-    g.add_argument("--num-classes", type=int, default=d.num_classes)
-    g.add_argument("--in-channels", type=int, default=d.in_channels, help="image channels")
+def _optional_int(text: str) -> int | str:
+    # "none" stays a string here: None already means "option not given".
+    return "none" if text.lower() == "none" else int(text)
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+# option -> (config field, parser); every option defaults to None: "take it from --config".
+_CONFIG_OPTIONS = {
+    "--num-channels": ("num_channels", int, "stem output channels"),
+    "--growth-rate": ("growth_rate", int, "channels each conv block adds"),
+    "--arch": ("arch", _arch, "convs per dense block, e.g. 4,4,4,4"),
+    "--num-classes": ("num_classes", int, None),
+    "--in-channels": ("in_channels", int, "image channels"),
+    "--bn-size": ("bn_size", _optional_int, "DenseNet-BC bottleneck width factor ('none': the book's block)"),
+    "--compression": ("compression", float, "fraction of channels a transition keeps"),
+    "--drop-rate": ("drop_rate", float, "dropout after each dense layer"),
+    "--conv-bias": ("conv_bias", _bool, "whether convolutions have a bias (true/false)"),
+}
+
+
+def add_config_options(p: argparse.ArgumentParser, default: str = "d2l") -> argparse._ArgumentGroup:
+    """``--config NAME`` and the configuration's fields as options (each overrides the named
+    configuration); read back with :func:`config_from_args`."""
+    from common.config import CONFIGS
+
+    g = p.add_argument_group(f"network (default: {default})")
+    g.add_argument("--config", help=f"named configuration: {', '.join(CONFIGS)}")
+    for option, (field, parse, text) in _CONFIG_OPTIONS.items():
+        g.add_argument(option, dest=field, type=parse, default=None, help=text)
     return g
 
 
-def _add_network_options(p: argparse.ArgumentParser) -> None:
-    g = add_config_options(p)
+def _add_network_options(p: argparse.ArgumentParser, default: str = "d2l") -> None:
+    g = add_config_options(p, default)
     g.add_argument("--input-size", type=_input_size, default=(96, 96), help="image side, or HxW")
     g.add_argument("--batch-size", type=_positive_int, default=1)
     g.add_argument("--seed", type=int, default=0)
 
 
-def config_from_args(args: argparse.Namespace) -> DenseNetConfig:
-    return DenseNetConfig(
-        num_channels=args.num_channels,
-        growth_rate=args.growth_rate,
-        arch=args.arch,
-        num_classes=args.num_classes,
-        in_channels=args.in_channels,
-    )
+def config_from_args(args: argparse.Namespace, default: DenseNetConfig | None = None) -> DenseNetConfig:
+    """The named configuration (``--config``, else ``default``, else d2l) with any field options applied."""
+    from common.config import named_config
+
+    base = named_config(args.config) if args.config else (default or DenseNetConfig())
+    changes = {
+        field: None if value == "none" else value
+        for field, _, _ in _CONFIG_OPTIONS.values()
+        if (value := getattr(args, field)) is not None
+    }
+    return base.replace(**changes) if changes else base
 
 
 def _backend_list(text: str | None) -> list[str] | None:
@@ -146,7 +176,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 _STAGE_LAYERS = {
     "stem": "conv 7x7/2 pad 3, BN, ReLU, max pool 3x3/2 pad 1",
-    "dense": "{n} x (BN, ReLU, conv 3x3 pad 1), concatenated",
+    "dense": "{n} x ({bottleneck}BN, ReLU, conv 3x3 pad 1), concatenated",
     "transition": "BN, ReLU, conv 1x1, avg pool 2x2/2",
     "head": "BN, ReLU, global avg pool, flatten, dense",
 }
@@ -168,7 +198,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
         n = config.arch[int(name[len(kind) :]) - 1] if kind == "dense" else 0
         params = sum(v.size for k, v in weights.items() if k.split(".")[0] == name and "running" not in k)
         native_shape = tuple(to_layout(out, adapter.layout).shape)
-        rows.append([name, _STAGE_LAYERS[kind].format(n=n), str(native_shape), f"{params:,}"])
+        bottleneck = f"BN, ReLU, conv 1x1 to {config.bn_size * config.growth_rate}, " if config.bn_size else ""
+        rows.append([name, _STAGE_LAYERS[kind].format(n=n, bottleneck=bottleneck), str(native_shape), f"{params:,}"])
     print(f"{adapter.framework} {adapter.version()}: DenseNet {config.describe()}")
     print(f"output shapes in {adapter.layout} (the framework's own layout)\n")
     print(format_table(["stage", "layers", "output shape", "params"], rows))
@@ -180,9 +211,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    from common.parity import run_parity
+    from common.parity import PARITY_CASE, run_parity
 
-    config = config_from_args(args)
+    config = config_from_args(args, default=PARITY_CASE)
     report = run_parity(
         _backend_list(args.backends),
         config,
@@ -284,12 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
         "parity",
         help="identical weights and inputs in every backend: compare forward, gradients, SGD steps",
         description="Defaults: the parity case, DenseNetConfig(16, 16, (2, 2)) on 8x1x32x32. For the book's "
-        "network add --num-channels 64 --growth-rate 32 --arch 4,4,4,4 (its lockstep losses diverge: "
-        "docs/parity.md).",
+        "network add --config d2l (its lockstep losses diverge: docs/parity.md).",
     )
     p.add_argument("--backends", help="comma-separated subset (default: every installed one)")
-    _add_network_options(p)
-    p.set_defaults(input_size=(32, 32), batch_size=8, num_channels=16, growth_rate=16, arch=(2, 2))
+    _add_network_options(p, default="the parity case, DenseNetConfig(16, 16, (2, 2))")
+    p.set_defaults(input_size=(32, 32), batch_size=8)
     p.add_argument("--steps", type=_positive_int, default=20, help="lockstep SGD steps")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
     p.add_argument("--naive", action="store_true", help="also show what each framework's default settings would change")

@@ -9,16 +9,18 @@ format the output suffix names (``.safetensors`` or ``.npz``).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from common.config import count_bn_stats, count_params
+from common.config import CONFIGS, DenseNetConfig, count_bn_stats, count_params, named_config
 from common.errors import WeightFileError
+from common.peers import FORMATS
 from common.registry import BACKENDS, canonical_name, load_backend
-from common.safetensors_io import SUFFIXES
+from common.safetensors_io import SUFFIXES, read_weights, write_weights
 from common.weights import init_canonical, load_canonical, save_weights
 
 __all__ = ["add_parsers", "cmd_convert", "cmd_init"]
@@ -48,6 +50,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help=f"pass the weights through this backend ({', '.join(BACKENDS)}); repeatable or comma-separated, "
         "applied in order; none: only convert the file format",
+    )
+    formats = ", ".join(("canonical", *FORMATS))
+    p.add_argument("--from-format", default="canonical", help=f"layout of --from: {formats}")
+    p.add_argument("--to-format", default="canonical", help=f"layout of --to: {formats}")
+    p.add_argument(
+        "--config",
+        help="named configuration of a peer file (default: inferred from torchvision or Keras names; "
+        "required for gluon)",
     )
     p.set_defaults(func=cmd_convert)
 
@@ -109,9 +119,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     names = [canonical_name(n) for text in args.backends for n in text.split(",") if n.strip()]
     adapters = [load_backend(n) for n in names]  # refuse unknown or missing backends before any work
 
-    found = load_canonical(src)
-    config, weights = found.config, found.weights
-    source = found.metadata.get("source", "unknown")
+    for fmt in (args.from_format, args.to_format):
+        if fmt not in ("canonical", *FORMATS):
+            raise WeightFileError(f"unknown format {fmt!r}; expected one of canonical, {', '.join(FORMATS)}")
+    if args.from_format == "canonical":
+        found = load_canonical(src)
+        config, weights = found.config, found.weights
+        source = found.metadata.get("source", "unknown")
+    else:
+        config, weights = _read_peer(src, args.from_format, args.config)
+        source = args.from_format
     print(f"DenseNet {config.describe()}")
     print(
         f"read  {src}: {len(weights)} tensors, {count_params(config):,} parameters + "
@@ -133,6 +150,42 @@ def cmd_convert(args: argparse.Namespace) -> int:
             return 1
         print(f"{label}: round trip bit-identical ({len(weights)} tensors)")
         weights, source = {k: exported[k] for k in weights}, adapter.name
-    save_weights(dst, weights, config, source=source)
-    print(f"wrote {dst}: {len(weights)} tensors, {_file_size(dst)} (source: {source})")
+    if args.to_format == "canonical":
+        save_weights(dst, weights, config, source=source)
+    else:
+        tensors = _to_peer(weights, config, args.to_format)
+        metadata = {"format": f"{args.to_format} (exported by densenet-suite)", "config": json.dumps(config.to_dict())}
+        write_weights(tensors, dst, metadata)
+        weights = tensors
+    print(f"wrote {dst}: {len(weights)} tensors in {args.to_format} layout, {_file_size(dst)} (source: {source})")
     return 0
+
+
+def _read_peer(src: Path, fmt: str, config_name: str | None) -> tuple[DenseNetConfig, dict[str, np.ndarray]]:
+    """A peer's weights, saved as safetensors or npz under the peer's own names."""
+    from common import peers
+
+    tensors, _ = read_weights(src)
+    if config_name:
+        config = named_config(config_name)
+    else:
+        config = peers.infer_config(list(tensors), {k: v.shape for k, v in tensors.items()}, fmt)
+    convert = {"torchvision": peers.from_torchvision, "keras": peers.from_keras, "gluon": peers.from_gluon}[fmt]
+    return config, convert(tensors, config)
+
+
+def _to_peer(weights: dict[str, np.ndarray], config: DenseNetConfig, fmt: str) -> dict[str, np.ndarray]:
+    from common import peers
+
+    if fmt == "torchvision":
+        return peers.to_torchvision(weights, config)
+    if fmt == "keras":
+        return peers.to_keras(weights, config)
+    # Gluon's parameter names come from the model zoo itself, so MXNet must be installed.
+    name = next((n for n, c in CONFIGS.items() if c == config and n != "d2l"), None)
+    if name is None:
+        raise WeightFileError("gluon export needs one of the model zoo's networks (--config densenet121 ...)")
+    from densenet_mxnet._compat import mxnet  # restores numpy's aliases before MXNet loads
+
+    net = mxnet.gluon.model_zoo.vision.get_model(name, classes=config.num_classes)
+    return peers.to_gluon(weights, config, list(net.collect_params()))

@@ -1,0 +1,344 @@
+"""The DenseNet-BC family and the converters to torchvision, Keras Applications and the Gluon model zoo.
+
+The peer tests build the peer's own densenet121 with random weights (BatchNorm statistics
+randomised too), convert its weights into the canonical format, load them into our backends and
+compare logits on the same input. torchvision does not import beside torch 2.13.0 here; its test
+runs where it does (see docs/family.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import peers
+from common.cli import main
+from common.config import CONFIGS, DenseNetConfig, canonical_spec, count_macs, count_params, named_config
+from common.errors import ConfigError, WeightFileError
+from common.safetensors_io import read_weights, write_weights
+from common.weights import init_canonical, load_weights
+from tests.conftest import get_adapter
+
+D121 = CONFIGS["densenet121"]
+PUBLISHED = {
+    "densenet121": 7_978_856,
+    "densenet161": 28_681_000,
+    "densenet169": 14_149_480,
+    "densenet201": 20_013_928,
+}
+# Peers vs our float32 backends on random densenet121 weights: measured 5.4e-7 at most.
+PEER_ATOL = 1e-5
+
+
+@pytest.mark.parametrize(("name", "params"), PUBLISHED.items())
+def test_published_parameter_counts(name: str, params: int) -> None:
+    assert count_params(CONFIGS[name]) == params
+
+
+def test_densenet264_and_costs() -> None:
+    assert 33.2e6 < count_params(CONFIGS["densenet264"]) < 33.4e6  # the paper: "about 33.3 M"
+    assert abs(count_macs(D121, 224) - 2.83e9) < 0.01e9  # the "2.9 GFLOPs" are multiply-adds
+
+
+def test_named_config() -> None:
+    assert named_config("DenseNet121") is D121
+    assert named_config("densenet121", num_classes=10, in_channels=1).num_classes == 10
+    with pytest.raises(ConfigError, match="unknown configuration 'densenet99'"):
+        named_config("densenet99")
+
+
+@pytest.mark.parametrize(
+    "field", [{"bn_size": 0}, {"compression": 0.0}, {"compression": 1.5}, {"drop_rate": 1.0}, {"conv_bias": "no"}]
+)
+def test_bc_fields_are_validated(field: dict) -> None:
+    with pytest.raises(ConfigError):
+        D121.replace(**field)
+
+
+def test_densenet121_in_every_backend(adapter, rng) -> None:
+    """Published parameter count and the plan's stage shapes at a non-ImageNet size and channel count."""
+    config = D121.replace(num_classes=7, in_channels=1)
+    model = adapter.build(config)
+    assert adapter.num_params(model) == count_params(config)
+    X = rng.random((1, 1, 40, 40), dtype=np.float32)
+    from common.config import plan
+
+    assert {k: v.shape for k, v in adapter.stages(model, X).items()} == plan(config, 40).shapes(1)
+
+
+def test_dropout_only_acts_in_training(adapter, rng) -> None:
+    config = DenseNetConfig(16, 16, (2, 2), bn_size=2, drop_rate=0.5, conv_bias=False)
+    model = adapter.build(config)
+    X = rng.random((4, 1, 32, 32), dtype=np.float32)
+    np.testing.assert_array_equal(adapter.forward(model, X), adapter.forward(model, X))
+    a = adapter.stages(model, X, training=True)["dense1"]
+    b = adapter.stages(model, X, training=True)["dense1"]
+    assert not np.array_equal(a, b), "dropout drew the same mask twice"
+    assert np.mean(a[:, 16:] == 0) > 0.3  # new features: half dropped (plus ReLU-free zeros are rare)
+
+
+# ------------------------------------------------------------------------------------------------
+# Converters without any peer installed
+
+
+def test_torchvision_names() -> None:
+    names = peers.torchvision_names(D121)
+    assert names["stem.conv.weight"] == "features.conv0.weight"
+    assert names["stem.bn.running_var"] == "features.norm0.running_var"
+    assert names["dense2.conv3.bottleneck.bn.weight"] == "features.denseblock2.denselayer3.norm1.weight"
+    assert names["dense2.conv3.bottleneck.conv.weight"] == "features.denseblock2.denselayer3.conv1.weight"
+    assert names["dense2.conv3.bn.bias"] == "features.denseblock2.denselayer3.norm2.bias"
+    assert names["dense2.conv3.conv.weight"] == "features.denseblock2.denselayer3.conv2.weight"
+    assert names["transition3.conv.weight"] == "features.transition3.conv.weight"
+    assert names["head.bn.weight"] == "features.norm5.weight"
+    assert names["head.fc.weight"] == "classifier.weight"
+
+
+def test_keras_names() -> None:
+    names = peers.keras_names(D121)
+    assert names["stem.conv.weight"] == "conv1_conv/kernel"
+    assert names["dense1.conv6.bottleneck.bn.running_mean"] == "conv2_block6_0_bn/moving_mean"
+    assert names["dense4.conv16.conv.weight"] == "conv5_block16_2_conv/kernel"
+    assert names["transition1.bn.weight"] == "pool2_bn/gamma"
+    assert names["head.fc.bias"] == "predictions/bias"
+
+
+@pytest.mark.parametrize("fmt", ["torchvision", "keras"])
+@pytest.mark.parametrize("name", ["densenet121", "densenet161"])
+def test_round_trip_and_inferred_config(fmt: str, name: str) -> None:
+    config = CONFIGS[name]
+    w = init_canonical(config, 0)
+    to, back = {
+        "torchvision": (peers.to_torchvision, peers.from_torchvision),
+        "keras": (peers.to_keras, peers.from_keras),
+    }[fmt]
+    exported = to(w, config)
+    assert peers.infer_config(list(exported), {k: v.shape for k, v in exported.items()}, fmt) is config
+    again = back(exported, config)
+    assert list(again) == list(canonical_spec(config))
+    for k in w:
+        np.testing.assert_array_equal(again[k], w[k], err_msg=k)
+
+
+def test_keras_epsilon_is_folded_into_the_running_variance() -> None:
+    w = init_canonical(D121, 0)
+    exported = peers.to_keras(w, D121)
+    np.testing.assert_allclose(
+        exported["conv1_bn/moving_variance"], w["stem.bn.running_var"] - peers.KERAS_EPS_SHIFT, rtol=1e-6
+    )
+
+
+def test_torchvision_legacy_keys_and_num_batches_tracked() -> None:
+    w = init_canonical(D121, 0)
+    sd = peers.to_torchvision(w, D121)
+    assert sd["features.norm0.num_batches_tracked"].dtype == np.int64
+    legacy = {k.replace(".norm1.", ".norm.1.").replace(".conv2.", ".conv.2."): v for k, v in sd.items()}
+    again = peers.from_torchvision(legacy, D121)
+    np.testing.assert_array_equal(again["dense1.conv1.conv.weight"], w["dense1.conv1.conv.weight"])
+
+
+def test_import_reports_every_problem_at_once() -> None:
+    sd = peers.to_torchvision(init_canonical(D121, 0), D121)
+    del sd["features.conv0.weight"]
+    sd["features.extra.weight"] = np.zeros(3, np.float32)
+    sd["classifier.weight"] = np.zeros((1000, 1024, 1), np.float32)
+    sd["classifier.bias"] = np.zeros(999, np.float32)
+    with pytest.raises(WeightFileError) as exc:
+        peers.from_torchvision(sd, D121)
+    message = str(exc.value)
+    for fragment in (
+        "missing 1 tensor(s): features.conv0.weight",
+        "unexpected 1 tensor(s): features.extra.weight",
+        "classifier.weight: expected 2 dimensions",
+    ):
+        assert fragment in message
+
+
+def test_misshaped_peer_tensor_is_reported() -> None:
+    sd = peers.to_torchvision(init_canonical(D121, 0), D121)
+    sd["classifier.bias"] = np.zeros(999, np.float32)
+    with pytest.raises(WeightFileError, match=r"head.fc.bias: expected shape \(1000,\), got \(999,\)"):
+        peers.from_torchvision(sd, D121)
+
+
+def test_the_book_network_has_no_peer_layout() -> None:
+    with pytest.raises(WeightFileError, match="bottleneck"):
+        peers.torchvision_names(CONFIGS["d2l"])
+
+
+def test_gluon_order_is_checked() -> None:
+    names = [f"densenet0_p{i}_weight" for i in range(len(canonical_spec(D121)))]
+    with pytest.raises(WeightFileError, match="does not look like stem.bn.weight"):
+        peers.gluon_names(D121, names)
+
+
+def test_cli_convert_from_and_to_peer_formats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    w = init_canonical(D121, 1)
+    write_weights(peers.to_torchvision(w, D121), tmp_path / "tv.safetensors")
+    assert (
+        main(
+            [
+                "convert",
+                "--from",
+                str(tmp_path / "tv.safetensors"),
+                "--from-format",
+                "torchvision",
+                "--to",
+                str(tmp_path / "c.safetensors"),
+            ]
+        )
+        == 0
+    )
+    config, again = load_weights(tmp_path / "c.safetensors")
+    assert config == D121
+    assert all(np.array_equal(again[k], w[k]) for k in w)
+    assert (
+        main(
+            [
+                "convert",
+                "--from",
+                str(tmp_path / "c.safetensors"),
+                "--to",
+                str(tmp_path / "k.npz"),
+                "--to-format",
+                "keras",
+            ]
+        )
+        == 0
+    )
+    tensors, _ = read_weights(tmp_path / "k.npz")
+    assert "conv5_block16_2_conv/kernel" in tensors
+    assert (
+        main(
+            [
+                "convert",
+                "--from",
+                str(tmp_path / "c.safetensors"),
+                "--to",
+                str(tmp_path / "x.npz"),
+                "--to-format",
+                "caffe",
+            ]
+        )
+        == 2
+    )
+    assert "unknown format 'caffe'" in capsys.readouterr().err
+
+
+def test_compare_accepts_a_named_config(capsys: pytest.CaptureFixture[str], backend_name, adapter) -> None:
+    assert (
+        main(
+            [
+                "compare",
+                "--config",
+                "densenet121",
+                "--num-classes",
+                "10",
+                "--input-size",
+                "32",
+                "--backends",
+                backend_name,
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "bn_size=4" in out and "OK: 1 backend(s) agree" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# The real peers
+
+
+def _randomise_bn(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    if name.endswith(("gamma", "running_var", "moving_variance")):
+        return rng.uniform(0.5, 1.5, shape)
+    return rng.uniform(-0.1, 0.1, shape)
+
+
+@pytest.fixture(scope="module")
+def keras_peer(request: pytest.FixtureRequest):
+    get_adapter("tf", request.config)  # skips (or fails if required) without TensorFlow
+    import tensorflow as tf
+
+    keras = tf.keras
+    model = keras.applications.DenseNet121(
+        weights=None, input_shape=(64, 64, 3), classes=1000, classifier_activation=None
+    )
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            names = ("gamma", "beta", "moving_mean", "moving_variance")
+            layer.set_weights([_randomise_bn(rng, n, w.shape) for n, w in zip(names, layer.get_weights())])
+    X = rng.random((2, 3, 64, 64), dtype=np.float32)
+    logits = model(np.transpose(X, (0, 2, 3, 1)), training=False).numpy()
+    return peers.keras_weights(model), X, logits
+
+
+@pytest.mark.tf
+def test_keras_applications_densenet121(keras_peer, adapter) -> None:
+    weights, X, expected = keras_peer
+    config = peers.infer_config(list(weights), {k: v.shape for k, v in weights.items()}, "keras")
+    assert config is D121
+    model = adapter.build(config)
+    adapter.set_weights(model, peers.from_keras(weights, config))
+    np.testing.assert_allclose(adapter.stages(model, X)["head"], expected, rtol=0, atol=PEER_ATOL)
+
+
+@pytest.fixture(scope="module")
+def gluon_peer(request: pytest.FixtureRequest):
+    get_adapter("mxnet", request.config)
+    from densenet_mxnet._compat import mxnet as mx
+
+    net = mx.gluon.model_zoo.vision.densenet121(pretrained=False)
+    net.initialize(mx.init.Xavier())
+    rng = np.random.default_rng(1)
+    # The model zoo ends in a fixed 7x7 average pool: only 224x224 (7x7 at the end) is averaged right.
+    X = rng.random((1, 3, 224, 224), dtype=np.float32)
+    net(mx.nd.array(X))
+    params = net.collect_params()
+    for name, p in params.items():
+        if "batchnorm" in name:
+            p.set_data(mx.nd.array(_randomise_bn(rng, name, p.shape)))
+    logits = net(mx.nd.array(X)).asnumpy()
+    return {k: p.data().asnumpy() for k, p in params.items()}, X, logits
+
+
+@pytest.mark.mxnet
+def test_gluon_model_zoo_densenet121(gluon_peer, adapter) -> None:
+    params, X, expected = gluon_peer
+    weights = peers.from_gluon(params, D121)
+    back = peers.to_gluon(weights, D121, list(params))
+    assert all(np.array_equal(back[k], params[k]) for k in params)
+    model = adapter.build(D121)
+    adapter.set_weights(model, weights)
+    np.testing.assert_allclose(adapter.stages(model, X)["head"], expected, rtol=0, atol=PEER_ATOL)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is None,
+    reason="torchvision is not installed "
+    "(it does not import beside torch 2.13.0; see docs/family.md for how to run this test)",
+)
+def test_torchvision_densenet121(adapter) -> None:  # pragma: no cover - needs torchvision
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.densenet121(weights=None).eval()
+    rng = np.random.default_rng(2)
+    with torch.no_grad():
+        for name, t in net.state_dict().items():
+            if "norm" in name and t.is_floating_point():
+                leaf = {"weight": "gamma", "bias": "beta"}.get(name.rsplit(".", 1)[1], name.rsplit(".", 1)[1])
+                t.copy_(torch.from_numpy(_randomise_bn(rng, leaf, tuple(t.shape))))
+    X = rng.random((1, 3, 64, 64), dtype=np.float32)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(X)).numpy()
+    sd = {k: v.numpy() for k, v in net.state_dict().items()}
+    model = adapter.build(D121)
+    adapter.set_weights(model, peers.from_torchvision(sd, D121))
+    np.testing.assert_allclose(adapter.stages(model, X)["head"], expected, rtol=0, atol=PEER_ATOL)
