@@ -43,6 +43,8 @@ class Adapter(ABC):
     # Whether BatchNorm feeds its running variance the unbiased batch variance (n/(n-1)),
     # as PyTorch does, or the biased one used for normalising (MXNet, Keras, Flax).
     running_var_unbiased: ClassVar[bool]
+    # Whether training and evaluation should take the compiled path (see densenet_torch).
+    prefers_compiled: ClassVar[bool] = True
 
     # --- framework specifics -------------------------------------------------------------
 
@@ -117,8 +119,16 @@ class Adapter(ABC):
         Running statistics may be updated as a training-mode forward does in the framework."""
 
     @abstractmethod
+    def train_step(
+        self, model: Model, X: np.ndarray, y: np.ndarray, lr: float, compiled: bool = False
+    ) -> tuple[float, np.ndarray]:
+        """One plain SGD step in training mode (BatchNorm statistics updated):
+        ``(loss before the step, logits (N, num_classes))``. ``compiled`` runs the framework's
+        compiled step (hybridize, jit, tf.function), as training does."""
+
     def sgd_step(self, model: Model, X: np.ndarray, y: np.ndarray, lr: float) -> float:
-        """One plain SGD step in training mode (BatchNorm statistics updated); returns the loss."""
+        """One plain SGD step, eager; returns the loss."""
+        return self.train_step(model, X, y, lr)[0]
 
     # --- shared -------------------------------------------------------------------------
 

@@ -285,6 +285,66 @@ def cmd_golden(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from common.train import TrainSettings, train
+
+    settings = TrainSettings(
+        backend=canonical_name(args.backend),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        resize=args.resize,
+        limit=args.limit,
+        test_limit=args.test_limit,
+        seed=args.seed,
+        config=config_from_args(args),
+    )
+    out = args.out or f"runs/{settings.backend}"
+    metrics = train(settings, out, data_dir=args.data_dir, resume=args.resume, progress=not args.quiet)
+    last = metrics[-1]
+    print(
+        f"{settings.backend}: {len(metrics)} epoch(s), test accuracy {last['test_acc']:.4f}, "
+        f"test loss {last['test_loss']:.4f}, {last['images_per_s']:.0f} images/s; run in {out}"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from common import data
+    from common.train import evaluate
+    from common.weights import load_weights
+
+    config, weights = load_weights(args.weights)
+    adapter = load_backend(args.backend)
+    model = adapter.build(config)
+    adapter.set_weights(model, weights)
+    split = data.subset(data.load("test", args.data_dir), args.limit)
+    loss, acc = evaluate(adapter, model, split, args.batch_size, args.resize)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "backend": adapter.name,
+                    "weights": args.weights,
+                    "test_loss": loss,
+                    "test_acc": acc,
+                    "images": len(split.labels),
+                }
+            )
+        )
+    else:
+        print(f"{adapter.name} on {len(split.labels)} test images: accuracy {acc:.4f}, loss {loss:.4f}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from common.plot import plot_runs
+
+    out = plot_runs(args.runs, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="densenet",
@@ -325,6 +385,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--naive", action="store_true", help="also show what each framework's default settings would change")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_parity)
+
+    p = sub.add_parser("train", help="train on Fashion-MNIST (the book's recipe by default)")
+    p.add_argument("--backend", required=True, help=", ".join(BACKENDS))
+    add_config_options(p)
+    p.add_argument("--epochs", type=_positive_int, default=10)
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--lr", type=float, default=0.01, help="plain SGD learning rate")
+    p.add_argument("--resize", type=_positive_int, default=96, help="image side after bilinear resizing")
+    p.add_argument("--limit", type=_positive_int, help="train on the first N training images")
+    p.add_argument("--test-limit", type=_positive_int, help="evaluate on the first N test images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="run directory (default runs/BACKEND)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--data-dir", help="directory with the four Fashion-MNIST .gz files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="test accuracy of a canonical weight file in any backend")
+    p.add_argument("--weights", required=True, metavar="FILE")
+    p.add_argument("--backend", required=True, help=", ".join(BACKENDS))
+    p.add_argument("--resize", type=_positive_int, default=96)
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--limit", type=_positive_int, help="the first N test images")
+    p.add_argument("--data-dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("plot", help="draw the training curves of one or more runs in one figure")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default="curves.png", help="PNG to write")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("golden", help="regenerate (or --check) the golden vectors in common/golden")
     p.add_argument("--check", action="store_true", help="compare with a fresh computation instead of writing")

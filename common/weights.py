@@ -113,13 +113,19 @@ def _show(value: object) -> str:
 
 
 def save_weights(
-    path: PathLike, weights: Mapping[str, np.ndarray], config: DenseNetConfig, *, source: str | None = None
+    path: PathLike,
+    weights: Mapping[str, np.ndarray],
+    config: DenseNetConfig,
+    *,
+    source: str | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Write canonical ``weights`` for ``config`` to ``path`` (``.safetensors`` or ``.npz``), atomically.
 
     Every tensor is checked first (all problems in one :class:`WeightFileError`, nothing written),
     then stored as float32 in canonical order with the format metadata. ``source`` names where the
     tensors come from (a backend name, ``"numpy-init"``); ``"unknown"`` when not given.
+    ``extra_metadata`` adds string entries (a training checkpoint's epoch and settings).
     """
     if not isinstance(config, DenseNetConfig):
         raise TypeError(f"config must be a DenseNetConfig, got {type(config).__name__}")
@@ -135,6 +141,10 @@ def save_weights(
         "config": json.dumps(config.to_dict(), sort_keys=True),
         "source": source if source is not None else "unknown",
     }
+    for key, value in (extra_metadata or {}).items():
+        if key in metadata:
+            raise ValueError(f"extra metadata may not replace {key!r}")
+        metadata[key] = value
     write_weights(arrays, path, metadata)
 
 

@@ -32,12 +32,12 @@ def _loss(net: DenseNet, params, batch_stats, X, y, key):
         {"params": params, "batch_stats": batch_stats}, X, mutable=["batch_stats"], rngs={"dropout": key}
     )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, updates["batch_stats"]
+    return loss, (updates["batch_stats"], logits)
 
 
 @partial(jax.jit, static_argnums=0)
 def _loss_and_grads(net: DenseNet, params, batch_stats, X, y, key):
-    (loss, batch_stats), (dparams, dX) = jax.value_and_grad(_loss, argnums=(1, 3), has_aux=True)(
+    (loss, (batch_stats, _)), (dparams, dX) = jax.value_and_grad(_loss, argnums=(1, 3), has_aux=True)(
         net, params, batch_stats, X, y, key
     )
     return loss, batch_stats, dparams, dX
@@ -45,10 +45,12 @@ def _loss_and_grads(net: DenseNet, params, batch_stats, X, y, key):
 
 @partial(jax.jit, static_argnums=0)
 def _sgd_step(net: DenseNet, params, batch_stats, X, y, lr, key):
-    (loss, batch_stats), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(net, params, batch_stats, X, y, key)
+    (loss, (batch_stats, logits)), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(
+        net, params, batch_stats, X, y, key
+    )
     tx = optax.sgd(lr)  # plain SGD keeps no optimizer state
     updates, _ = tx.update(grads, tx.init(params), params)
-    return loss, optax.apply_updates(params, updates), batch_stats
+    return loss, optax.apply_updates(params, updates), batch_stats, logits
 
 
 class JaxAdapter(Adapter):
@@ -190,12 +192,12 @@ class JaxAdapter(Adapter):
         model.variables = {"params": v["params"], "batch_stats": batch_stats}
         return float(loss), self.canonical_activation(np.asarray(dX)), self._grad_tree_to_canonical(model, dparams)
 
-    def sgd_step(self, model, X, y, lr):
+    def train_step(self, model, X, y, lr, compiled=False):  # always jitted: eager Flax takes minutes
         X = self.prepare(model, X)
         y = jnp.asarray(self.check_labels(X, y, model.config.num_classes))
         v = model.variables
-        loss, params, batch_stats = _sgd_step(
+        loss, params, batch_stats, logits = _sgd_step(
             model.net.clone(training=True), v["params"], v["batch_stats"], X, y, lr, self._dropout_key(model)
         )
         model.variables = {"params": params, "batch_stats": batch_stats}
-        return float(loss)
+        return float(loss), np.asarray(logits)

@@ -87,23 +87,26 @@ class MXNetAdapter(Adapter):
         y = mx.nd.array(self.check_labels(X, y, model.config.num_classes), dtype=np.float32)
         loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
         with autograd.record():
-            loss = loss_fn(model.net(X), y).mean()
+            logits = model.net(X)
+            loss = loss_fn(logits, y).mean()
         # MXNet updates BatchNorm's running statistics only here, in the backward pass (CPU).
         loss.backward()
-        return float(loss.asscalar())
+        return float(loss.asscalar()), logits
 
     def loss_and_grads(self, model, X, y):
         X = self.prepare(model, X)
         X.attach_grad()
-        loss = self._loss_backward(model, X, y)
+        model.net.hybridize(False)
+        loss, _ = self._loss_backward(model, X, y)
         grads = {k: p.grad().asnumpy() for k, p in self._tensors(model).items() if p.grad_req != "null"}
         return loss, X.grad.asnumpy(), grads
 
-    def sgd_step(self, model, X, y, lr):
+    def train_step(self, model, X, y, lr, compiled=False):
+        model.net.hybridize(compiled)
         trainer = model.cache.get("trainer")
         if trainer is None:
             trainer = model.cache["trainer"] = gluon.Trainer(model.net.collect_params(), "sgd", {"learning_rate": lr})
         trainer.set_learning_rate(lr)
-        loss = self._loss_backward(model, self.prepare(model, X), y)
+        loss, logits = self._loss_backward(model, self.prepare(model, X), y)
         trainer.step(1)  # the loss is already a batch mean
-        return loss
+        return loss, logits.asnumpy()

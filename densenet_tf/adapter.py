@@ -81,26 +81,40 @@ class TFAdapter(Adapter):
         for k, v in self._tensors(model).items():
             v.assign(weights[k])
 
-    def _loss_and_grads(self, model: Model, X: tf.Tensor, y: np.ndarray):
-        y = self.check_labels(X, y, model.config.num_classes)
+    def _loss_and_grads(self, model: Model, X: tf.Tensor, y):
         variables = {k: v for k, v in self._tensors(model).items() if v.trainable}
         with tf.GradientTape() as tape:
             tape.watch(X)
             logits = model.net(X, training=True)
             loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
         dX, *grads = tape.gradient(loss, [X, *variables.values()])
-        return loss, dX, dict(zip(variables, grads)), variables
+        return loss, dX, dict(zip(variables, grads)), variables, logits
 
     def loss_and_grads(self, model, X, y):
-        loss, dX, grads, _ = self._loss_and_grads(model, self.prepare(model, X), y)
+        y = self.check_labels(X, y, model.config.num_classes)
+        loss, dX, grads, _, _ = self._loss_and_grads(model, self.prepare(model, X), y)
         canonical = {k: self.canonical_param(k, g.numpy()) for k, g in grads.items()}
         return float(loss), self.canonical_activation(dX.numpy()), canonical
 
-    def sgd_step(self, model, X, y, lr):
+    def train_step(self, model, X, y, lr, compiled=False):
         opt = model.cache.get("sgd")
         if opt is None:
             opt = model.cache["sgd"] = tf.keras.optimizers.SGD(learning_rate=lr)
         opt.learning_rate.assign(lr)
-        loss, _, grads, variables = self._loss_and_grads(model, self.prepare(model, X), y)
-        opt.apply_gradients([(grads[k], variables[k]) for k in variables])
-        return float(loss)
+        y = self.check_labels(X, y, model.config.num_classes)
+        if compiled:
+            if "train_step" not in model.cache:
+                model.cache["train_step"] = tf.function(lambda X, y: self._step(model, X, y))
+            step = model.cache["train_step"]
+        else:
+
+            def step(X, y):
+                return self._step(model, X, y)
+
+        loss, logits = step(self.prepare(model, X), tf.convert_to_tensor(y))
+        return float(loss), logits.numpy()
+
+    def _step(self, model: Model, X: tf.Tensor, y: tf.Tensor):
+        loss, _, grads, variables, logits = self._loss_and_grads(model, X, y)
+        model.cache["sgd"].apply_gradients([(grads[k], variables[k]) for k in variables])
+        return loss, logits

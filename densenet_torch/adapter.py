@@ -16,6 +16,9 @@ class TorchAdapter(Adapter):
     framework = "PyTorch"
     layout = "NCHW"
     running_var_unbiased = True
+    # torch.compile spends about 25 s compiling this network on these CPUs, again for each new
+    # batch shape, and eager PyTorch already runs near the cores' limit: train and evaluate eagerly.
+    prefers_compiled = False
 
     def version(self) -> str:
         return torch.__version__
@@ -75,24 +78,30 @@ class TorchAdapter(Adapter):
             for k, t in self._tensors(model).items():
                 t.copy_(torch.from_numpy(weights[k]))
 
-    def _loss(self, model: Model, X: torch.Tensor, y: np.ndarray) -> torch.Tensor:
+    def _loss(self, model: Model, X: torch.Tensor, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         model.net.train(True)
         y = self.check_labels(X, y, model.config.num_classes)
-        return F.cross_entropy(model.net(X), torch.from_numpy(y))
+        logits = model.net(X)
+        return F.cross_entropy(logits, torch.from_numpy(y)), logits
 
     def loss_and_grads(self, model, X, y):
         X = self.prepare(model, X).requires_grad_(True)
         model.net.zero_grad(set_to_none=True)
-        loss = self._loss(model, X, y)
+        loss, _ = self._loss(model, X, y)
         loss.backward()
         grads = {k: t.grad.numpy().copy() for k, t in self._tensors(model).items() if t.requires_grad}
         model.net.zero_grad(set_to_none=True)
         return float(loss.detach()), X.grad.numpy().copy(), grads
 
-    def sgd_step(self, model, X, y, lr):
-        opt = torch.optim.SGD(model.net.parameters(), lr=lr)
+    def train_step(self, model, X, y, lr, compiled=False):
+        # Eager even when compiled: see prefers_compiled.
+        opt = model.cache.get("sgd")
+        if opt is None:
+            opt = model.cache["sgd"] = torch.optim.SGD(model.net.parameters(), lr=lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss = self._loss(model, self.prepare(model, X), y)
+        loss, logits = self._loss(model, self.prepare(model, X), y)
         loss.backward()
         opt.step()
-        return float(loss.detach())
+        return float(loss.detach()), logits.detach().numpy()
