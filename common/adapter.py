@@ -204,6 +204,6 @@ class Adapter(ABC):
         y = np.asarray(y)
         if y.shape != (len(X),) or not np.issubdtype(y.dtype, np.integer):
             raise ValueError(f"labels must be {len(X)} integers, got {y.dtype} array of shape {y.shape}")
-        if y.min() < 0 or y.max() >= num_classes:
+        if y.size and (y.min() < 0 or y.max() >= num_classes):
             raise ValueError(f"labels must lie in [0, {num_classes}), got [{y.min()}, {y.max()}]")
         return y.astype(np.int64)

@@ -298,6 +298,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         test_limit=args.test_limit,
         seed=args.seed,
         config=config_from_args(args),
+        lr_schedule=args.lr_schedule,
     )
     out = args.out or f"runs/{settings.backend}"
     metrics = train(settings, out, data_dir=args.data_dir, resume=args.resume, progress=not args.quiet)
@@ -334,6 +335,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     else:
         print(f"{adapter.name} on {len(split.labels)} test images: accuracy {acc:.4f}, loss {loss:.4f}")
+    return 0
+
+
+def cmd_data_speed(args: argparse.Namespace) -> int:
+    import time
+
+    from common import data
+
+    split = data.subset(data.load("train", args.data_dir), args.limit)
+    start = time.perf_counter()
+    n = sum(len(y) for _, y in data.batches(split, args.batch_size, args.resize, seed=0, epoch=0))
+    seconds = time.perf_counter() - start
+    print(f"input pipeline: {n} images at {args.resize}x{args.resize} in {seconds:.2f} s = {n / seconds:,.0f} images/s")
     return 0
 
 
@@ -392,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=10)
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--lr", type=float, default=0.01, help="plain SGD learning rate")
+    p.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="constant (the book) or cosine annealing to 0 over the run",
+    )
     p.add_argument("--resize", type=_positive_int, default=96, help="image side after bilinear resizing")
     p.add_argument("--limit", type=_positive_int, help="train on the first N training images")
     p.add_argument("--test-limit", type=_positive_int, help="evaluate on the first N test images")
@@ -411,6 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("data-speed", help="images per second of the shared input pipeline (one epoch)")
+    p.add_argument("--resize", type=_positive_int, default=96)
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--limit", type=_positive_int)
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_data_speed)
 
     p = sub.add_parser("plot", help="draw the training curves of one or more runs in one figure")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")

@@ -21,7 +21,7 @@ import numpy as np
 
 from common import data
 from common.adapter import Adapter, Model
-from common.config import DenseNetConfig
+from common.config import DenseNetConfig, plan
 from common.errors import DenseNetError
 from common.registry import load_backend
 from common.weights import load_canonical, save_weights
@@ -44,6 +44,19 @@ class TrainSettings:
     test_limit: int | None = None
     seed: int = 0
     config: DenseNetConfig = field(default_factory=DenseNetConfig)
+    # "constant" (the book) or "cosine": lr * (1 + cos(pi * step / total)) / 2, annealed every step.
+    lr_schedule: str = "constant"
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise TrainingError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not self.lr > 0:
+            raise TrainingError(f"the learning rate must be positive, got {self.lr}")
+
+    def lr_at(self, step: int, total: int) -> float:
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        return self.lr
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -86,8 +99,6 @@ def train(
     config = settings.config
     if config.in_channels != 1 or config.num_classes != 10:
         raise TrainingError("Fashion-MNIST needs in_channels=1 and num_classes=10")
-    from common.config import plan
-
     plan(config, settings.resize)  # refuses a resize too small for the network
     train_split = data.subset(data.load("train", data_dir), settings.limit)
     test_split = data.subset(data.load("test", data_dir), settings.test_limit)
@@ -133,11 +144,12 @@ def train(
             for step, (X, y) in enumerate(
                 data.batches(train_split, settings.batch_size, settings.resize, seed=settings.seed, epoch=epoch)
             ):
-                loss, logits = adapter.train_step(model, X, y, settings.lr, compiled=adapter.prefers_compiled)
+                lr = settings.lr_at(epoch * steps + step, settings.epochs * steps)
+                loss, logits = adapter.train_step(model, X, y, lr, compiled=adapter.prefers_compiled)
                 if not math.isfinite(loss):
                     raise TrainingError(
                         f"the loss became {loss} at epoch {epoch + 1}, step {step + 1} "
-                        f"(learning rate {settings.lr}); stopped instead of training on garbage. "
+                        f"(learning rate {lr:g}); stopped instead of training on garbage. "
                         f"The checkpoint of epoch {epoch} in {out} is intact; try a lower --lr"
                     )
                 seen += len(y)

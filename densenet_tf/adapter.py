@@ -91,8 +91,9 @@ class TFAdapter(Adapter):
         return loss, dX, dict(zip(variables, grads)), variables, logits
 
     def loss_and_grads(self, model, X, y):
+        X = self.prepare(model, X)
         y = self.check_labels(X, y, model.config.num_classes)
-        loss, dX, grads, _, _ = self._loss_and_grads(model, self.prepare(model, X), y)
+        loss, dX, grads, _, _ = self._loss_and_grads(model, X, y)
         canonical = {k: self.canonical_param(k, g.numpy()) for k, g in grads.items()}
         return float(loss), self.canonical_activation(dX.numpy()), canonical
 
@@ -101,6 +102,7 @@ class TFAdapter(Adapter):
         if opt is None:
             opt = model.cache["sgd"] = tf.keras.optimizers.SGD(learning_rate=lr)
         opt.learning_rate.assign(lr)
+        X = self.prepare(model, X)
         y = self.check_labels(X, y, model.config.num_classes)
         if compiled:
             if "train_step" not in model.cache:
@@ -111,7 +113,7 @@ class TFAdapter(Adapter):
             def step(X, y):
                 return self._step(model, X, y)
 
-        loss, logits = step(self.prepare(model, X), tf.convert_to_tensor(y))
+        loss, logits = step(X, tf.convert_to_tensor(y))
         return float(loss), logits.numpy()
 
     def _step(self, model: Model, X: tf.Tensor, y: tf.Tensor):

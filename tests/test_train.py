@@ -186,3 +186,21 @@ def test_cli_train_evaluate_in_another_backend_and_plot(
     assert main(["plot", str(tmp_path / "t"), str(tmp_path / "j"), "--out", str(tmp_path / "both.png")]) == 0
     assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["plot", str(tmp_path / "nothing")]) == 2
+
+
+def test_data_speed_command(dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data-speed", "--data-dir", str(dataset), "--resize", "32"]) == 0
+    assert "input pipeline: 256 images at 32x32" in capsys.readouterr().out
+
+
+def test_learning_rate_schedules() -> None:
+    constant = settings("torch")
+    assert constant.lr_at(0, 100) == constant.lr_at(99, 100) == 0.1
+    cosine = settings("torch", lr_schedule="cosine")
+    assert cosine.lr_at(0, 100) == pytest.approx(0.1)
+    assert cosine.lr_at(50, 100) == pytest.approx(0.05)
+    assert cosine.lr_at(100, 100) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(TrainingError, match="lr_schedule"):
+        settings("torch", lr_schedule="step")
+    with pytest.raises(TrainingError, match="learning rate must be positive"):
+        settings("torch", lr=0.0)
