@@ -34,37 +34,43 @@ _KERAS_BN = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "
 _GLUON_BN = {"weight": "gamma", "bias": "beta", "running_mean": "running_mean", "running_var": "running_var"}
 
 
-def _torchvision_layer(prefix: str) -> str:
-    """Canonical layer prefix -> torchvision module path."""
-    if prefix.startswith("stem."):
-        return {"stem.conv": "features.conv0", "stem.bn": "features.norm0"}[prefix]
-    if prefix == "head.bn":
-        return "features.norm5"
-    if prefix == "head.fc":
-        return "classifier"
+# Each peer's name for every canonical layer: fixed layers, then patterns for the dense layers
+# (by block, layer and part) and the transitions (by index). Keras counts blocks from 2.
+_TORCHVISION = {
+    "stem.conv": "features.conv0",
+    "stem.bn": "features.norm0",
+    "head.bn": "features.norm5",
+    "head.fc": "classifier",
+    "dense": "features.denseblock{block}.denselayer{layer}.{part}",
+    "parts": {("bn", True): "norm1", ("conv", True): "conv1", ("bn", False): "norm2", ("conv", False): "conv2"},
+    "transition": "features.transition{block}.{part}",
+    "transition_parts": {"bn": "norm", "conv": "conv"},
+    "block_offset": 0,
+}
+_KERAS = {
+    "stem.conv": "conv1_conv",
+    "stem.bn": "conv1_bn",
+    "head.bn": "bn",
+    "head.fc": "predictions",
+    "dense": "conv{block}_block{layer}_{part}",
+    "parts": {("bn", True): "0_bn", ("conv", True): "1_conv", ("bn", False): "1_bn", ("conv", False): "2_conv"},
+    "transition": "pool{block}_{part}",
+    "transition_parts": {"bn": "bn", "conv": "conv"},
+    "block_offset": 1,
+}
+
+
+def _peer_layer(prefix: str, table: dict) -> str:
+    """Canonical layer prefix -> the peer's layer name."""
+    if prefix in table:
+        return table[prefix]
     m = re.fullmatch(r"dense(\d+)\.conv(\d+)\.(bottleneck\.)?(bn|conv)", prefix)
     if m:
         block, layer, bottleneck, kind = m.groups()
-        part = {("bn", True): "norm1", ("conv", True): "conv1", ("bn", False): "norm2", ("conv", False): "conv2"}
-        return f"features.denseblock{block}.denselayer{layer}.{part[kind, bool(bottleneck)]}"
+        part = table["parts"][kind, bool(bottleneck)]
+        return table["dense"].format(block=int(block) + table["block_offset"], layer=layer, part=part)
     block, kind = re.fullmatch(r"transition(\d+)\.(bn|conv)", prefix).groups()
-    return f"features.transition{block}.{'norm' if kind == 'bn' else 'conv'}"
-
-
-def _keras_layer(prefix: str) -> str:
-    if prefix.startswith("stem."):
-        return {"stem.conv": "conv1_conv", "stem.bn": "conv1_bn"}[prefix]
-    if prefix == "head.bn":
-        return "bn"
-    if prefix == "head.fc":
-        return "predictions"
-    m = re.fullmatch(r"dense(\d+)\.conv(\d+)\.(bottleneck\.)?(bn|conv)", prefix)
-    if m:
-        block, layer, bottleneck, kind = m.groups()
-        part = {("bn", True): "0_bn", ("conv", True): "1_conv", ("bn", False): "1_bn", ("conv", False): "2_conv"}
-        return f"conv{int(block) + 1}_block{layer}_{part[kind, bool(bottleneck)]}"
-    block, kind = re.fullmatch(r"transition(\d+)\.(bn|conv)", prefix).groups()
-    return f"pool{int(block) + 1}_{kind}"
+    return table["transition"].format(block=int(block) + table["block_offset"], part=table["transition_parts"][kind])
 
 
 def _require_bc(config: DenseNetConfig, peer: str) -> None:
@@ -79,7 +85,7 @@ def torchvision_names(config: DenseNetConfig) -> dict[str, str]:
     """Canonical name -> torchvision state-dict key."""
     _require_bc(config, "torchvision")
     return {
-        name: f"{_torchvision_layer(name.rsplit('.', 1)[0])}.{name.rsplit('.', 1)[1]}"
+        name: f"{_peer_layer(name.rsplit('.', 1)[0], _TORCHVISION)}.{name.rsplit('.', 1)[1]}"
         for name in canonical_spec(config)
     }
 
@@ -91,7 +97,7 @@ def keras_names(config: DenseNetConfig) -> dict[str, str]:
     for name in canonical_spec(config):
         prefix, leaf = name.rsplit(".", 1)
         variable = _KERAS_BN[leaf] if prefix.endswith("bn") else {"weight": "kernel", "bias": "bias"}[leaf]
-        out[name] = f"{_keras_layer(prefix)}/{variable}"
+        out[name] = f"{_peer_layer(prefix, _KERAS)}/{variable}"
     return out
 
 
