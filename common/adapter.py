@@ -14,7 +14,16 @@ from typing import Any, ClassVar
 import numpy as np
 
 from common.checks import check_images
-from common.config import DenseNetConfig, canonical_layers, canonical_spec, is_state, min_input_size, stage_names
+from common.config import (
+    BN_MOMENTUM,
+    DenseNetConfig,
+    bn_counts,
+    canonical_layers,
+    canonical_spec,
+    is_state,
+    min_input_size,
+    stage_names,
+)
 from common.layout import from_layout, param_from_native, param_to_native, to_layout
 from common.weights import check_weights
 
@@ -26,12 +35,27 @@ class Model:
     ``net`` is the framework's own object (a ``torch.nn.Module``, a Gluon ``HybridBlock``, a
     Keras ``Model``, a Flax ``Module``); ``variables`` holds Flax's params and batch_stats (the
     other frameworks keep their state inside ``net``); ``cache`` keeps compiled callables.
+    ``dtype`` is the floating-point type of every weight and activation: ``"float32"``, what
+    people train in, or ``"float64"``, in which the four frameworks must agree with the numpy
+    oracle to the last few digits (docs/parity.md).
     """
 
     config: DenseNetConfig
     net: Any
     variables: Any = None
     cache: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+
+
+DTYPES = ("float32", "float64")
+
+
+def check_dtype(dtype: Any) -> str:
+    """``"float32"`` or ``"float64"`` (numpy dtypes accepted); anything else is a ValueError."""
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return name
 
 
 class Adapter(ABC):
@@ -40,9 +64,14 @@ class Adapter(ABC):
     name: ClassVar[str]
     framework: ClassVar[str]
     layout: ClassVar[str]
-    # Whether BatchNorm feeds its running variance the unbiased batch variance (n/(n-1)),
-    # as PyTorch does, or the biased one used for normalising (MXNet, Keras, Flax).
+    # Whether the framework's BatchNorm feeds its running variance the unbiased batch variance
+    # (n/(n-1)), as PyTorch does, or the biased one used for normalising (MXNet, Keras, Flax).
+    # The canonical convention is the unbiased one (common.weights.RUNNING_VAR): adapters of the
+    # other frameworks correct every training step they run (``canonical_running_stat``).
     running_var_unbiased: ClassVar[bool]
+    # Weight of the new batch statistic in the framework's running averages, as it computes it:
+    # BN_MOMENTUM, except where a framework rounds its momentum parameter (MXNet: float32).
+    bn_momentum: ClassVar[float] = BN_MOMENTUM
     # Whether training and evaluation should take the compiled path (see densenet_torch).
     prefers_compiled: ClassVar[bool] = True
 
@@ -53,8 +82,9 @@ class Adapter(ABC):
         """The framework's version string."""
 
     @abstractmethod
-    def build(self, config: DenseNetConfig, seed: int = 0) -> Model:
-        """The network with the framework's own (seeded) initialisation, built for its inputs."""
+    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> Model:
+        """The network with the framework's own (seeded) initialisation, built for its inputs,
+        with every weight in ``dtype`` (``"float32"`` or ``"float64"``)."""
 
     @abstractmethod
     def _stages(self, model: Model, X: Any, training: bool) -> list[Any]:
@@ -130,6 +160,32 @@ class Adapter(ABC):
         """One plain SGD step, eager; returns the loss."""
         return self.train_step(model, X, y, lr)[0]
 
+    def running_stat_factors(self, model: Model, X_shape: tuple[int, ...]) -> dict[str, float]:
+        """The running statistics this framework's training step leaves in a non-canonical
+        convention, by canonical name, with the factor the batch term needs (n/(n-1) for a
+        variance fed the biased batch variance, n = N*H*W for a batch of NCHW shape ``X_shape``;
+        1 where only the momentum needs re-applying)."""
+        exact_momentum = self.bn_momentum == BN_MOMENTUM
+        factors: dict[str, float] = {}
+        for prefix, n in bn_counts(model.config, tuple(X_shape[2:]), X_shape[0]).items():
+            if not exact_momentum:
+                factors[f"{prefix}.bn.running_mean"] = 1.0
+            if not (self.running_var_unbiased and exact_momentum):
+                factors[f"{prefix}.bn.running_var"] = 1.0 if self.running_var_unbiased else n / (n - 1)
+        return factors
+
+    def canonical_running_stat(self, old: Any, new: Any, factor: float) -> Any:
+        """A running statistic after the framework's update, re-expressed in the canonical one.
+
+        The framework computed ``new = (1 - b) * old + b * v`` with its own ``b`` (``bn_momentum``)
+        and batch statistic ``v``; the canonical update is ``(1 - m) * old + m * factor * v`` with
+        ``m = BN_MOMENTUM``. Works on numpy arrays and framework tensors alike.
+        """
+        m, b = BN_MOMENTUM, self.bn_momentum
+        if b == m:  # the cheaper form: a small correction added to ``new``
+            return new + (new - (1 - m) * old) * (factor - 1)
+        return (1 - m) * old + (new - (1 - b) * old) * (m / b * factor)
+
     # --- shared -------------------------------------------------------------------------
 
     def prepare(self, model: Model | None, X: np.ndarray, min_size: int | None = None) -> Any:
@@ -146,7 +202,8 @@ class Adapter(ABC):
             in_channels=config.in_channels if config else None,
             min_size=min_size or (min_input_size(config) if config else 1),
         )
-        return self._to_native(to_layout(np.ascontiguousarray(X, dtype=np.float32), self.layout))
+        dtype = model.dtype if model is not None else "float32"
+        return self._to_native(to_layout(np.ascontiguousarray(X, dtype=dtype), self.layout))
 
     def forward(self, model: Model, X: np.ndarray, *, training: bool = False, compiled: bool = False) -> np.ndarray:
         """Logits ``(N, num_classes)`` for an NCHW float batch."""
@@ -175,9 +232,9 @@ class Adapter(ABC):
         return sum(int(v.size) for k, v in self._read(model).items() if is_state(k))
 
     def get_weights(self, model: Model) -> dict[str, np.ndarray]:
-        """Every tensor in canonical names and layout, in forward order (float32 copies)."""
+        """Every tensor in canonical names and layout, in forward order (copies in the model's dtype)."""
         native = self._read(model)
-        out = {k: np.array(self.canonical_param(k, v), dtype=np.float32) for k, v in native.items()}
+        out = {k: np.array(self.canonical_param(k, v), dtype=model.dtype) for k, v in native.items()}
         spec = canonical_spec(model.config)
         check_weights(spec, out, source=f"{self.name} network")
         return {k: out[k] for k in spec}
@@ -187,7 +244,7 @@ class Adapter(ABC):
         spec = canonical_spec(model.config)
         check_weights(spec, weights, source="weights")
         native = {
-            k: np.ascontiguousarray(param_to_native(k, np.asarray(weights[k], np.float32), self.layout)) for k in spec
+            k: np.ascontiguousarray(param_to_native(k, np.asarray(weights[k], model.dtype), self.layout)) for k in spec
         }
         self._write(model, native)
 

@@ -50,6 +50,32 @@ def _input_size(text: str) -> tuple[int, int]:
     return values[0], values[1]
 
 
+def _seed_range(text: str) -> list[int]:
+    """``0-15`` or ``0,3,7``: a list of non-negative seeds."""
+    try:
+        if "-" in text.strip("-"):
+            first, last = (int(v) for v in text.split("-", 1))
+            seeds = list(range(first, last + 1))
+        else:
+            seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected seeds like 0-15 or 0,3,7, got {text!r}")
+    return seeds
+
+
+def _int_list(text: str) -> list[int]:
+    return [_positive_int(v) for v in text.split(",") if v.strip()]
+
+
+def _onoff_list(text: str) -> list[bool]:
+    values = [v.strip().lower() for v in text.split(",") if v.strip()]
+    if not values or any(v not in ("on", "off") for v in values):
+        raise argparse.ArgumentTypeError(f"expected on, off or on,off, got {text!r}")
+    return [v == "on" for v in values]
+
+
 def _optional_int(text: str) -> int | str:
     # "none" stays a string here: None already means "option not given".
     return "none" if text.lower() == "none" else int(text)
@@ -211,60 +237,78 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    from common.parity import PARITY_CASE, run_parity
+    from dataclasses import asdict
+
+    from common.parity import PARITY_CASE, run_naive, run_parity, summarize
 
     config = config_from_args(args, default=PARITY_CASE)
-    report = run_parity(
-        _backend_list(args.backends),
-        config,
-        args.input_size,
-        args.batch_size,
-        steps=args.steps,
-        lr=args.lr,
-        seed=args.seed,
-        progress=None if args.json else lambda message: print(f"  {message}", file=sys.stderr),
-    )
-    naive = []
-    if args.naive:
-        from dataclasses import asdict
-
-        from common.parity import run_naive
-
-        naive = run_naive(config, args.input_size, args.batch_size, args.seed)
-    if args.json:
-        print(json.dumps({**report.to_dict(), "naive": [asdict(r) for r in naive]}, indent=2))
-        return 0 if report.ok else 1
-    h, w = report.input_size
-    print(f"DenseNet {config.describe()}; input {args.batch_size}x{config.in_channels}x{h}x{w}, seed {args.seed}")
-    print(f"identical canonical weights in: {', '.join(report.participants)} (numpy = common.reference, float64)\n")
-    rows = [
-        [
-            c.check,
-            f"{c.a} vs {c.b}",
-            f"{c.max_abs:.2e}",
-            f"{c.max_rel:.2e}",
-            c.worst,
-            str(c.tolerance),
-            "pass" if c.passed else "FAIL",
-        ]
-        for c in report.comparisons
+    say = None if args.json else (lambda message: print(f"  {message}", file=sys.stderr))
+    seeds = args.seeds or [args.seed]
+    reports = [
+        run_parity(
+            _backend_list(args.backends),
+            config,
+            args.input_size,
+            args.batch_size,
+            steps=args.steps,
+            lr=args.lr,
+            seed=seed,
+            progress=say,
+            dtype=args.dtype,
+        )
+        for seed in seeds
     ]
-    print(format_table(["check", "pair", "max abs", "max rel", "worst tensor", "tolerance", "result"], rows))
+    naive = run_naive(config, args.input_size, args.batch_size, args.seed) if args.naive else []
+    ok = all(r.ok for r in reports)
+    if args.json:
+        out = reports[0].to_dict() if len(reports) == 1 else {"seeds": seeds, "reports": [r.to_dict() for r in reports]}
+        if len(reports) > 1:
+            out["summary"] = summarize(reports)
+            out["ok"] = ok
+        print(json.dumps({**out, "naive": [asdict(r) for r in naive]}, indent=2))
+        return 0 if ok else 1
+    for report in reports:
+        print(report.to_text() + "\n")
+    if len(reports) > 1:
+        rows = [
+            [check, f"{s['error']:.2e}", f"{s['bound']:.2e}", f"{s['margin']:.1f}x", f"{s['where']}"]
+            for check, s in summarize(reports).items()
+        ]
+        print(f"worst over seeds {seeds[0]}..{seeds[-1]} ({len(seeds)} runs):")
+        print(format_table(["check", "error", "bound", "margin", "where"], rows))
     if naive:
         print("\nwith each framework's default instead (numpy oracle, same weights and input):")
         rows = [[r.default, r.frameworks, r.affects, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}"] for r in naive]
         print(format_table(["default", "frameworks", "changes", "max abs", "max rel"], rows))
-    for name, error in report.errors.items():
-        print(f"{name}: {error}", file=sys.stderr)
-    failed = [c for c in report.comparisons if not c.passed]
-    if report.ok:
-        print(f"\nOK: {len(report.comparisons)} comparisons within tolerance")
-        return 0
-    print(
-        f"\nFAILED: {len(failed)} comparison(s) out of tolerance, {len(report.errors)} backend error(s)",
-        file=sys.stderr,
+    return 0 if ok else 1
+
+
+def cmd_parity_sweep(args: argparse.Namespace) -> int:
+    from common.parity import run_sweep
+
+    forwarded = [a for a in (args.parity_args or []) if a != "--"]
+    rows, failures = run_sweep(
+        forwarded,
+        args.seeds,
+        args.threads,
+        args.onednn,
+        progress=lambda message: print(f"  {message}", file=sys.stderr),
     )
-    return 1
+    command = " ".join(["densenet parity", *forwarded, "--seeds", f"{args.seeds[0]}-{args.seeds[-1]}"])
+    print(f"worst over seeds {args.seeds[0]}-{args.seeds[-1]}, every backend and pair: `{command}`\n")
+    print("| setting | check | worst error | bound | margin | where |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r.setting} | {r.check} | {r.error:.2e} | {r.bound:.2e} | {r.margin:.1f}x | {r.where} |")
+    if rows:
+        print("\n| check | worst error, all settings | bound | margin |")
+        print("|---|---|---|---|")
+        for check in dict.fromkeys(r.check for r in rows):
+            worst = min((r for r in rows if r.check == check), key=lambda r: r.margin)
+            print(f"| {check} | {worst.error:.2e} | {worst.bound:.2e} | {worst.margin:.1f}x |")
+    for failure in failures:
+        print(f"FAILED: {failure}", file=sys.stderr)
+    return 1 if failures or not rows else 0
 
 
 def cmd_golden(args: argparse.Namespace) -> int:
@@ -396,9 +440,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(input_size=(32, 32), batch_size=8)
     p.add_argument("--steps", type=_positive_int, default=20, help="lockstep SGD steps")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default="float32",
+        help="float64: the proof, every figure within 1e-9; float32: what people train in",
+    )
+    p.add_argument("--seeds", type=_seed_range, help="several seeds in one run, e.g. 0-15 (reports the worst)")
     p.add_argument("--naive", action="store_true", help="also show what each framework's default settings would change")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_parity)
+
+    p = sub.add_parser(
+        "parity-sweep",
+        help="parity over many seeds, thread counts and oneDNN on/off, one process per setting: the margin table",
+        description="Runs `densenet parity --seeds ... --json` in a fresh process for every thread count and oneDNN "
+        "setting and prints the worst error, bound and margin per check as a Markdown table. Options after -- "
+        "go to `densenet parity` (e.g. -- --config d2l --dtype float64).",
+    )
+    p.add_argument("--seeds", type=_seed_range, default=list(range(16)), help="default 0-15")
+    p.add_argument("--threads", type=_int_list, default=[1, 2], help="comma-separated thread counts (default 1,2)")
+    p.add_argument(
+        "--onednn", type=_onoff_list, default=[True, False], help="on, off or on,off (default): TF, MXNet, PyTorch"
+    )
+    p.add_argument("parity_args", nargs=argparse.REMAINDER, help="-- then options for densenet parity")
+    p.set_defaults(func=cmd_parity_sweep)
 
     p = sub.add_parser("train", help="train on Fashion-MNIST (the book's recipe by default)")
     p.add_argument("--backend", required=True, help=", ".join(BACKENDS))

@@ -244,6 +244,23 @@ def plan(config: DenseNetConfig, input_size: int | tuple[int, int] = 96) -> Netw
     return NetworkPlan(config, (h, w), tuple(stages))
 
 
+def bn_counts(config: DenseNetConfig, input_size: int | tuple[int, int], batch: int) -> dict[str, int]:
+    """Values each BatchNorm averages over (N*H*W), by canonical prefix: the n of n/(n-1)."""
+    p = plan(config, input_size)
+    h, w = p.input_size
+    size = {s.name: s.height * s.width for s in p.stages}
+    counts = {"stem": batch * _out(h, STEM_CONV) * _out(w, STEM_CONV)}
+    for i, num_convs in enumerate(config.arch):
+        for j in range(num_convs):
+            counts[f"dense{i + 1}.conv{j + 1}"] = batch * size[f"dense{i + 1}"]
+            if config.bn_size is not None:
+                counts[f"dense{i + 1}.conv{j + 1}.bottleneck"] = batch * size[f"dense{i + 1}"]
+        if i != len(config.arch) - 1:
+            counts[f"transition{i + 1}"] = batch * size[f"dense{i + 1}"]
+    counts["head"] = batch * size[f"dense{len(config.arch)}"]
+    return counts
+
+
 def count_params(config: DenseNetConfig) -> int:
     """Trainable parameters: conv kernels and biases, BN scale and shift, the dense layer."""
     return sum(_size(shape) for name, shape in canonical_spec(config).items() if not is_state(name))

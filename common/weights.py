@@ -8,6 +8,9 @@ float32, in that order, with string metadata:
 ``format_version``  ``"1"``
 ``config``          JSON of :meth:`DenseNetConfig.to_dict`, from which the file rebuilds its network
 ``source``          who produced the tensors: a backend name, ``"numpy-init"``, ...
+``running_var``     how training fed the running variances: ``"unbiased"`` (n/(n-1), the canonical
+                    convention, whichever framework trained) or ``"biased"`` (files converted from
+                    a framework that feeds the biased batch variance, e.g. Keras or Gluon weights)
 
 Nothing here imports a framework.
 """
@@ -41,6 +44,15 @@ __all__ = [
 FORMAT = "densenet-suite/canonical"
 FORMAT_VERSION = "1"
 DTYPE = np.dtype(np.float32)
+
+# The canonical running-variance convention: during training every BatchNorm feeds its running
+# variance the unbiased batch variance n/(n-1), as PyTorch does (and torchvision's weights were
+# trained). MXNet, Keras and Flax feed the biased one; their adapters re-express each training
+# step's update (common.adapter.Adapter.canonical_running_stat), so a file means the same thing
+# whichever framework trained it. Inference reads the value as it is in every framework, so a
+# file is never rescaled on import or export: that would change the function it computes.
+RUNNING_VAR = "unbiased"
+RUNNING_VAR_CONVENTIONS = ("unbiased", "biased")
 
 # Fields that decide the names and shapes of the tensors; a file must state every one of them.
 # (``lr`` only matters to training: it may be absent and is not compared against an expected one.)
@@ -119,6 +131,7 @@ def save_weights(
     *,
     source: str | None = None,
     extra_metadata: Mapping[str, str] | None = None,
+    running_var: str = RUNNING_VAR,
 ) -> None:
     """Write canonical ``weights`` for ``config`` to ``path`` (``.safetensors`` or ``.npz``), atomically.
 
@@ -126,7 +139,10 @@ def save_weights(
     then stored as float32 in canonical order with the format metadata. ``source`` names where the
     tensors come from (a backend name, ``"numpy-init"``); ``"unknown"`` when not given.
     ``extra_metadata`` adds string entries (a training checkpoint's epoch and settings).
+    ``running_var`` states how the running variances were accumulated (``RUNNING_VAR``).
     """
+    if running_var not in RUNNING_VAR_CONVENTIONS:
+        raise ValueError(f"running_var must be one of {RUNNING_VAR_CONVENTIONS}, got {running_var!r}")
     if not isinstance(config, DenseNetConfig):
         raise TypeError(f"config must be a DenseNetConfig, got {type(config).__name__}")
     spec = canonical_spec(config)
@@ -140,6 +156,7 @@ def save_weights(
         "format_version": FORMAT_VERSION,
         "config": json.dumps(config.to_dict(), sort_keys=True),
         "source": source if source is not None else "unknown",
+        "running_var": running_var,
     }
     for key, value in (extra_metadata or {}).items():
         if key in metadata:
@@ -202,6 +219,12 @@ def load_canonical(path: PathLike, expected_config: DenseNetConfig | None = None
         if k in tensors and tuple(tensors[k].shape) == spec[k] and tensors[k].dtype.kind == "f":
             if tensors[k].dtype != DTYPE:
                 problems.append(f"{k}: expected float32, got {tensors[k].dtype}")
+        # A variance below zero makes sqrt(var + eps) NaN in every framework (zero is a dead channel).
+        if k.endswith("running_var") and k in tensors and tensors[k].dtype.kind == "f" and np.any(tensors[k] < 0):
+            problems.append(f"{k}: running variance must not be negative, found {float(np.min(tensors[k])):g}")
+    convention = metadata.get("running_var", RUNNING_VAR)  # files written before the key existed
+    if convention not in RUNNING_VAR_CONVENTIONS:
+        problems.append(f"metadata running_var is {convention!r}, expected one of {', '.join(RUNNING_VAR_CONVENTIONS)}")
     _raise(f"{path}: tensors", problems)
     return CanonicalFile(config, {k: tensors[k] for k in spec}, dict(metadata))
 

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.core import unfreeze
+from jax.experimental import enable_x64
 
-from common.adapter import Adapter, Model
-from common.config import DenseNetConfig, min_input_size
+from common.adapter import Adapter, Model, check_dtype
+from common.config import BN_MOMENTUM, DenseNetConfig, min_input_size
 from densenet_jax.model import DenseBlock, DenseNet, transition_block
 
 # canonical BN leaf -> (collection, Flax name)
@@ -27,30 +28,41 @@ _BN_LEAVES = {
 }
 
 
-def _loss(net: DenseNet, params, batch_stats, X, y, key):
+def _loss(net: DenseNet, params, batch_stats, X, y, key, unbias):
     logits, updates = net.apply(
         {"params": params, "batch_stats": batch_stats}, X, mutable=["batch_stats"], rngs={"dropout": key}
     )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, (updates["batch_stats"], logits)
+    # Flax feeds the running variance the biased batch variance; re-express the update in the
+    # canonical (PyTorch) convention. ``unbias`` holds 1/(n-1) at each variance, 0 at each mean
+    # (JaxAdapter.canonical_running_stat with factor n/(n-1), written for the pytree).
+    new_stats = jax.tree_util.tree_map(
+        lambda new, old, c: new + (new - (1 - BN_MOMENTUM) * old) * c, updates["batch_stats"], batch_stats, unbias
+    )
+    return loss, (new_stats, logits)
 
 
 @partial(jax.jit, static_argnums=0)
-def _loss_and_grads(net: DenseNet, params, batch_stats, X, y, key):
+def _loss_and_grads(net: DenseNet, params, batch_stats, X, y, key, unbias):
     (loss, (batch_stats, _)), (dparams, dX) = jax.value_and_grad(_loss, argnums=(1, 3), has_aux=True)(
-        net, params, batch_stats, X, y, key
+        net, params, batch_stats, X, y, key, unbias
     )
     return loss, batch_stats, dparams, dX
 
 
 @partial(jax.jit, static_argnums=0)
-def _sgd_step(net: DenseNet, params, batch_stats, X, y, lr, key):
+def _sgd_step(net: DenseNet, params, batch_stats, X, y, lr, key, unbias):
     (loss, (batch_stats, logits)), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(
-        net, params, batch_stats, X, y, key
+        net, params, batch_stats, X, y, key, unbias
     )
     tx = optax.sgd(lr)  # plain SGD keeps no optimizer state
     updates, _ = tx.update(grads, tx.init(params), params)
     return loss, optax.apply_updates(params, updates), batch_stats, logits
+
+
+def _x64(model: Model):
+    """JAX computes in float64 only where x64 is enabled: around every call on a float64 model."""
+    return enable_x64(model.dtype == "float64")
 
 
 class JaxAdapter(Adapter):
@@ -64,15 +76,24 @@ class JaxAdapter(Adapter):
 
         return f"{jax.__version__} (Flax {flax.__version__})"
 
-    def build(self, config: DenseNetConfig, seed: int = 0) -> Model:
+    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> Model:
+        dtype = check_dtype(dtype)
         net = DenseNet.for_config(config)
         size = min_input_size(config)
         # jit makes initialisation one compiled call instead of hundreds of eager ops.
-        variables = jax.jit(net.init)(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, config.in_channels)))
-        return Model(config, net, unfreeze(variables), cache={"seed": seed})
+        variables = jax.jit(net.init)(
+            jax.random.PRNGKey(seed), jnp.zeros((1, size, size, config.in_channels), jnp.float32)
+        )
+        model = Model(config, net, unfreeze(variables), cache={"seed": seed}, dtype=dtype)
+        if dtype == "float64":
+            # Flax's modules compute in the dtype their inputs and parameters promote to.
+            with _x64(model):
+                model.variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), model.variables)
+        return model
 
     def _to_native(self, X: np.ndarray) -> jnp.ndarray:
-        return jnp.asarray(X)
+        with enable_x64(X.dtype == np.float64):
+            return jnp.asarray(X)
 
     def _to_numpy(self, Y: jnp.ndarray) -> np.ndarray:
         return np.asarray(Y)
@@ -96,7 +117,8 @@ class JaxAdapter(Adapter):
             if ("jit", training, stages) not in model.cache:
                 model.cache[("jit", training, stages)] = jax.jit(apply)
             apply = model.cache[("jit", training, stages)]
-        return apply(model.variables, X, self._dropout_key(model))
+        with _x64(model):
+            return apply(model.variables, X, self._dropout_key(model))
 
     def _forward(self, model: Model, X, training: bool, compiled: bool):
         return self._apply(model, X, training, compiled)[0]
@@ -170,10 +192,23 @@ class JaxAdapter(Adapter):
 
     def _write(self, model: Model, weights: dict[str, np.ndarray]) -> None:
         variables = jax.tree_util.tree_map(lambda a: a, model.variables)  # new containers
-        for k, path in self._tensors(model).items():
-            parent = self._get(variables, path[:-1])
-            parent[path[-1]] = jnp.asarray(weights[k])
+        with _x64(model):
+            for k, path in self._tensors(model).items():
+                parent = self._get(variables, path[:-1])
+                parent[path[-1]] = jnp.asarray(weights[k])
         model.variables = variables
+
+    def _unbias_tree(self, model: Model, X_shape: tuple[int, ...]):
+        """``batch_stats``-shaped tree: 1/(n-1) at every running variance, 0 at every mean."""
+        key = ("unbias", tuple(X_shape))
+        if key not in model.cache:
+            tree = jax.tree_util.tree_map(lambda a: 0.0, model.variables["batch_stats"])
+            paths = self._tensors(model)
+            for name, factor in self.running_stat_factors(model, X_shape).items():
+                parent = self._get(tree, paths[name][1:-1])
+                parent[paths[name][-1]] = factor - 1
+            model.cache[key] = tree
+        return model.cache[key]
 
     def _grad_tree_to_canonical(self, model: Model, grads) -> dict[str, np.ndarray]:
         return {
@@ -184,20 +219,37 @@ class JaxAdapter(Adapter):
 
     def loss_and_grads(self, model, X, y):
         X = self.prepare(model, X)
-        y = jnp.asarray(self.check_labels(X, y, model.config.num_classes))
-        v = model.variables
-        loss, batch_stats, dparams, dX = _loss_and_grads(
-            model.net.clone(training=True), v["params"], v["batch_stats"], X, y, self._dropout_key(model)
-        )
+        nchw = (X.shape[0], X.shape[3], X.shape[1], X.shape[2])
+        with _x64(model):
+            y = jnp.asarray(self.check_labels(X, y, model.config.num_classes))
+            v = model.variables
+            loss, batch_stats, dparams, dX = _loss_and_grads(
+                model.net.clone(training=True),
+                v["params"],
+                v["batch_stats"],
+                X,
+                y,
+                self._dropout_key(model),
+                self._unbias_tree(model, nchw),
+            )
         model.variables = {"params": v["params"], "batch_stats": batch_stats}
         return float(loss), self.canonical_activation(np.asarray(dX)), self._grad_tree_to_canonical(model, dparams)
 
     def train_step(self, model, X, y, lr, compiled=False):  # always jitted: eager Flax takes minutes
         X = self.prepare(model, X)
-        y = jnp.asarray(self.check_labels(X, y, model.config.num_classes))
-        v = model.variables
-        loss, params, batch_stats, logits = _sgd_step(
-            model.net.clone(training=True), v["params"], v["batch_stats"], X, y, lr, self._dropout_key(model)
-        )
+        nchw = (X.shape[0], X.shape[3], X.shape[1], X.shape[2])
+        with _x64(model):
+            y = jnp.asarray(self.check_labels(X, y, model.config.num_classes))
+            v = model.variables
+            loss, params, batch_stats, logits = _sgd_step(
+                model.net.clone(training=True),
+                v["params"],
+                v["batch_stats"],
+                X,
+                y,
+                lr,
+                self._dropout_key(model),
+                self._unbias_tree(model, nchw),
+            )
         model.variables = {"params": params, "batch_stats": batch_stats}
         return float(loss), np.asarray(logits)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.adapter import Adapter, Model
-from common.config import DenseNetConfig, min_input_size
+from common.adapter import Adapter, Model, check_dtype
+from common.config import BN_MOMENTUM, DenseNetConfig, min_input_size
 from densenet_mxnet._compat import mxnet as mx
 from densenet_mxnet.model import DenseBlock, DenseNet, transition_block
 
@@ -19,20 +19,25 @@ class MXNetAdapter(Adapter):
     framework = "MXNet Gluon"
     layout = "NCHW"
     running_var_unbiased = False
+    # Gluon's BatchNorm keeps its momentum parameter as a float32 (0.9 -> 0.89999998).
+    bn_momentum = 1 - float(np.float32(1 - BN_MOMENTUM))
 
     def version(self) -> str:
         return mx.__version__
 
-    def build(self, config: DenseNetConfig, seed: int = 0) -> Model:
+    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> Model:
+        dtype = check_dtype(dtype)
         mx.random.seed(seed)
         net = DenseNet.for_config(config)
         net.initialize(mx.init.Xavier())  # the book's initialiser
         size = min_input_size(config)
         net(mx.nd.zeros((1, config.in_channels, size, size)))  # finish the deferred initialisation
-        return Model(config, net)
+        if dtype == "float64":
+            net.cast(dtype)  # Gluon's way: parameters and the dtype the graph expects
+        return Model(config, net, dtype=dtype)
 
     def _to_native(self, X: np.ndarray) -> mx.nd.NDArray:
-        return mx.nd.array(X, dtype=np.float32)
+        return mx.nd.array(X, dtype=X.dtype)
 
     def _to_numpy(self, Y: mx.nd.NDArray) -> np.ndarray:
         return Y.asnumpy()
@@ -81,16 +86,21 @@ class MXNetAdapter(Adapter):
 
     def _write(self, model: Model, weights: dict[str, np.ndarray]) -> None:
         for k, p in self._tensors(model).items():
-            p.set_data(mx.nd.array(weights[k], dtype=np.float32))
+            p.set_data(mx.nd.array(weights[k], dtype=weights[k].dtype))
 
     def _loss_backward(self, model: Model, X, y: np.ndarray):
-        y = mx.nd.array(self.check_labels(X, y, model.config.num_classes), dtype=np.float32)
+        y = mx.nd.array(self.check_labels(X, y, model.config.num_classes), dtype=model.dtype)
         loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+        tensors = self._tensors(model)
+        factors = self.running_stat_factors(model, X.shape)
+        old = {k: tensors[k].data().copy() for k in factors}
         with autograd.record():
             logits = model.net(X)
             loss = loss_fn(logits, y).mean()
         # MXNet updates BatchNorm's running statistics only here, in the backward pass (CPU).
         loss.backward()
+        for k, factor in factors.items():  # see running_var_unbiased and bn_momentum
+            tensors[k].set_data(self.canonical_running_stat(old[k], tensors[k].data(), factor))
         return float(loss.asscalar()), logits
 
     def loss_and_grads(self, model, X, y):
@@ -106,7 +116,15 @@ class MXNetAdapter(Adapter):
         trainer = model.cache.get("trainer")
         if trainer is None:
             trainer = model.cache["trainer"] = gluon.Trainer(model.net.collect_params(), "sgd", {"learning_rate": lr})
-        trainer.set_learning_rate(lr)
         loss, logits = self._loss_backward(model, self.prepare(model, X), y)
+        if model.dtype == "float64":
+            # Gluon's optimizer ops take the learning rate as a float32 parameter (0.01 becomes
+            # 0.0099999998): apply it to the gradients in float64 and step with exactly 1.
+            trainer.set_learning_rate(1.0)
+            for p in model.net.collect_params().values():
+                if p.grad_req != "null":
+                    p.grad()[:] *= lr
+        else:
+            trainer.set_learning_rate(lr)
         trainer.step(1)  # the loss is already a batch mean
         return loss, logits.asnumpy()

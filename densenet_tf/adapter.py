@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import tensorflow as tf
 
-from common.adapter import Adapter, Model
+from common.adapter import Adapter, Model, check_dtype
 from common.config import DenseNetConfig, min_input_size
 from densenet_tf.model import DenseBlock, DenseNet, transition_block
 
@@ -21,12 +22,20 @@ class TFAdapter(Adapter):
     def version(self) -> str:
         return f"{tf.__version__} (Keras {tf.keras.__version__})"
 
-    def build(self, config: DenseNetConfig, seed: int = 0) -> Model:
+    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> Model:
+        dtype = check_dtype(dtype)
         tf.keras.utils.set_random_seed(seed)
-        net = DenseNet.for_config(config)
-        size = min_input_size(config)
-        net(tf.zeros((1, size, size, config.in_channels)), training=False)  # build the layers
-        return Model(config, net)
+        # Keras layers take their variable and compute dtype from the global dtype policy when
+        # they are created: set it for this network only.
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(dtype)
+        try:
+            net = DenseNet.for_config(config)
+            size = min_input_size(config)
+            net(tf.zeros((1, size, size, config.in_channels), dtype), training=False)  # build the layers
+        finally:
+            keras.config.set_dtype_policy(previous)
+        return Model(config, net, dtype=dtype)
 
     def _to_native(self, X: np.ndarray) -> tf.Tensor:
         return tf.convert_to_tensor(X)
@@ -82,12 +91,18 @@ class TFAdapter(Adapter):
             v.assign(weights[k])
 
     def _loss_and_grads(self, model: Model, X: tf.Tensor, y):
-        variables = {k: v for k, v in self._tensors(model).items() if v.trainable}
+        tensors = self._tensors(model)
+        variables = {k: v for k, v in tensors.items() if v.trainable}
+        factors = self.running_stat_factors(model, (X.shape[0], X.shape[3], X.shape[1], X.shape[2]))
+        old = {k: tf.identity(tensors[k]) for k in factors}
         with tf.GradientTape() as tape:
             tape.watch(X)
             logits = model.net(X, training=True)
             loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
         dX, *grads = tape.gradient(loss, [X, *variables.values()])
+        # Keras feeds the moving variance the biased batch variance; the canonical is unbiased.
+        for k, factor in factors.items():
+            tensors[k].assign(self.canonical_running_stat(old[k], tensors[k], factor))
         return loss, dX, dict(zip(variables, grads)), variables, logits
 
     def loss_and_grads(self, model, X, y):
@@ -100,7 +115,14 @@ class TFAdapter(Adapter):
     def train_step(self, model, X, y, lr, compiled=False):
         opt = model.cache.get("sgd")
         if opt is None:
-            opt = model.cache["sgd"] = tf.keras.optimizers.SGD(learning_rate=lr)
+            # The optimizer keeps its learning rate in a variable of the float type set when it is
+            # created; float32 would round it (0.01 -> 0.0099999998) in a float64 model.
+            previous = keras.config.floatx()
+            keras.config.set_floatx(model.dtype)
+            try:
+                opt = model.cache["sgd"] = tf.keras.optimizers.SGD(learning_rate=lr)
+            finally:
+                keras.config.set_floatx(previous)
         opt.learning_rate.assign(lr)
         X = self.prepare(model, X)
         y = self.check_labels(X, y, model.config.num_classes)

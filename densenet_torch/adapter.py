@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.adapter import Adapter, Model
+from common.adapter import Adapter, Model, check_dtype
 from common.config import DenseNetConfig, min_input_size
 from densenet_torch.model import DenseBlock, DenseNet, transition_block
+
+# PyTorch has no environment switch for oneDNN; `densenet parity-sweep` measures rounding with it
+# off as well (common.parity.sweep_environment).
+if os.environ.get("DENSENET_ONEDNN") == "0":
+    torch.backends.mkldnn.enabled = False
 
 
 class TorchAdapter(Adapter):
@@ -24,14 +31,17 @@ class TorchAdapter(Adapter):
     def version(self) -> str:
         return torch.__version__
 
-    def build(self, config: DenseNetConfig, seed: int = 0) -> Model:
+    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> Model:
+        dtype = check_dtype(dtype)
         torch.manual_seed(seed)
         net = DenseNet.for_config(config)
         net.eval()
         size = min_input_size(config)
         with torch.no_grad():  # materialise the lazy modules
             net(torch.zeros(1, config.in_channels, size, size))
-        return Model(config, net)
+        if dtype == "float64":
+            net.double()  # every parameter and buffer; activations follow the input's dtype
+        return Model(config, net, dtype=dtype)
 
     def _to_native(self, X: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(X)
