@@ -1,19 +1,16 @@
-"""Weight files without pickle: a numpy-only safetensors reader/writer and a plain ``.npz`` one.
+"""Weight files without pickle: safetensors through the ``safetensors`` package, and plain ``.npz``.
 
-safetensors layout: an 8-byte little-endian unsigned header length ``N``, ``N`` bytes of UTF-8
-JSON (``name -> {"dtype", "shape", "data_offsets"}`` plus an optional ``"__metadata__"`` map of
-strings), then the raw little-endian tensor bytes, contiguous and in header order. Offsets are
-relative to the start of that buffer.
+The ``safetensors`` package (its numpy API, which imports no ML framework) parses and encodes the
+format. What this module adds: atomic writes, the tensors' order, string metadata, ``.npz`` read
+without pickle, and :class:`~common.errors.WeightFileError` messages that name the file and say
+what is wrong, instead of the library's exceptions.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
-import math
 import os
-import struct
 import uuid
 import zipfile
 from collections.abc import Callable, Mapping
@@ -21,11 +18,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from common.errors import WeightFileError
 
 __all__ = [
-    "MAX_HEADER_BYTES",
+    "SUFFIXES",
     "PathLike",
     "load_file",
     "load_npz",
@@ -37,14 +36,18 @@ __all__ = [
 
 PathLike = str | os.PathLike
 
-# The reference implementation's limit; anything larger is corruption, not a real header.
-MAX_HEADER_BYTES = 100_000_000
+SUFFIXES = (".safetensors", ".npz")
 METADATA_KEY = "__metadata__"
+# safetensors lays tensors out sorted by dtype and name. Callers rely on the order they wrote
+# (the network's order; for Gluon's counter-based names it is the only key), so it travels in
+# this metadata entry, which load_file strips again.
+ORDER_KEY = "densenet-suite/order"
 PICKLE_MESSAGE = (
     "this looks like a pickle/torch.save file; densenet-suite reads only safetensors or .npz without pickle"
 )
-SUFFIXES = (".safetensors", ".npz")
+_LIBRARY_PREFIX = "Error while deserializing header: "
 
+# The numeric dtypes every backend and both formats share; safetensors names on the left.
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
@@ -67,18 +70,22 @@ _CODES = {(dt.kind, dt.itemsize): code for code, dt in _DTYPES.items()}
 # Shared helpers
 
 
-def _supported_dtype(name: str, array: np.ndarray, path: Path) -> tuple[str, np.dtype]:
+def _supported_dtype(name: str, array: np.ndarray, path: Path) -> np.dtype:
     code = _CODES.get((array.dtype.kind, array.dtype.itemsize))
     if code is None:
         raise WeightFileError(
             f"{path}: tensor {name!r} has dtype {array.dtype}, which cannot be stored; "
-            f"supported: {', '.join(str(np.dtype(d)) for d in _DTYPES.values())}"
+            f"supported: {', '.join(str(d) for d in _DTYPES.values())}"
         )
-    return code, _DTYPES[code]
+    return _DTYPES[code]
 
 
 def _prepare(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None, path: Path) -> dict[str, np.ndarray]:
-    """Validate names, arrays and metadata before anything touches the disk."""
+    """Validate names, arrays and metadata before anything touches the disk.
+
+    Returns C-contiguous little-endian arrays: safetensors' numpy writer copies raw memory, so a
+    Fortran-ordered or strided array would otherwise be stored scrambled.
+    """
     arrays: dict[str, np.ndarray] = {}
     for name, value in tensors.items():
         if not isinstance(name, str):
@@ -86,12 +93,13 @@ def _prepare(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None, pat
         if name == METADATA_KEY:
             raise WeightFileError(f"{path}: {METADATA_KEY!r} is reserved and cannot name a tensor")
         array = np.asarray(value)
-        _supported_dtype(name, array, path)
-        arrays[name] = array
+        arrays[name] = np.asarray(array, dtype=_supported_dtype(name, array, path), order="C")
     if metadata is not None:
         for key, value in metadata.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise WeightFileError(f"{path}: metadata must map strings to strings, got {key!r}: {value!r}")
+        if ORDER_KEY in metadata:
+            raise WeightFileError(f"{path}: metadata key {ORDER_KEY!r} is reserved for the tensors' order")
     return arrays
 
 
@@ -138,15 +146,6 @@ def _check_metadata(meta: Any, path: Path) -> dict[str, str]:
     return dict(meta)
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"duplicate key {key!r}")
-        seen[key] = value
-    return seen
-
-
 def _zip_kind(path: Path) -> str:
     """Tell a torch.save archive (pickle inside) from a plain .npz, for the error message."""
     try:
@@ -166,150 +165,119 @@ def _zip_kind(path: Path) -> str:
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: PathLike, metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``tensors`` (in insertion order) and optional string ``metadata`` as safetensors."""
+    """Write ``tensors`` and optional string ``metadata`` as safetensors, atomically.
+
+    :func:`load_file` gives the tensors back in the order of ``tensors``.
+    """
     path = Path(path)
     arrays = _prepare(tensors, metadata, path)
-    header: dict[str, Any] = {}
-    if metadata is not None:
-        header[METADATA_KEY] = dict(metadata)
-    layout: list[tuple[np.ndarray, np.dtype]] = []
-    offset = 0
-    for name, array in arrays.items():
-        code, dtype = _supported_dtype(name, array, path)
-        nbytes = array.size * dtype.itemsize
-        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + nbytes]}
-        layout.append((array, dtype))
-        offset += nbytes
-    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    # Pad so the buffer starts 8-byte aligned (8-byte prefix + multiple-of-8 header).
-    encoded += b" " * (-len(encoded) % 8)
+    header = {**(metadata or {}), ORDER_KEY: json.dumps(list(arrays), ensure_ascii=False)}
+    try:
+        data = safetensors.numpy.save(arrays, metadata=header)
+    except safetensors.SafetensorError as e:
+        raise WeightFileError(f"{path}: cannot encode as safetensors: {e}") from None
 
     def write(f: IO[bytes]) -> None:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for array, dtype in layout:
-            f.write(array.astype(dtype, copy=False).tobytes(order="C"))
+        f.write(data)
 
     _atomic_write(path, write)
 
 
-def _parse_entry(name: str, entry: Any, path: Path) -> tuple[np.dtype, tuple[int, ...], int, int]:
-    where = f"{path}: tensor {name!r}"
-    if not isinstance(entry, dict):
-        raise WeightFileError(f"{where}: header entry must be a JSON object, got {json.dumps(entry)}")
-    for key in ("dtype", "shape", "data_offsets"):
-        if key not in entry:
-            raise WeightFileError(f"{where}: header entry is missing {key!r}")
-    code = entry["dtype"]
-    if not isinstance(code, str):
-        raise WeightFileError(f"{where}: dtype must be a string, got {json.dumps(code)}")
-    if code not in _DTYPES:
-        raise WeightFileError(f"{where}: unsupported dtype {code!r}; supported: {', '.join(_DTYPES)}")
-    shape = entry["shape"]
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise WeightFileError(f"{where}: shape must be a list of non-negative ints, got {json.dumps(shape)}")
-    offsets = entry["data_offsets"]
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
-    ):
-        raise WeightFileError(
-            f"{where}: data_offsets must be [begin, end] non-negative ints, got {json.dumps(offsets)}"
-        )
-    begin, end = offsets
-    if end < begin:
-        raise WeightFileError(f"{where}: data_offsets end {end} is before begin {begin}")
-    dtype = _DTYPES[code]
-    needed = math.prod(shape) * dtype.itemsize
-    if end - begin != needed:
-        raise WeightFileError(
-            f"{where}: data_offsets [{begin}, {end}] span {end - begin} bytes, but shape {tuple(shape)} "
-            f"of {code} needs {needed}"
-        )
-    return dtype, tuple(shape), begin, end
-
-
 def load_file(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read a safetensors file: ``(tensors in file order, metadata)``. Never unpickles anything."""
+    """Read a safetensors file: ``(tensors in the order they were written, metadata)``. Never unpickles."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        with safetensors.safe_open(path, framework="numpy") as f:
+            metadata = dict(f.metadata() or {})
+            names = f.offset_keys()
+            for name in names:
+                # Check first: the library fails on e.g. BF16 with numpy's own TypeError.
+                code = f.get_slice(name).get_dtype()
+                if code not in _DTYPES:
+                    raise WeightFileError(
+                        f"{path}: tensor {name!r} has unsupported dtype {code!r}; "
+                        f"densenet-suite reads {', '.join(_DTYPES)}"
+                    )
+            # The library copies out of its mapping; require() guards alignment and writability.
+            tensors = {name: np.require(f.get_tensor(name), requirements=["C", "A", "W"]) for name in names}
     except FileNotFoundError:
         raise WeightFileError(f"{path}: file not found") from None
+    except safetensors.SafetensorError as e:
+        raise WeightFileError(f"{path}: {_diagnose(path, e)}") from None
     except OSError as e:
-        raise WeightFileError(f"{path}: cannot read: {e.strerror or e}") from e
+        problem = "is a directory, not a weight file" if path.is_dir() else f"cannot read: {e.strerror or e}"
+        raise WeightFileError(f"{path}: {problem}") from None
+    return _in_written_order(tensors, metadata, path), metadata
 
-    size = len(data)
-    looks_pickled = data[:1] == b"\x80" or data[:2] == b"PK"
-    header_len = struct.unpack("<Q", data[:8])[0] if size >= 8 else None
-    # A real safetensors header can begin with 0x80 (its length's low byte), so only call it a
-    # pickle when the bytes do not also make sense as safetensors.
-    plausible = header_len is not None and header_len <= min(size - 8, MAX_HEADER_BYTES) and data[8:9] == b"{"
-    if looks_pickled and not plausible:
-        if data[:2] == b"PK" and _zip_kind(path) == "npz":
-            raise WeightFileError(f"{path}: this is a .npz archive, not safetensors; give it the .npz suffix")
-        raise WeightFileError(f"{path}: {PICKLE_MESSAGE}")
+
+def _in_written_order(tensors: dict[str, np.ndarray], metadata: dict[str, str], path: Path) -> dict[str, np.ndarray]:
+    """Reorder by (and remove) :data:`ORDER_KEY`; files from other writers keep their file order."""
+    text = metadata.pop(ORDER_KEY, None)
+    if text is None:
+        return tensors
+    try:
+        order = json.loads(text)
+    except ValueError:
+        order = None
+    if not isinstance(order, list) or not all(isinstance(name, str) for name in order):
+        raise WeightFileError(f"{path}: metadata {ORDER_KEY!r} must be a JSON list of tensor names, got {text[:80]!r}")
+    ordered = {name: tensors[name] for name in order if name in tensors}
+    # Tensors the list lacks (another tool added them but kept our metadata) follow in file order.
+    return ordered | {name: t for name, t in tensors.items() if name not in ordered}
+
+
+def _diagnose(path: Path, error: Exception) -> str:
+    """What is wrong with a file the library refused, in words: the library's own are terse."""
+    detail = str(error).removeprefix(_LIBRARY_PREFIX)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        return f"cannot read: {e.strerror or e}"
+    header_len = int.from_bytes(head[:8], "little") if size >= 8 else None
+    # A real header may begin with 0x80 (its length's low byte), so only call it a pickle or a
+    # zip archive when the bytes do not also make sense as safetensors.
+    plausible = header_len is not None and header_len <= size - 8 and head[8:9] == b"{"
+    if not plausible and head[:2] == b"PK":
+        if _zip_kind(path) == "npz":
+            return "this is a .npz archive, not safetensors; give it the .npz suffix"
+        return PICKLE_MESSAGE
+    if not plausible and head[:1] == b"\x80":
+        return PICKLE_MESSAGE
     if header_len is None:
-        raise WeightFileError(f"{path}: file is {size} bytes, too short for the 8-byte safetensors header length")
-    if header_len > MAX_HEADER_BYTES:
-        raise WeightFileError(
-            f"{path}: header length {header_len} is absurd (limit {MAX_HEADER_BYTES}); not a safetensors file?"
-        )
+        return f"file is {size} bytes, too short for the 8-byte safetensors header length (truncated?)"
     if header_len > size - 8:
-        raise WeightFileError(
-            f"{path}: header length {header_len} is larger than the {size - 8} bytes after it "
+        return (
+            f"header length {header_len} is larger than the {size - 8} bytes after it "
             "(truncated or not a safetensors file)"
         )
-
-    try:
-        text = data[8 : 8 + header_len].decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise WeightFileError(f"{path}: header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates)
-    except ValueError as e:
-        raise WeightFileError(f"{path}: header is not valid JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise WeightFileError(f"{path}: header must be a JSON object, got {type(header).__name__}")
-
-    metadata = _check_metadata(header.pop(METADATA_KEY), path) if METADATA_KEY in header else {}
-    buffer = memoryview(data)[8 + header_len :]
-    tensors: dict[str, np.ndarray] = {}
-    entries = [(name, *_parse_entry(name, entry, path)) for name, entry in header.items()]
-    for (prev, _, _, prev_begin, _), (name, _, _, begin, _) in itertools.pairwise(entries):
-        if begin < prev_begin:
-            raise WeightFileError(
-                f"{path}: data_offsets are out of order: tensor {name!r} (begins at {begin}) comes after "
-                f"{prev!r} (begins at {prev_begin}) in the header; tensors must be stored in header order"
-            )
-    expected_begin = 0
-    for i, (name, dtype, shape, begin, end) in enumerate(entries):
-        if begin != expected_begin:
-            after = "the buffer start" if i == 0 else f"tensor {entries[i - 1][0]!r}"
-            problem = (
-                f"leaving a gap of {begin - expected_begin} bytes after {after}"
-                if begin > expected_begin
-                else f"overlapping {after}, which ends at {expected_begin}"
-            )
-            raise WeightFileError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}], {problem}")
-        if end <= len(buffer):
-            # Copy: independent, aligned, writable arrays in native byte order.
-            raw = np.frombuffer(buffer[begin:end], dtype=dtype)
-            tensors[name] = raw.astype(dtype.newbyteorder("=")).reshape(shape)
-        expected_begin = end
-    if len(buffer) < expected_begin:
-        raise WeightFileError(
-            f"{path}: truncated: the header describes {expected_begin} bytes of tensor data, "
-            f"but only {len(buffer)} follow it"
+    if "not fully covered" in detail:
+        return _data_size_problem(path, header_len, size)
+    if "too large" in detail:
+        return f"header length {header_len} is over the safetensors limit; not a safetensors file? ({detail})"
+    if detail.startswith(("invalid offset", "invalid shape")):
+        detail += (
+            "; each tensor's data_offsets must span its shape times its dtype's size and begin where the "
+            "previous tensor ends"
         )
-    if len(buffer) > expected_begin:
-        raise WeightFileError(
-            f"{path}: {len(buffer) - expected_begin} trailing bytes after the last tensor "
-            f"(the header describes {expected_begin} bytes of data)"
-        )
-    return tensors, metadata
+    return f"corrupted safetensors header: {detail}"
+
+
+def _data_size_problem(path: Path, header_len: int, size: int) -> str:
+    """Truncated or trailing bytes: the library only says the data does not match the header."""
+    available = size - 8 - header_len
+    try:
+        with open(path, "rb") as f:
+            f.seek(8)
+            header = json.loads(f.read(header_len))
+        # The library has checked the header, so the tensors' bytes are contiguous from 0.
+        needed = max((e["data_offsets"][1] for k, e in header.items() if k != METADATA_KEY), default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return f"the {available} bytes of tensor data do not match the header (truncated, or trailing bytes)"
+    if available < needed:
+        return f"truncated: the header describes {needed} bytes of tensor data, but only {available} follow it"
+    return f"{available - needed} trailing bytes after the last tensor (the header describes {needed} bytes of data)"
 
 
 # ---------------------------------------------------------------------------------------------
