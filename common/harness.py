@@ -16,6 +16,7 @@ import numpy as np
 from common.config import DenseNetConfig, NetworkPlan, plan
 from common.errors import BackendUnavailable, DenseNetError
 from common.registry import BACKENDS, canonical_name, load_backend
+from common.render import format_table
 
 
 def make_input(config: DenseNetConfig, input_size: tuple[int, int], batch: int, seed: int = 0) -> np.ndarray:
@@ -109,6 +110,50 @@ class ShapeReport:
             "ok": self.ok,
             "failures": self.failures,
         }
+
+    def to_text(self) -> str:
+        """The stage and backend tables for people, ending with the verdict when the comparison
+        passes; when it fails, :attr:`failures` says why (the CLI writes them on stderr)."""
+        config = self.plan.config
+        h, w = self.plan.input_size
+        ran = self.ran()
+        stage_rows = [
+            [stage, str(expected), *[str(r.stages.get(stage, "-")) for r in ran]]
+            + ["yes" if self.stage_agrees(stage) else "NO"]
+            for stage, expected in self.expected().items()
+        ]
+        backend_rows = [
+            [
+                r.name,
+                r.version or "-",
+                f"{r.num_params:,}" if r.num_params is not None else "-",
+                f"{r.num_state:,}" if r.num_state is not None else "-",
+                f"{r.build_s:.2f}" if r.build_s is not None else "-",
+                f"{r.forward_s * 1000:.1f}" if r.forward_s is not None else "-",
+                {"ok": "ok", "unavailable": "unavailable", "error": "ERROR"}[r.status],
+            ]
+            for r in self.runs
+        ]
+        lines = [
+            f"DenseNet {config.describe()}",
+            f"input: {self.batch}x{config.in_channels}x{h}x{w} (NCHW), seeded uniform [0, 1), seed {self.seed}",
+            "shapes are NCHW whatever the framework's own layout",
+            "",
+            format_table(["stage", "expected", *[r.name for r in ran], "agree"], stage_rows),
+            "",
+            format_table(["backend", "version", "params", "BN stats", "build s", "forward ms", "status"], backend_rows),
+            "",
+            f"expected parameters: {self.plan.num_params:,}; "
+            f"forward cost: {self.plan.macs / 1e6:.1f} M multiply-adds per image",
+        ]
+        lines += [
+            f"note: {r.name} skipped: {r.error}"
+            for r in self.runs
+            if r.status == "unavailable" and r.name not in self.required
+        ]
+        if self.ok:
+            lines.append(f"OK: {len(ran)} backend(s) agree with each other and with the plan")
+        return "\n".join(lines)
 
 
 def run_backend(name: str, config: DenseNetConfig, X: np.ndarray, *, seed: int = 0) -> BackendRun:
