@@ -16,6 +16,7 @@ import numpy as np
 from common.config import DenseNetConfig, NetworkPlan, plan
 from common.errors import BackendUnavailable, DenseNetError
 from common.registry import BACKENDS, canonical_name, load_backend
+from common.render import format_table
 
 
 def make_input(config: DenseNetConfig, input_size: tuple[int, int], batch: int, seed: int = 0) -> np.ndarray:
@@ -49,6 +50,7 @@ class ShapeReport:
     seed: int
     runs: list[BackendRun]
     required: list[str]
+    dtype: str = "float32"
 
     def expected(self) -> dict[str, tuple[int, ...]]:
         return self.plan.shapes(self.batch)
@@ -91,6 +93,7 @@ class ShapeReport:
             "input_size": list(self.plan.input_size),
             "batch": self.batch,
             "seed": self.seed,
+            "dtype": self.dtype,
             "expected_params": self.plan.num_params,
             "macs_per_image": self.plan.macs,
             "stages": [
@@ -110,9 +113,56 @@ class ShapeReport:
             "failures": self.failures,
         }
 
+    def to_text(self) -> str:
+        """The stage and backend tables for people, ending with the verdict when the comparison
+        passes; when it fails, :attr:`failures` says why (the CLI writes them on stderr)."""
+        config = self.plan.config
+        h, w = self.plan.input_size
+        ran = self.ran()
+        stage_rows = [
+            [stage, str(expected), *[str(r.stages.get(stage, "-")) for r in ran]]
+            + ["yes" if self.stage_agrees(stage) else "NO"]
+            for stage, expected in self.expected().items()
+        ]
+        backend_rows = [
+            [
+                r.name,
+                r.version or "-",
+                f"{r.num_params:,}" if r.num_params is not None else "-",
+                f"{r.num_state:,}" if r.num_state is not None else "-",
+                f"{r.build_s:.2f}" if r.build_s is not None else "-",
+                f"{r.forward_s * 1000:.1f}" if r.forward_s is not None else "-",
+                {"ok": "ok", "unavailable": "unavailable", "error": "ERROR"}[r.status],
+            ]
+            for r in self.runs
+        ]
+        lines = [
+            f"DenseNet {config.describe()}",
+            f"input: {self.batch}x{config.in_channels}x{h}x{w} (NCHW), seeded uniform [0, 1), seed {self.seed}, "
+            f"{self.dtype}",
+            "shapes are NCHW whatever the framework's own layout",
+            "",
+            format_table(["stage", "expected", *[r.name for r in ran], "agree"], stage_rows),
+            "",
+            format_table(["backend", "version", "params", "BN stats", "build s", "forward ms", "status"], backend_rows),
+            "",
+            f"expected parameters: {self.plan.num_params:,}; "
+            f"forward cost: {self.plan.macs / 1e6:.1f} M multiply-adds per image",
+        ]
+        lines += [
+            f"note: {r.name} skipped: {r.error}"
+            for r in self.runs
+            if r.status == "unavailable" and r.name not in self.required
+        ]
+        if self.ok:
+            lines.append(f"OK: {len(ran)} backend(s) agree with each other and with the plan")
+        return "\n".join(lines)
 
-def run_backend(name: str, config: DenseNetConfig, X: np.ndarray, *, seed: int = 0) -> BackendRun:
-    """Build one backend's network and record its stage shapes; never raises for the backend."""
+
+def run_backend(
+    name: str, config: DenseNetConfig, X: np.ndarray, *, seed: int = 0, dtype: str = "float32"
+) -> BackendRun:
+    """Build one backend's network in ``dtype`` and record its stage shapes; never raises for the backend."""
     framework = BACKENDS[name][2]
     try:
         adapter = load_backend(name)
@@ -121,7 +171,7 @@ def run_backend(name: str, config: DenseNetConfig, X: np.ndarray, *, seed: int =
     run = BackendRun(name, adapter.framework, "ok", version=adapter.version())
     try:
         start = time.perf_counter()
-        model = adapter.build(config, seed=seed)
+        model = adapter.build(config, seed=seed, dtype=dtype)
         run.build_s = time.perf_counter() - start
         start = time.perf_counter()
         stages = adapter.stages(model, X)
@@ -132,6 +182,9 @@ def run_backend(name: str, config: DenseNetConfig, X: np.ndarray, *, seed: int =
         bad = [k for k, v in stages.items() if not np.all(np.isfinite(v))]
         if bad:
             raise DenseNetError(f"non-finite values in stage(s) {', '.join(bad)}")
+        wrong = sorted({str(v.dtype) for v in stages.values()} - {dtype})
+        if wrong:  # a framework that silently computes in another precision
+            raise DenseNetError(f"asked for {dtype}, but the stages came out as {', '.join(wrong)}")
     except Exception as exc:  # a backend failing is a result to report, not a crash
         run.status = "error"
         detail = "" if isinstance(exc, DenseNetError) else "\n" + traceback.format_exc(limit=3)
@@ -145,6 +198,7 @@ def compare_shapes(
     input_size: int | tuple[int, int] = 96,
     batch: int = 1,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> ShapeReport:
     """Feed one seeded batch to each backend (all when ``backends`` is None) and compare shapes.
 
@@ -157,5 +211,5 @@ def compare_shapes(
     names = [canonical_name(b) for b in backends] if backends else list(BACKENDS)
     names = list(dict.fromkeys(names))
     X = make_input(config, network_plan.input_size, batch, seed)
-    runs = [run_backend(name, config, X, seed=seed) for name in names]
-    return ShapeReport(network_plan, batch, seed, runs, required=names if backends else [])
+    runs = [run_backend(name, config, X, seed=seed, dtype=dtype) for name in names]
+    return ShapeReport(network_plan, batch, seed, runs, required=names if backends else [], dtype=dtype)

@@ -595,3 +595,17 @@ def run_sweep(
                     worst[c["check"]] = row
         rows += [worst[check] for check in CHECKS if check in worst]
     return rows, failures
+
+
+def sweep_markdown(rows: list[SweepRow]) -> str:
+    """The margin table of a sweep: every setting, then the worst over all settings per check."""
+    lines = ["| setting | check | worst error | bound | margin | where |", "|---|---|---|---|---|---|"]
+    lines += [
+        f"| {r.setting} | {r.check} | {r.error:.2e} | {r.bound:.2e} | {r.margin:.1f}x | {r.where} |" for r in rows
+    ]
+    if rows:
+        lines += ["", "| check | worst error, all settings | bound | margin |", "|---|---|---|---|"]
+        for check in dict.fromkeys(r.check for r in rows):
+            worst = min((r for r in rows if r.check == check), key=lambda r: r.margin)
+            lines.append(f"| {check} | {worst.error:.2e} | {worst.bound:.2e} | {worst.margin:.1f}x |")
+    return "\n".join(lines)

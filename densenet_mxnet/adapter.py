@@ -8,6 +8,7 @@ from common.adapter import Adapter, Model, check_dtype
 from common.config import BN_MOMENTUM, DenseNetConfig, min_input_size
 from densenet_mxnet._compat import mxnet as mx
 from densenet_mxnet.model import DenseBlock, DenseNet, transition_block
+from densenet_mxnet.peers import zoo_param_names
 
 autograd, gluon = mx.autograd, mx.gluon
 
@@ -24,6 +25,11 @@ class MXNetAdapter(Adapter):
 
     def version(self) -> str:
         return mx.__version__
+
+    def gluon_zoo_names(self, name: str, num_classes: int) -> list[str]:
+        """Parameter names, in forward order, of the Gluon model zoo's ``name`` network (for the
+        ``gluon`` peer format, whose names only the zoo can produce)."""
+        return zoo_param_names(name, num_classes)
 
     def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> Model:
         dtype = check_dtype(dtype)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import common.cli
 from common.cli import main
 from common.config import DenseNetConfig, count_params
 from common.harness import compare_shapes, make_input
 from common.registry import BACKENDS
+from common.summary import summarize
 
 TINY = ["--num-channels", "8", "--growth-rate", "4", "--arch", "2,2", "--input-size", "32"]
 
@@ -58,7 +63,7 @@ def test_harness_reports_disagreement(adapter, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_harness_reports_backend_errors(adapter, monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom(self, config, seed=0):
+    def boom(self, config, seed=0, dtype="float32"):
         raise RuntimeError("simulated build failure")
 
     monkeypatch.setattr(type(adapter), "build", boom)
@@ -165,3 +170,66 @@ def test_python_dash_m_common() -> None:
     assert proc.returncode == 2
     assert "too small" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_summary_report(backend_name: str, adapter) -> None:
+    """``densenet summary`` prints a report that also serialises, stage by stage."""
+    config = DenseNetConfig(8, 4, (2, 2))
+    report = summarize(backend_name, config, 32, batch=2)
+    data = json.loads(json.dumps(report.to_dict()))
+    assert [s["stage"] for s in data["stages"]] == ["stem", "dense1", "transition1", "dense2", "head"]
+    assert data["num_params"] == count_params(config) == sum(s["params"] for s in data["stages"])
+    assert data["stages"][-1]["output_shape"] == [2, 10]
+    assert report.to_text().splitlines()[0] == f"{adapter.framework} {adapter.version()}: DenseNet {config.describe()}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The CLI package: no framework, no import cycle, no import hidden in a function
+
+ROOT = Path(common.cli.__file__).parents[2]  # so a fresh process imports this checkout's packages
+CLI_MODULES = sorted(
+    "common.cli" if p.stem == "__init__" else f"common.cli.{p.stem}"
+    for p in (ROOT / "common" / "cli").glob("*.py")
+    if p.stem != "__main__"  # running it is the command itself
+)
+FRAMEWORKS = ("torch", "mxnet", "jax", "flax", "tensorflow", "keras", "optax")
+
+
+def test_cli_modules_are_found() -> None:
+    assert {"common.cli", "common.cli.options", "common.cli.inspection", "common.cli.weights"} <= set(CLI_MODULES)
+
+
+@pytest.mark.parametrize("module", CLI_MODULES)
+def test_cli_module_imports_first_without_a_framework(module: str) -> None:
+    """Each CLI module imports on its own in a fresh process, so nothing in the package relies on
+    another module having been imported first (an import cycle fails this way), and loads no
+    framework: backends load only when a command asks for one."""
+    code = (
+        f"import importlib, sys; importlib.import_module({module!r}); "
+        f"print(','.join(sorted(m for m in {FRAMEWORKS!r} if m in sys.modules)))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "", f"importing {module} loaded {proc.stdout.strip()}"
+
+
+@pytest.mark.parametrize("module", CLI_MODULES)
+def test_cli_module_imports_only_at_the_top(module: str) -> None:
+    """Imports inside functions are how cycles get hidden: the CLI has none."""
+    path = Path(importlib.import_module(module).__file__)
+    tree = ast.parse(path.read_text())
+    nested = [
+        f"{path.name}:{node.lineno}"
+        for func in ast.walk(tree)
+        if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for node in ast.walk(func)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+    ]
+    assert nested == []
+
+
+def test_python_dash_m_common_cli() -> None:
+    argv = [sys.executable, "-m", "common.cli", "--help"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: densenet ")

@@ -228,6 +228,37 @@ def test_cli_convert_from_and_to_peer_formats(tmp_path: Path, capsys: pytest.Cap
     assert "unknown format 'caffe'" in capsys.readouterr().err
 
 
+class _FakeZoo:
+    """Stands in for the MXNet adapter: names the zoo's parameters the way Gluon does."""
+
+    framework = "fake"
+
+    def gluon_zoo_names(self, name: str, num_classes: int) -> list[str]:
+        assert (name, num_classes) == ("densenet121", 1000)
+        bn = {"weight": "gamma", "bias": "beta"}
+        return [
+            f"zoo0_p{i}_{bn.get(leaf, leaf) if prefix.endswith('bn') else leaf}"
+            for i, (prefix, leaf) in enumerate(k.rsplit(".", 1) for k in canonical_spec(D121))
+        ]
+
+
+def test_cli_gluon_export_asks_the_backend_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The neutral core gets the model zoo's names from the MXNet backend, through the registry."""
+    asked = []
+    monkeypatch.setattr("common.cli.weights.load_backend", lambda name: asked.append(name) or _FakeZoo())
+    src, dst = tmp_path / "c.safetensors", tmp_path / "g.npz"
+    assert main(["init", "--out", str(src), "--config", "densenet121"]) == 0
+    assert main(["convert", "--from", str(src), "--to", str(dst), "--to-format", "gluon"]) == 0
+    assert asked == ["mxnet"]
+    tensors, _ = read_weights(dst)
+    assert list(tensors) == _FakeZoo().gluon_zoo_names("densenet121", 1000)
+    monkeypatch.setattr("common.cli.weights.load_backend", lambda name: object())
+    assert main(["convert", "--from", str(src), "--to", str(tmp_path / "x.npz"), "--to-format", "gluon"]) == 2
+    assert "cannot name the Gluon model zoo's parameters" in capsys.readouterr().err
+
+
 def test_compare_accepts_a_named_config(capsys: pytest.CaptureFixture[str], backend_name, adapter) -> None:
     assert (
         main(
@@ -316,6 +347,15 @@ def test_gluon_model_zoo_densenet121(gluon_peer, adapter) -> None:
     model = adapter.build(D121)
     adapter.set_weights(model, weights)
     np.testing.assert_allclose(adapter.stages(model, X)["head"], expected, rtol=0, atol=PEER_ATOL)
+
+
+@pytest.mark.mxnet
+def test_gluon_zoo_names_from_the_mxnet_backend(request: pytest.FixtureRequest) -> None:
+    adapter = get_adapter("mxnet", request.config)
+    names = adapter.gluon_zoo_names("densenet121", 10)
+    assert list(peers.gluon_names(D121, names)) == list(canonical_spec(D121))
+    with pytest.raises(WeightFileError, match="no densenet264 network"):
+        adapter.gluon_zoo_names("densenet264", 1000)
 
 
 @pytest.mark.skipif(

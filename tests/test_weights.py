@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.cli_weights import add_parsers
+from common.cli.weights import add_parsers
 from common.config import DenseNetConfig, canonical_spec
 from common.errors import BackendError, WeightFileError
 from common.reference import init_weights
@@ -337,7 +337,7 @@ class _PerturbingAdapter:
 def test_convert_fails_when_a_round_trip_changes_a_tensor(
     tiny_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setattr("common.cli_weights.load_backend", lambda name: _PerturbingAdapter())
+    monkeypatch.setattr("common.cli.weights.load_backend", lambda name: _PerturbingAdapter())
     out = tmp_path / "out.npz"
     out.write_bytes(b"previous content")
     assert run("convert", "--from", str(tiny_file), "--to", str(out), "--backend", "torch") == 1

@@ -13,29 +13,37 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from common import peers
+from common.cli.options import add_config_options, config_from_args
 from common.config import CONFIGS, DenseNetConfig, count_bn_stats, count_params, named_config
-from common.errors import WeightFileError
-from common.peers import FORMATS
+from common.errors import BackendError, WeightFileError
 from common.registry import BACKENDS, canonical_name, load_backend
 from common.safetensors_io import SUFFIXES, read_weights, write_weights
-from common.weights import init_canonical, load_canonical, save_weights
+from common.weights import RUNNING_VAR, init_canonical, load_canonical, save_weights
 
-__all__ = ["add_parsers", "cmd_convert", "cmd_init"]
+__all__ = ["GluonZoo", "add_convert", "add_init", "add_parsers", "cmd_convert", "cmd_init"]
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Add the ``init`` and ``convert`` subcommands to ``sub`` (an ``add_subparsers()`` object)."""
-    from common.cli import add_config_options  # at call time: common.cli imports this module
+@runtime_checkable
+class GluonZoo(Protocol):
+    """A backend that can name the Gluon model zoo's parameters (the MXNet adapter)."""
 
+    def gluon_zoo_names(self, name: str, num_classes: int) -> list[str]: ...
+
+
+def add_init(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="write a seeded canonical weight file (.safetensors or .npz)")
     p.add_argument("--out", required=True, metavar="FILE", help="output file; the suffix picks the format")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     add_config_options(p)
     p.set_defaults(func=cmd_init)
 
+
+def add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
         help="round-trip a canonical weight file through backends and write it (.safetensors <-> .npz)",
@@ -51,7 +59,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help=f"pass the weights through this backend ({', '.join(BACKENDS)}); repeatable or comma-separated, "
         "applied in order; none: only convert the file format",
     )
-    formats = ", ".join(("canonical", *FORMATS))
+    formats = ", ".join(("canonical", *peers.FORMATS))
     p.add_argument("--from-format", default="canonical", help=f"layout of --from: {formats}")
     p.add_argument("--to-format", default="canonical", help=f"layout of --to: {formats}")
     p.add_argument(
@@ -62,6 +70,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_convert)
 
 
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add the ``init`` and ``convert`` subcommands to ``sub`` (an ``add_subparsers()`` object)."""
+    add_init(sub)
+    add_convert(sub)
+
+
 def _file_size(path: str | os.PathLike) -> str:
     try:
         return f"{os.path.getsize(path):,} bytes"
@@ -70,8 +84,6 @@ def _file_size(path: str | os.PathLike) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from common.cli import config_from_args
-
     config = config_from_args(args)
     weights = init_canonical(config, args.seed)
     save_weights(args.out, weights, config, source="numpy-init")
@@ -120,15 +132,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     adapters = [load_backend(n) for n in names]  # refuse unknown or missing backends before any work
 
     for fmt in (args.from_format, args.to_format):
-        if fmt not in ("canonical", *FORMATS):
-            raise WeightFileError(f"unknown format {fmt!r}; expected one of canonical, {', '.join(FORMATS)}")
+        if fmt not in ("canonical", *peers.FORMATS):
+            raise WeightFileError(f"unknown format {fmt!r}; expected one of canonical, {', '.join(peers.FORMATS)}")
     if args.from_format == "canonical":
         found = load_canonical(src)
         config, weights = found.config, found.weights
         source = found.metadata.get("source", "unknown")
+        running_var = found.metadata.get("running_var", RUNNING_VAR)
     else:
         config, weights = _read_peer(src, args.from_format, args.config)
         source = args.from_format
+        # Keras and Gluon feed their running variances the biased batch variance; the values are
+        # kept as they are (inference reads them as they are everywhere) and the file says so.
+        running_var = "unbiased" if args.from_format == "torchvision" else "biased"
     print(f"DenseNet {config.describe()}")
     print(
         f"read  {src}: {len(weights)} tensors, {count_params(config):,} parameters + "
@@ -151,7 +167,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"{label}: round trip bit-identical ({len(weights)} tensors)")
         weights, source = {k: exported[k] for k in weights}, adapter.name
     if args.to_format == "canonical":
-        save_weights(dst, weights, config, source=source)
+        save_weights(dst, weights, config, source=source, running_var=running_var)
     else:
         tensors = _to_peer(weights, config, args.to_format)
         metadata = {"format": f"{args.to_format} (exported by densenet-suite)", "config": json.dumps(config.to_dict())}
@@ -163,8 +179,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _read_peer(src: Path, fmt: str, config_name: str | None) -> tuple[DenseNetConfig, dict[str, np.ndarray]]:
     """A peer's weights, saved as safetensors or npz under the peer's own names."""
-    from common import peers
-
     tensors, _ = read_weights(src)
     if config_name:
         config = named_config(config_name)
@@ -175,17 +189,15 @@ def _read_peer(src: Path, fmt: str, config_name: str | None) -> tuple[DenseNetCo
 
 
 def _to_peer(weights: dict[str, np.ndarray], config: DenseNetConfig, fmt: str) -> dict[str, np.ndarray]:
-    from common import peers
-
     if fmt == "torchvision":
         return peers.to_torchvision(weights, config)
     if fmt == "keras":
         return peers.to_keras(weights, config)
-    # Gluon's parameter names come from the model zoo itself, so MXNet must be installed.
+    # Gluon's parameter names come from the model zoo itself, so the MXNet backend must load.
     name = next((n for n, c in CONFIGS.items() if c == config and n != "d2l"), None)
     if name is None:
         raise WeightFileError("gluon export needs one of the model zoo's networks (--config densenet121 ...)")
-    from densenet_mxnet._compat import mxnet  # restores numpy's aliases before MXNet loads
-
-    net = mxnet.gluon.model_zoo.vision.get_model(name, classes=config.num_classes)
-    return peers.to_gluon(weights, config, list(net.collect_params()))
+    zoo = load_backend("mxnet")
+    if not isinstance(zoo, GluonZoo):
+        raise BackendError("the mxnet backend cannot name the Gluon model zoo's parameters")
+    return peers.to_gluon(weights, config, zoo.gluon_zoo_names(name, config.num_classes))

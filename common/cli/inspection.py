@@ -1,0 +1,68 @@
+"""``densenet list``, ``compare`` and ``summary``: what the backends are and what they build."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from common.cli.options import add_network_options, backend_list, config_from_args
+from common.harness import compare_shapes
+from common.registry import BACKENDS, BackendStatus, available
+from common.render import format_table
+from common.summary import summarize
+
+__all__ = ["add_compare", "add_list", "add_summary", "cmd_compare", "cmd_list", "cmd_summary"]
+
+
+def _status_table(statuses: list[BackendStatus]) -> str:
+    rows = [(s.name, s.framework, s.version or "-", "yes" if s.available else f"no: {s.reason}") for s in statuses]
+    return format_table(["backend", "framework", "version", "available"], rows)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    statuses = available()
+    print(json.dumps([s.__dict__ for s in statuses], indent=2) if args.json else _status_table(statuses))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    config = config_from_args(args)  # before the backend names: a bad configuration is reported first
+    report = compare_shapes(
+        backend_list(args.backends), config, args.input_size, args.batch_size, args.seed, dtype=args.dtype
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_text())
+    if not report.ok and not args.json:
+        print("FAILED:\n  " + "\n  ".join(report.failures), file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    print(summarize(args.backend, config_from_args(args), args.input_size, args.batch_size, args.seed).to_text())
+    return 0
+
+
+def add_list(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("list", help="backends and why any is unavailable")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+
+def add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="feed one seeded input to every backend and compare shapes stage by stage")
+    p.add_argument(
+        "--backends",
+        help=f"comma-separated subset of {','.join(BACKENDS)} (default: every installed one); "
+        "a named backend that cannot load is a failure",
+    )
+    add_network_options(p)
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="every weight and activation")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_compare)
+
+
+def add_summary(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("summary", help="layer-by-layer shape table of one backend (the book's layer_summary)")
+    p.add_argument("--backend", required=True, help=", ".join(BACKENDS))
+    add_network_options(p)
+    p.set_defaults(func=cmd_summary)
