@@ -28,7 +28,8 @@ import numpy as np
 
 from common import reference
 from common.adapter import Adapter
-from common.config import BN_MOMENTUM, STEM_CONV, DenseNetConfig, _out, is_state, plan
+from common.arch import bn_counts  # re-exported: tests and callers import it from here
+from common.config import BN_MOMENTUM, DenseNetConfig, is_state, plan
 from common.errors import BackendUnavailable
 from common.registry import BACKENDS, canonical_name, load_backend
 
@@ -136,21 +137,6 @@ def _diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple[float, fl
         if rel >= max_rel:
             max_rel, worst = rel, k
     return max_abs, max_rel, worst
-
-
-def bn_counts(config: DenseNetConfig, input_size: tuple[int, int], batch: int) -> dict[str, int]:
-    """Values each BatchNorm averages over (N*H*W), by canonical prefix: the n of n/(n-1)."""
-    p = plan(config, input_size)
-    size = {s.name: s.height * s.width for s in p.stages}
-    counts = {"stem": batch * _out(input_size[0], STEM_CONV) * _out(input_size[1], STEM_CONV)}
-    for i, num_convs in enumerate(config.arch):
-        for j in range(num_convs):
-            counts[f"dense{i + 1}.conv{j + 1}"] = batch * size[f"dense{i + 1}"]
-            counts[f"dense{i + 1}.conv{j + 1}.bottleneck"] = batch * size[f"dense{i + 1}"]
-        if i != len(config.arch) - 1:
-            counts[f"transition{i + 1}"] = batch * size[f"dense{i + 1}"]
-    counts["head"] = batch * size[f"dense{len(config.arch)}"]
-    return counts
 
 
 def align_running_var(

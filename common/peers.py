@@ -261,11 +261,11 @@ def infer_config(names: list[str], shapes: Mapping[str, tuple[int, ...]], fmt: s
             t_out, t_in = out_in(trans)
             compression = t_out / t_in
         config = DenseNetConfig(
-            num_channels,
-            growth,
-            arch,
-            num_classes,
-            in_channels,
+            num_channels=num_channels,
+            growth_rate=growth,
+            arch=arch,
+            num_classes=num_classes,
+            in_channels=in_channels,
             bn_size=width // growth,
             compression=compression,
             conv_bias=False,

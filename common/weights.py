@@ -43,7 +43,8 @@ FORMAT_VERSION = "1"
 DTYPE = np.dtype(np.float32)
 
 # Fields that decide the names and shapes of the tensors; a file must state every one of them.
-# (``lr`` only matters to training: it may be absent and is not compared against an expected one.)
+# (``drop_rate`` changes no tensor: it may be absent and is not compared. Files written before
+# ``lr`` left the configuration carry it; DenseNetConfig.from_dict ignores it.)
 STRUCTURAL_FIELDS = (
     "num_channels",
     "growth_rate",

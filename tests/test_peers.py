@@ -70,7 +70,7 @@ def test_densenet121_in_every_backend(adapter, rng) -> None:
 
 
 def test_dropout_only_acts_in_training(adapter, rng) -> None:
-    config = DenseNetConfig(16, 16, (2, 2), bn_size=2, drop_rate=0.5, conv_bias=False)
+    config = DenseNetConfig(num_channels=16, growth_rate=16, arch=(2, 2), bn_size=2, drop_rate=0.5, conv_bias=False)
     model = adapter.build(config)
     X = rng.random((4, 1, 32, 32), dtype=np.float32)
     np.testing.assert_array_equal(adapter.forward(model, X), adapter.forward(model, X))
