@@ -152,9 +152,10 @@ def to_torchvision(weights: Mapping[str, np.ndarray], config: DenseNetConfig) ->
 
 
 def from_keras(layers: Mapping[str, np.ndarray], config: DenseNetConfig) -> dict[str, np.ndarray]:
-    """Keras Applications weights (``{"layer/variable": array}``, see :func:`keras_weights`)."""
+    """Keras Applications weights, ``{"<layer name>/<variable name>": array}`` as
+    :func:`keras_names` spells them (``conv1_conv/kernel``, ``conv1_bn/gamma`` ...)."""
     out = _import("Keras Applications", config, layers, keras_names(config))
-    out = {k: param_from_native(k, v, "NHWC") for k, v in out.items()}
+    out = {k: param_from_native(v, "NHWC") for k, v in out.items()}
     out = {k: v + KERAS_EPS_SHIFT if k.endswith("running_var") else v for k, v in out.items()}
     return _checked(out, config, "Keras Applications")
 
@@ -166,17 +167,8 @@ def to_keras(weights: Mapping[str, np.ndarray], config: DenseNetConfig) -> dict[
         value = np.asarray(weights[name], np.float64)
         if name.endswith("running_var"):
             value = value - KERAS_EPS_SHIFT
-        out[key] = param_to_native(name, value, "NHWC").astype(np.float32)
+        out[key] = param_to_native(value, "NHWC").astype(np.float32)
     return out
-
-
-def keras_weights(model) -> dict[str, np.ndarray]:
-    """``{"layer/variable": array}`` of a Keras model (variable names without the layer path)."""
-    return {
-        f"{layer.name}/{variable.name.split('/')[-1]}": np.asarray(variable.numpy())
-        for layer in model.layers
-        for variable in layer.weights
-    }
 
 
 def gluon_names(config: DenseNetConfig, peer_names: list[str]) -> dict[str, str]:
@@ -285,7 +277,6 @@ __all__ = [
     "gluon_names",
     "infer_config",
     "keras_names",
-    "keras_weights",
     "to_gluon",
     "to_keras",
     "to_torchvision",

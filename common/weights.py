@@ -181,8 +181,8 @@ def load_canonical(path: PathLike, expected_config: DenseNetConfig | None = None
         example = _torch_like_name(tensors)
         if example is not None:
             message += (
-                f"; its tensor names (e.g. {example!r}) look like a PyTorch state dict, and peer formats "
-                "(framework-native checkpoints) are not supported by this command"
+                f"; its tensor names (e.g. {example!r}) look like a PyTorch state dict: for a torchvision "
+                "DenseNet's, use `densenet convert --from-format torchvision`"
             )
         raise WeightFileError(message + "; write canonical files with `densenet init` or common.weights.save_weights")
     version = metadata.get("format_version")

@@ -259,6 +259,15 @@ def _randomise_bn(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -
     return rng.uniform(-0.1, 0.1, shape)
 
 
+def _keras_weights(model) -> dict[str, np.ndarray]:
+    """``{"layer/variable": array}`` of a Keras model (variable names without the layer path)."""
+    return {
+        f"{layer.name}/{variable.name.split('/')[-1]}": np.asarray(variable.numpy())
+        for layer in model.layers
+        for variable in layer.weights
+    }
+
+
 @pytest.fixture(scope="module")
 def keras_peer(request: pytest.FixtureRequest):
     get_adapter("tf", request.config)  # skips (or fails if required) without TensorFlow
@@ -275,7 +284,7 @@ def keras_peer(request: pytest.FixtureRequest):
             layer.set_weights([_randomise_bn(rng, n, w.shape) for n, w in zip(names, layer.get_weights())])
     X = rng.random((2, 3, 64, 64), dtype=np.float32)
     logits = model(np.transpose(X, (0, 2, 3, 1)), training=False).numpy()
-    return peers.keras_weights(model), X, logits
+    return _keras_weights(model), X, logits
 
 
 @pytest.mark.tf

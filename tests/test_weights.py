@@ -165,7 +165,7 @@ def _torch_state_dict(path: Path) -> list[str]:
         "net.0.1.num_batches_tracked": np.zeros((), np.int64),
     }
     write_weights(tensors, path)
-    return ["not a densenet-suite canonical weight file", "PyTorch state dict", "peer formats"]
+    return ["not a densenet-suite canonical weight file", "PyTorch state dict", "--from-format torchvision"]
 
 
 def _other_format(path: Path) -> list[str]:
