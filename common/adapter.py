@@ -244,13 +244,13 @@ class Adapter(ABC):
         spec = canonical_spec(model.config)
         check_weights(spec, weights, source="weights")
         native = {
-            k: np.ascontiguousarray(param_to_native(k, np.asarray(weights[k], model.dtype), self.layout)) for k in spec
+            k: np.ascontiguousarray(param_to_native(np.asarray(weights[k], model.dtype), self.layout)) for k in spec
         }
         self._write(model, native)
 
     def canonical_param(self, name: str, value: np.ndarray) -> np.ndarray:
         """A tensor (or its gradient) from this framework's layout to the canonical one."""
-        return param_from_native(name, value, self.layout)
+        return param_from_native(value, self.layout)
 
     def canonical_activation(self, value: np.ndarray) -> np.ndarray:
         """An activation (or its gradient) from this framework's layout to NCHW."""

@@ -39,7 +39,6 @@ COUNTS = {"train": 60_000, "test": 10_000}
 URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "DENSENET_DATA_DIR"
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
 class DataError(DenseNetError, ValueError):

@@ -56,10 +56,16 @@ class Case:
 
 # Growth rate 16: MXNet 1.9.1's oneDNN backward fails on some narrower networks (README).
 CASES = (
-    Case("small", DenseNetConfig(16, 16, (2, 2)), (2, 1, 32, 32), 0, "two dense blocks, 1x32x32 images"),
+    Case(
+        "small",
+        DenseNetConfig(num_channels=16, growth_rate=16, arch=(2, 2)),
+        (2, 1, 32, 32),
+        0,
+        "two dense blocks, 1x32x32 images",
+    ),
     Case(
         "rgb_nonsquare",
-        DenseNetConfig(16, 16, (1, 1), num_classes=5, in_channels=3),
+        DenseNetConfig(num_channels=16, growth_rate=16, arch=(1, 1), num_classes=5, in_channels=3),
         (2, 3, 33, 40),
         1,
         "3-channel 33x40 images (odd size: floor in every pooling), 5 classes",

@@ -47,8 +47,10 @@ def from_layout(x: np.ndarray, layout: str) -> np.ndarray:
     return x
 
 
-def param_to_native(name: str, value: np.ndarray, layout: str) -> np.ndarray:
-    """A canonical tensor converted for a framework whose activations use ``layout``."""
+def param_to_native(value: np.ndarray, layout: str) -> np.ndarray:
+    """A canonical tensor converted for a framework whose activations use ``layout``: in NHWC
+    frameworks conv kernels OIHW -> HWIO and dense weights (out, in) -> (in, out); the rank tells
+    which, vectors pass through."""
     if layout == "NHWC":
         if value.ndim == 4:
             return oihw_to_hwio(value)
@@ -57,7 +59,8 @@ def param_to_native(name: str, value: np.ndarray, layout: str) -> np.ndarray:
     return value
 
 
-def param_from_native(name: str, value: np.ndarray, layout: str) -> np.ndarray:
+def param_from_native(value: np.ndarray, layout: str) -> np.ndarray:
+    """The inverse of :func:`param_to_native`: a framework's tensor in the canonical layout."""
     if layout == "NHWC":
         if value.ndim == 4:
             return hwio_to_oihw(value)

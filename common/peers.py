@@ -152,9 +152,10 @@ def to_torchvision(weights: Mapping[str, np.ndarray], config: DenseNetConfig) ->
 
 
 def from_keras(layers: Mapping[str, np.ndarray], config: DenseNetConfig) -> dict[str, np.ndarray]:
-    """Keras Applications weights (``{"layer/variable": array}``, see :func:`keras_weights`)."""
+    """Keras Applications weights, ``{"<layer name>/<variable name>": array}`` as
+    :func:`keras_names` spells them (``conv1_conv/kernel``, ``conv1_bn/gamma`` ...)."""
     out = _import("Keras Applications", config, layers, keras_names(config))
-    out = {k: param_from_native(k, v, "NHWC") for k, v in out.items()}
+    out = {k: param_from_native(v, "NHWC") for k, v in out.items()}
     out = {k: v + KERAS_EPS_SHIFT if k.endswith("running_var") else v for k, v in out.items()}
     return _checked(out, config, "Keras Applications")
 
@@ -166,17 +167,8 @@ def to_keras(weights: Mapping[str, np.ndarray], config: DenseNetConfig) -> dict[
         value = np.asarray(weights[name], np.float64)
         if name.endswith("running_var"):
             value = value - KERAS_EPS_SHIFT
-        out[key] = param_to_native(name, value, "NHWC").astype(np.float32)
+        out[key] = param_to_native(value, "NHWC").astype(np.float32)
     return out
-
-
-def keras_weights(model) -> dict[str, np.ndarray]:
-    """``{"layer/variable": array}`` of a Keras model (variable names without the layer path)."""
-    return {
-        f"{layer.name}/{variable.name.split('/')[-1]}": np.asarray(variable.numpy())
-        for layer in model.layers
-        for variable in layer.weights
-    }
 
 
 def gluon_names(config: DenseNetConfig, peer_names: list[str]) -> dict[str, str]:
@@ -261,11 +253,11 @@ def infer_config(names: list[str], shapes: Mapping[str, tuple[int, ...]], fmt: s
             t_out, t_in = out_in(trans)
             compression = t_out / t_in
         config = DenseNetConfig(
-            num_channels,
-            growth,
-            arch,
-            num_classes,
-            in_channels,
+            num_channels=num_channels,
+            growth_rate=growth,
+            arch=arch,
+            num_classes=num_classes,
+            in_channels=in_channels,
             bn_size=width // growth,
             compression=compression,
             conv_bias=False,
@@ -285,7 +277,6 @@ __all__ = [
     "gluon_names",
     "infer_config",
     "keras_names",
-    "keras_weights",
     "to_gluon",
     "to_keras",
     "to_torchvision",

@@ -26,8 +26,10 @@ ALIASES = {
 
 _loaded: dict[str, Adapter] = {}
 
-# TensorFlow's C++ core (also loaded by other frameworks' optional imports) prints start-up notes
-# on stderr unless told otherwise before its first import; they would drown the CLI's tables.
+# TensorFlow's C++ core prints start-up notes (oneDNN, CPU features) on stderr unless told
+# otherwise before its first import; they would drown the CLI's tables. Set here and nowhere
+# else: the CLI and load_backend run this line before any framework is imported, whereas
+# densenet_tf can come too late (another framework's optional imports may load TensorFlow first).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 

@@ -55,7 +55,8 @@ RUNNING_VAR = "unbiased"
 RUNNING_VAR_CONVENTIONS = ("unbiased", "biased")
 
 # Fields that decide the names and shapes of the tensors; a file must state every one of them.
-# (``lr`` only matters to training: it may be absent and is not compared against an expected one.)
+# (``drop_rate`` changes no tensor: it may be absent and is not compared. Files written before
+# ``lr`` left the configuration carry it; DenseNetConfig.from_dict ignores it.)
 STRUCTURAL_FIELDS = (
     "num_channels",
     "growth_rate",
@@ -197,8 +198,8 @@ def load_canonical(path: PathLike, expected_config: DenseNetConfig | None = None
         example = _torch_like_name(tensors)
         if example is not None:
             message += (
-                f"; its tensor names (e.g. {example!r}) look like a PyTorch state dict, and peer formats "
-                "(framework-native checkpoints) are not supported by this command"
+                f"; its tensor names (e.g. {example!r}) look like a PyTorch state dict: for a torchvision "
+                "DenseNet's, use `densenet convert --from-format torchvision`"
             )
         raise WeightFileError(message + "; write canonical files with `densenet init` or common.weights.save_weights")
     version = metadata.get("format_version")

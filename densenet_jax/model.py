@@ -16,6 +16,7 @@ from flax import linen as nn
 
 from common.checks import check_images
 from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, min_input_size
+from common.errors import ConfigError
 
 
 def _batch_norm(training: bool) -> nn.BatchNorm:
@@ -109,6 +110,9 @@ class DenseNet(nn.Module):
     """The d2l DenseNet: (N, H, W, C) float images -> (N, num_classes) logits.
 
     Each stage's output is sown into the ``intermediates`` collection when it is mutable.
+    ``lr`` is the book's learning rate, kept as ``net.lr`` for the book's trainer; the network
+    itself does not use it. The book's fields do not name the image channels: the network takes
+    1 (Fashion-MNIST) unless built with :meth:`for_config` from a configuration that says otherwise.
     """
 
     num_channels: int = 64
@@ -122,40 +126,33 @@ class DenseNet(nn.Module):
     drop_rate: float = 0.0
     conv_bias: bool = True
     training: bool = True
+    # The whole configuration, in_channels included; for_config sets it, otherwise it is derived
+    # from the fields above.
+    config: DenseNetConfig | None = None
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        self.config  # noqa: B018  (validates the hyperparameters at construction)
-
-    @property
-    def config(self) -> DenseNetConfig:
-        return DenseNetConfig(
-            self.num_channels,
-            self.growth_rate,
-            tuple(self.arch),
-            self.num_classes,
-            lr=self.lr,
+        # Validates every value and gives the channel arithmetic one definition.
+        book = DenseNetConfig(
+            num_channels=self.num_channels,
+            growth_rate=self.growth_rate,
+            arch=self.arch,
+            num_classes=self.num_classes,
             bn_size=self.bn_size,
             compression=self.compression,
             drop_rate=self.drop_rate,
             conv_bias=self.conv_bias,
         )
+        if self.config is None:
+            # Flax's own __setattr__ works only once its __post_init__ has run.
+            object.__setattr__(self, "config", book)
+        elif self.config.book_kwargs() != book.book_kwargs():
+            raise ConfigError(f"DenseNet's fields disagree with its config ({self.config.describe()}); use for_config")
+        super().__post_init__()
 
     @classmethod
     def for_config(cls, config: DenseNetConfig, training: bool = True) -> DenseNet:
         """The network of a configuration, e.g. ``common.config.CONFIGS["densenet121"]``."""
-        return cls(
-            config.num_channels,
-            config.growth_rate,
-            config.arch,
-            config.lr,
-            config.num_classes,
-            config.bn_size,
-            config.compression,
-            config.drop_rate,
-            config.conv_bias,
-            training,
-        )
+        return cls(**config.book_kwargs(), training=training, config=config)
 
     def setup(self) -> None:
         self.net = self.create_net()
@@ -183,10 +180,9 @@ class DenseNet(nn.Module):
         net.append(nn.Sequential([_batch_norm(self.training), nn.relu, _global_avg_pool, nn.Dense(self.num_classes)]))
         return net
 
-    def in_channels(self) -> int | None:
-        """Image channels the parameters were built for; None while initialising."""
-        kernel = self.variables.get("params", {}).get("net_0", {}).get("layers_0", {}).get("kernel")
-        return None if kernel is None else int(kernel.shape[2])
+    def in_channels(self) -> int:
+        """Image channels the network takes: its configuration's."""
+        return self.config.in_channels
 
     def __call__(self, X: jnp.ndarray) -> jnp.ndarray:
         check_images(

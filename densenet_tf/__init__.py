@@ -1,12 +1,6 @@
 """DenseNet (d2l section 8.7) in TensorFlow/Keras."""
 
-import os
-
-# Keep TensorFlow's C++ start-up chatter (oneDNN, CPU-feature notes) out of the CLI's output.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-from densenet_tf.model import (  # noqa: E402
+from densenet_tf.model import (
     ConvBlock,
     DenseBlock,
     DenseNet,

@@ -115,7 +115,10 @@ class DenseNet(tf.keras.Model):
     """The d2l DenseNet: (N, H, W, C) float images -> (N, num_classes) logits.
 
     ``bn_size``, ``compression``, ``drop_rate`` and ``conv_bias`` give the DenseNet-BC family
-    (``common.config.CONFIGS``); their defaults are the book's network.
+    (``common.config.CONFIGS``); their defaults are the book's network. ``lr`` is the book's
+    learning rate, kept as ``net.lr`` for the book's trainer; the network itself does not use it.
+    The book's arguments do not name the image channels: the network takes 1 (Fashion-MNIST)
+    unless built with :meth:`for_config` from a configuration that says otherwise.
     """
 
     def __init__(
@@ -132,12 +135,12 @@ class DenseNet(tf.keras.Model):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        # Validates every value and gives the channel arithmetic one definition.
         self.config = DenseNetConfig(
-            num_channels,
-            growth_rate,
-            tuple(arch),
-            num_classes,
-            lr=lr,
+            num_channels=num_channels,
+            growth_rate=growth_rate,
+            arch=arch,
+            num_classes=num_classes,
             bn_size=bn_size,
             compression=compression,
             drop_rate=drop_rate,
@@ -170,17 +173,9 @@ class DenseNet(tf.keras.Model):
 
         (Not ``from_config``: Keras reserves that name for its own serialisation.)
         """
-        return cls(
-            config.num_channels,
-            config.growth_rate,
-            config.arch,
-            config.lr,
-            config.num_classes,
-            config.bn_size,
-            config.compression,
-            config.drop_rate,
-            config.conv_bias,
-        )
+        net = cls(**config.book_kwargs())
+        net.config = config  # with its in_channels, which the book's arguments do not name
+        return net
 
     @staticmethod
     def b1(num_channels: int = 64, bias: bool = True) -> tf.keras.Sequential:
@@ -195,10 +190,9 @@ class DenseNet(tf.keras.Model):
         )
 
     @property
-    def in_channels(self) -> int | None:
-        """Image channels the network was built for; None until the first batch."""
-        conv = self.net.layers[0].layers[1]
-        return int(conv.kernel.shape[2]) if conv.built else None
+    def in_channels(self) -> int:
+        """Image channels the network takes: its configuration's."""
+        return self.config.in_channels
 
     def check_input(self, X: tf.Tensor) -> None:
         check_images(

@@ -75,7 +75,10 @@ class DenseNet(nn.Module):
     """The d2l DenseNet: (N, C, H, W) float images -> (N, num_classes) logits.
 
     ``bn_size``, ``compression``, ``drop_rate`` and ``conv_bias`` give the DenseNet-BC family
-    (``common.config.CONFIGS``); their defaults are the book's network.
+    (``common.config.CONFIGS``); their defaults are the book's network. ``lr`` is the book's
+    learning rate, kept as ``net.lr`` for the book's trainer; the network itself does not use it.
+    The book's arguments do not name the image channels: the network takes 1 (Fashion-MNIST)
+    unless built with :meth:`for_config` from a configuration that says otherwise.
     """
 
     def __init__(
@@ -93,11 +96,10 @@ class DenseNet(nn.Module):
         super().__init__()
         # Validates every value and gives the channel arithmetic one definition.
         self.config = DenseNetConfig(
-            num_channels,
-            growth_rate,
-            tuple(arch),
-            num_classes,
-            lr=lr,
+            num_channels=num_channels,
+            growth_rate=growth_rate,
+            arch=arch,
+            num_classes=num_classes,
             bn_size=bn_size,
             compression=compression,
             drop_rate=drop_rate,
@@ -126,17 +128,9 @@ class DenseNet(nn.Module):
     @classmethod
     def for_config(cls, config: DenseNetConfig) -> DenseNet:
         """The network of a configuration, e.g. ``common.config.CONFIGS["densenet121"]``."""
-        return cls(
-            config.num_channels,
-            config.growth_rate,
-            config.arch,
-            config.lr,
-            config.num_classes,
-            config.bn_size,
-            config.compression,
-            config.drop_rate,
-            config.conv_bias,
-        )
+        net = cls(**config.book_kwargs())
+        net.config = config  # with its in_channels, which the book's arguments do not name
+        return net
 
     @staticmethod
     def b1(num_channels: int = 64, bias: bool = True) -> nn.Sequential:
@@ -149,10 +143,9 @@ class DenseNet(nn.Module):
         )
 
     @property
-    def in_channels(self) -> int | None:
-        """Image channels the network was built for; None until the first batch."""
-        stem = self.net[0][0]
-        return None if isinstance(stem, nn.LazyConv2d) else stem.in_channels
+    def in_channels(self) -> int:
+        """Image channels the network takes: its configuration's."""
+        return self.config.in_channels
 
     def check_input(self, X: torch.Tensor) -> None:
         check_images(

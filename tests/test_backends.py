@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from common.config import (
+    CONFIGS,
     D2L,
     DenseNetConfig,
     canonical_spec,
@@ -24,6 +25,7 @@ from common.config import (
     plan,
     plan_channels,
 )
+from common.errors import InputError
 from common.registry import BACKENDS
 from tests.conftest import cached_model, images
 
@@ -136,6 +138,40 @@ def _counts_tf(model) -> tuple[int, int]:
     )
 
 
+def _call_torch(net, X: np.ndarray) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return net(torch.from_numpy(X))
+
+
+def _call_mxnet(net, X: np.ndarray) -> Any:
+    import mxnet as mx
+
+    return net(mx.nd.array(X, dtype=np.float32))
+
+
+def _call_jax(net, X: np.ndarray) -> Any:
+    import jax
+
+    return net.init(jax.random.PRNGKey(0), X)
+
+
+def _call_tf(net, X: np.ndarray) -> Any:
+    import tensorflow as tf
+
+    return net(tf.convert_to_tensor(X), training=False)
+
+
+# A freshly built network's first call, in its own layout (Flax: init).
+CALL_NATIVE: dict[str, Callable[[Any, np.ndarray], Any]] = {
+    "torch": _call_torch,
+    "mxnet": _call_mxnet,
+    "jax": _call_jax,
+    "tf": _call_tf,
+}
+
+
 FRAMEWORK_COUNTS: dict[str, Callable[[Any], tuple[int, int]]] = {
     "torch": _counts_torch,
     "mxnet": _counts_mxnet,
@@ -244,6 +280,24 @@ def test_public_names(native) -> None:
     assert sorted(native.__all__) == PUBLIC_NAMES
     for name in PUBLIC_NAMES:
         assert callable(getattr(native, name)), name
+
+
+def test_for_config_keeps_the_whole_configuration(backend_name: str, native, rng: np.random.Generator) -> None:
+    """``in_channels`` is not among the book's arguments; the network still has it and checks it."""
+    config = CONFIGS["densenet121"]
+    net = native.DenseNet.for_config(config)
+    assert net.config == config
+    assert net.config.in_channels == 3
+    # Refused by the input check, before any layer runs (32x32 is above densenet121's 29x29).
+    grey = images(rng, (1, 1, 32, 32) if LAYOUT[backend_name] == "NCHW" else (1, 32, 32, 1))
+    with pytest.raises(InputError, match="built for 3-channel images, got 1 channels"):
+        CALL_NATIVE[backend_name](net, grey)
+
+
+def test_book_constructor_keeps_lr_for_the_books_trainer(native) -> None:
+    net = native.DenseNet(num_channels=8, growth_rate=4, arch=(2, 2), lr=0.05)
+    assert net.lr == 0.05  # the network itself never reads it
+    assert net.config == TINY
 
 
 # ---------------------------------------------------------------------------------------------

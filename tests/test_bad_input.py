@@ -266,7 +266,6 @@ def test_native_densenet_refuses_bad_images(backend_name: str, native, rng: np.r
         ({"num_channels": -1}, "num_channels"),
         ({"num_channels": True}, "num_channels"),
         ({"num_classes": 0}, "num_classes"),
-        ({"lr": 0.0}, "lr"),
     ],
     ids=lambda v: str(v).replace(" ", "") if isinstance(v, dict) else None,
 )

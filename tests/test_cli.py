@@ -156,7 +156,8 @@ def test_summary(backend_name: str, adapter, capsys: pytest.CaptureFixture[str])
     assert code == 0
     expected = "(1, 16, 8, 8)" if adapter.layout == "NCHW" else "(1, 8, 8, 16)"
     assert expected in out
-    assert f"total trainable parameters: {count_params(DenseNetConfig(8, 4, (2, 2))):,}" in out
+    tiny = DenseNetConfig(num_channels=8, growth_rate=4, arch=(2, 2))
+    assert f"total trainable parameters: {count_params(tiny):,}" in out
 
 
 def test_python_dash_m_common() -> None:
@@ -174,7 +175,7 @@ def test_python_dash_m_common() -> None:
 
 def test_summary_report(backend_name: str, adapter) -> None:
     """``densenet summary`` prints a report that also serialises, stage by stage."""
-    config = DenseNetConfig(8, 4, (2, 2))
+    config = DenseNetConfig(num_channels=8, growth_rate=4, arch=(2, 2))
     report = summarize(backend_name, config, 32, batch=2)
     data = json.loads(json.dumps(report.to_dict()))
     assert [s["stage"] for s in data["stages"]] == ["stem", "dense1", "transition1", "dense2", "head"]

@@ -70,7 +70,7 @@ def test_densenet121_in_every_backend(adapter, rng) -> None:
 
 
 def test_dropout_only_acts_in_training(adapter, rng) -> None:
-    config = DenseNetConfig(16, 16, (2, 2), bn_size=2, drop_rate=0.5, conv_bias=False)
+    config = DenseNetConfig(num_channels=16, growth_rate=16, arch=(2, 2), bn_size=2, drop_rate=0.5, conv_bias=False)
     model = adapter.build(config)
     X = rng.random((4, 1, 32, 32), dtype=np.float32)
     np.testing.assert_array_equal(adapter.forward(model, X), adapter.forward(model, X))
@@ -290,6 +290,15 @@ def _randomise_bn(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -
     return rng.uniform(-0.1, 0.1, shape)
 
 
+def _keras_weights(model) -> dict[str, np.ndarray]:
+    """``{"layer/variable": array}`` of a Keras model (variable names without the layer path)."""
+    return {
+        f"{layer.name}/{variable.name.split('/')[-1]}": np.asarray(variable.numpy())
+        for layer in model.layers
+        for variable in layer.weights
+    }
+
+
 @pytest.fixture(scope="module")
 def keras_peer(request: pytest.FixtureRequest):
     get_adapter("tf", request.config)  # skips (or fails if required) without TensorFlow
@@ -306,7 +315,7 @@ def keras_peer(request: pytest.FixtureRequest):
             layer.set_weights([_randomise_bn(rng, n, w.shape) for n, w in zip(names, layer.get_weights())])
     X = rng.random((2, 3, 64, 64), dtype=np.float32)
     logits = model(np.transpose(X, (0, 2, 3, 1)), training=False).numpy()
-    return peers.keras_weights(model), X, logits
+    return _keras_weights(model), X, logits
 
 
 @pytest.mark.tf

@@ -61,7 +61,7 @@ def test_init_canonical_is_the_reference_init() -> None:
 
 
 def test_save_load_round_trip(tmp_path: Path, suffix: str) -> None:
-    config = DenseNetConfig(num_channels=8, growth_rate=4, arch=(2, 2), num_classes=3, in_channels=2, lr=0.05)
+    config = DenseNetConfig(num_channels=8, growth_rate=4, arch=(2, 2), num_classes=3, in_channels=2, drop_rate=0.1)
     weights = init_canonical(config, 1)
     path = tmp_path / f"w{suffix}"
     save_weights(path, weights, config, source="torch")
@@ -113,8 +113,8 @@ def test_expected_config_mismatch_lists_the_fields(tiny_file: Path) -> None:
     assert "growth_rate: file has 4, expected 8" in message
     assert "arch: file has 2,2, expected 2,3" in message
     assert "num_channels" not in message
-    # lr does not shape the weights, so it is not compared
-    assert load_weights(tiny_file, expected_config=TINY.replace(lr=0.5))[0] == TINY
+    # drop_rate does not shape the weights, so it is not compared
+    assert load_weights(tiny_file, expected_config=TINY.replace(drop_rate=0.5))[0] == TINY
 
 
 # Hand-edited and foreign files: each maker breaks (or replaces) a good canonical file in place and
@@ -125,6 +125,12 @@ def _edit(path: Path, change: Callable[[dict[str, np.ndarray], dict[str, str]], 
     tensors, metadata = read_weights(path)
     change(tensors, metadata)
     write_weights(tensors, path, metadata)
+
+
+def test_config_with_the_retired_lr_still_loads(tiny_file: Path) -> None:
+    # Files written before lr left DenseNetConfig carry it in their configuration.
+    _edit(tiny_file, lambda t, m: m.update(config=json.dumps({**json.loads(m["config"]), "lr": 0.1})))
+    assert load_weights(tiny_file)[0] == TINY
 
 
 def _tensor_problems(path: Path) -> list[str]:
@@ -159,7 +165,7 @@ def _torch_state_dict(path: Path) -> list[str]:
         "net.0.1.num_batches_tracked": np.zeros((), np.int64),
     }
     write_weights(tensors, path)
-    return ["not a densenet-suite canonical weight file", "PyTorch state dict", "peer formats"]
+    return ["not a densenet-suite canonical weight file", "PyTorch state dict", "--from-format torchvision"]
 
 
 def _other_format(path: Path) -> list[str]:
