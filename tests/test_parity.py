@@ -79,7 +79,7 @@ def test_report_states_error_bound_and_margin(report) -> None:
 def test_bounds_follow_the_error_model() -> None:
     for check, c in ERROR_MODEL.items():
         assert bound(check, "float32") == c * UNIT_ROUNDOFF["float32"]
-        assert bound(check, "float64") == min(c * UNIT_ROUNDOFF["float64"], FLOAT64_CLAIM) <= FLOAT64_CLAIM
+        assert bound(check, "float64") == FLOAT64_CLAIM
         assert bound(check, "float32", pairwise=True) == 2 * bound(check, "float32")
 
 
@@ -198,8 +198,10 @@ def test_float64_proves_the_same_function(request: pytest.FixtureRequest) -> Non
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "config_name,input_size,batch,steps",
-    [("d2l", 96, 8, 20), ("densenet121", 32, 4, 3)],
-    ids=["d2l-96x96", "densenet121-32x32"],
+    # DenseNet-121 at 64x64: its last dense block is 2x2, so each BatchNorm there averages 16
+    # values (at 32x32 it would be 4, and float64 rounding alone would move the loss by 1e-8).
+    [("d2l", 96, 8, 20), ("densenet121", 64, 4, 20)],
+    ids=["d2l-96x96", "densenet121-64x64"],
 )
 def test_float64_claim_on_real_networks(
     request: pytest.FixtureRequest, config_name: str, input_size: int, batch: int, steps: int
@@ -207,7 +209,7 @@ def test_float64_claim_on_real_networks(
     """The issue's strict claim, on the book's network and on DenseNet-121 (DenseNet-BC)."""
     from common.config import CONFIGS
 
-    config = CONFIGS[config_name].replace(num_classes=10) if config_name != "d2l" else CONFIGS["d2l"]
+    config = CONFIGS[config_name]
     report = run_parity(names_for(request), config, input_size, batch, steps=steps, lr=0.01, seed=0, dtype="float64")
     assert not report.errors, report.errors
     assert report.ok, _failures(report)

@@ -104,8 +104,9 @@ def add_parity(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "parity",
         help="identical weights and inputs in every backend: compare forward, gradients, SGD steps",
-        description="Defaults: the parity case, DenseNetConfig(num_channels=16, growth_rate=16, arch=(2, 2)) on 8x1x32x32. For the book's "
-        "network add --config d2l --input-size 96; --dtype float64 for the proof (docs/parity.md).",
+        description="Defaults: the parity case, DenseNetConfig(num_channels=16, growth_rate=16, arch=(2, 2)) on "
+        "8x1x32x32, float32. For the book's network add --config d2l --input-size 96; --dtype float64 for the proof "
+        "(docs/parity.md).",
     )
     p.add_argument("--backends", help="comma-separated subset (default: every installed one)")
     add_network_options(p, default="the parity case, DenseNetConfig(num_channels=16, growth_rate=16, arch=(2, 2))")
