@@ -19,6 +19,7 @@ import numpy as np
 from common import reference
 from common.config import DenseNetConfig
 from common.errors import WeightFileError
+from common.harness import seeded_batches
 from common.safetensors_io import load_file, save_file
 
 GOLDEN_DIR = Path(__file__).with_name("golden")
@@ -75,9 +76,8 @@ CASES = (
 
 def compute(case: Case) -> dict[str, np.ndarray]:
     """Every tensor of one case, computed from its seed (float32 storage, float64 arithmetic)."""
-    rng = np.random.default_rng(case.seed)
-    X = rng.random(case.input_shape, dtype=np.float32)
-    y = rng.integers(0, case.config.num_classes, size=case.input_shape[0]).astype(np.int64)
+    n, _, h, w = case.input_shape
+    ((X, y),) = seeded_batches(case.config, (h, w), n, 1, case.seed)
     weights = reference.init_weights(case.config, case.seed)
     tensors: dict[str, np.ndarray] = {"input": X, "labels": y}
     tensors.update({f"weights/{k}": v for k, v in weights.items()})

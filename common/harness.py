@@ -19,10 +19,20 @@ from common.registry import BACKENDS, canonical_name, load_backend
 from common.render import format_table
 
 
-def make_input(config: DenseNetConfig, input_size: tuple[int, int], batch: int, seed: int = 0) -> np.ndarray:
-    """A seeded float32 NCHW batch in [0, 1), the range of scaled Fashion-MNIST pixels."""
+def seeded_batches(
+    config: DenseNetConfig, input_size: tuple[int, int], batch: int, count: int = 1, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``count`` seeded ``(X, y)`` batches drawn in turn from one generator: NCHW float32 images in
+    [0, 1) (the range of scaled Fashion-MNIST pixels) and int64 labels. The one maker of the seeded
+    inputs that ``compare``, ``summary``, ``parity`` and the golden vectors feed every backend."""
     rng = np.random.default_rng(seed)
-    return rng.random((batch, config.in_channels, *input_size), dtype=np.float32)
+    return [
+        (
+            rng.random((batch, config.in_channels, *input_size), dtype=np.float32),
+            rng.integers(0, config.num_classes, size=batch, dtype=np.int64),
+        )
+        for _ in range(count)
+    ]
 
 
 @dataclass
@@ -210,6 +220,6 @@ def compare_shapes(
         raise DenseNetError(f"batch size must be at least 1, got {batch}")
     names = [canonical_name(b) for b in backends] if backends else list(BACKENDS)
     names = list(dict.fromkeys(names))
-    X = make_input(config, network_plan.input_size, batch, seed)
+    ((X, _),) = seeded_batches(config, network_plan.input_size, batch, 1, seed)
     runs = [run_backend(name, config, X, seed=seed, dtype=dtype) for name in names]
     return ShapeReport(network_plan, batch, seed, runs, required=names if backends else [], dtype=dtype)

@@ -35,7 +35,9 @@ from common.adapter import Adapter, check_dtype
 from common.arch import bn_counts  # re-exported: tests and callers import it from here
 from common.config import DenseNetConfig, plan
 from common.errors import BackendUnavailable
+from common.harness import seeded_batches
 from common.registry import BACKENDS, canonical_name, load_backend
+from common.weights import init_canonical
 
 ORACLE = "numpy"
 
@@ -233,18 +235,6 @@ def _max_abs(tensors: dict[str, np.ndarray]) -> dict[str, float]:
     return {k: float(np.max(np.abs(v))) if np.size(v) else 0.0 for k, v in tensors.items()}
 
 
-def make_batches(config: DenseNetConfig, input_size: tuple[int, int], batch: int, count: int, seed: int):
-    """``count`` seeded (X, y) batches: NCHW float32 in [0, 1) and integer labels."""
-    rng = np.random.default_rng(seed)
-    return [
-        (
-            rng.random((batch, config.in_channels, *input_size), dtype=np.float32),
-            rng.integers(0, config.num_classes, size=batch),
-        )
-        for _ in range(count)
-    ]
-
-
 @dataclass
 class _Oracle:
     """What the float64 oracle computes, with the scale of every tensor."""
@@ -286,8 +276,6 @@ def run_parity(
     dtype: str = "float32",
 ) -> ParityReport:
     """Run every check on every backend against the oracle and pairwise (module docstring)."""
-    from common.weights import init_canonical
-
     dtype = check_dtype(dtype)
     config = config or PARITY_CASE
     input_size = plan(config, input_size).input_size
@@ -304,7 +292,7 @@ def run_parity(
 
     say = progress or (lambda message: None)
     w0 = init_canonical(config, seed)
-    batches = make_batches(config, input_size, batch, max(steps, 1), seed)
+    batches = seeded_batches(config, input_size, batch, max(steps, 1), seed)
     X, y = batches[0]
     say("numpy: the float64 oracle (forward, gradients, lockstep steps)")
     oracle = _oracle(config, w0, batches, lr, steps)
@@ -450,12 +438,10 @@ def run_naive(
     framework's default (``common.reference.Conventions``), so it measures the default itself,
     not a framework's rounding.
     """
-    from common.weights import init_canonical
-
     config = config or DenseNetConfig()
     input_size = plan(config, input_size).input_size
     w = init_canonical(config, seed)
-    ((X, _),) = make_batches(config, input_size, batch, 1, seed)
+    ((X, _),) = seeded_batches(config, input_size, batch, 1, seed)
     aligned = reference.ALIGNED
 
     def run(conventions: reference.Conventions, training: bool, X=X, dtype=np.float64, weights=w):

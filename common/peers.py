@@ -17,10 +17,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from common.checks import check_weights
 from common.config import CONFIGS, DenseNetConfig, canonical_spec
 from common.errors import WeightFileError
 from common.layout import param_from_native, param_to_native
-from common.weights import check_weights
 
 FORMATS = ("torchvision", "keras", "gluon")
 

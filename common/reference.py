@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from common.checks import check_weights
 from common.config import (
     BN_EPS,
     BN_LEAVES,
@@ -26,7 +27,6 @@ from common.config import (
     plan,
 )
 from common.errors import InputError, WeightFileError
-from common.weights import check_weights
 
 __all__ = [
     "avg_pool2d",

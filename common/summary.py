@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.config import DenseNetConfig, plan
-from common.harness import make_input
+from common.harness import seeded_batches
 from common.layout import to_layout
 from common.registry import load_backend
 from common.render import format_table
@@ -84,7 +84,8 @@ def summarize(
     network_plan = plan(config, input_size)  # refuses impossible sizes before any framework loads
     adapter = load_backend(backend)
     model = adapter.build(config, seed=seed)
-    outputs = adapter.stages(model, make_input(config, network_plan.input_size, batch, seed))
+    ((X, _),) = seeded_batches(config, network_plan.input_size, batch, 1, seed)
+    outputs = adapter.stages(model, X)
     weights = adapter.get_weights(model)
     rows = []
     for name, out in outputs.items():

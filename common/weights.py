@@ -24,8 +24,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from common.checks import check_weights, raise_problems, weight_problems
 from common.config import DenseNetConfig, canonical_spec
 from common.errors import ConfigError, WeightFileError
+from common.reference import init_weights
 from common.safetensors_io import PathLike, read_weights, write_weights
 
 __all__ = [
@@ -71,43 +73,8 @@ STRUCTURAL_FIELDS = (
 _TORCH_LEAVES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def weight_problems(spec: Mapping[str, tuple[int, ...]], weights: Mapping[str, np.ndarray]) -> list[str]:
-    """Every missing, unexpected, mis-shaped, non-float and non-finite tensor, one line each."""
-    problems = []
-    missing = [k for k in spec if k not in weights]
-    unexpected = [k for k in weights if k not in spec]
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected)}")
-    for k, shape in spec.items():
-        if k in weights:
-            got = tuple(np.shape(weights[k]))
-            if got != tuple(shape):
-                problems.append(f"{k}: expected shape {tuple(shape)}, got {got}")
-            elif not np.issubdtype(np.asarray(weights[k]).dtype, np.floating):
-                problems.append(f"{k}: expected floating-point values, got {np.asarray(weights[k]).dtype}")
-            elif not np.all(np.isfinite(weights[k])):
-                problems.append(f"{k}: contains NaN or infinite values")
-    return problems
-
-
-def _raise(source: str, problems: list[str]) -> None:
-    if problems:
-        raise WeightFileError(f"{source} do not fit the network:\n  " + "\n  ".join(problems))
-
-
-def check_weights(
-    spec: Mapping[str, tuple[int, ...]], weights: Mapping[str, np.ndarray], source: str = "weights"
-) -> None:
-    """Raise one :class:`WeightFileError` listing every missing, unexpected and mis-shaped tensor."""
-    _raise(source, weight_problems(spec, weights))
-
-
 def init_canonical(config: DenseNetConfig, seed: int) -> dict[str, np.ndarray]:
     """Seeded float32 canonical weights (:func:`common.reference.init_weights`), in canonical order."""
-    from common.reference import init_weights  # common.reference imports this module
-
     return init_weights(config, seed)
 
 
@@ -226,7 +193,7 @@ def load_canonical(path: PathLike, expected_config: DenseNetConfig | None = None
     convention = metadata.get("running_var", RUNNING_VAR)  # files written before the key existed
     if convention not in RUNNING_VAR_CONVENTIONS:
         problems.append(f"metadata running_var is {convention!r}, expected one of {', '.join(RUNNING_VAR_CONVENTIONS)}")
-    _raise(f"{path}: tensors", problems)
+    raise_problems(f"{path}: tensors", problems)
     return CanonicalFile(config, {k: tensors[k] for k in spec}, dict(metadata))
 
 

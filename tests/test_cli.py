@@ -15,7 +15,7 @@ import pytest
 import common.cli
 from common.cli import main
 from common.config import DenseNetConfig, count_params
-from common.harness import compare_shapes, make_input
+from common.harness import compare_shapes, seeded_batches
 from common.registry import BACKENDS
 from common.summary import summarize
 
@@ -28,12 +28,14 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
     return code, out, err
 
 
-def test_make_input_is_seeded_and_in_range() -> None:
-    config = DenseNetConfig(in_channels=3)
-    a = make_input(config, (40, 36), 2, seed=7)
+def test_seeded_batches_are_seeded_and_in_range() -> None:
+    config = DenseNetConfig(in_channels=3, num_classes=5)
+    (a, y), (b, _) = seeded_batches(config, (40, 36), 2, count=2, seed=7)
     assert a.shape == (2, 3, 40, 36) and a.dtype == np.float32
-    assert np.array_equal(a, make_input(config, (40, 36), 2, seed=7))
-    assert not np.array_equal(a, make_input(config, (40, 36), 2, seed=8))
+    assert y.shape == (2,) and y.dtype == np.int64 and 0 <= y.min() and y.max() < 5
+    assert np.array_equal(a, seeded_batches(config, (40, 36), 2, seed=7)[0][0])
+    assert not np.array_equal(a, seeded_batches(config, (40, 36), 2, seed=8)[0][0])
+    assert not np.array_equal(a, b)
     assert a.min() >= 0.0 and a.max() < 1.0
 
 

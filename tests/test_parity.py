@@ -237,13 +237,13 @@ def test_float32_bounds_hold_with_other_threads_and_seeds(
 def test_a_file_trained_in_one_framework_evaluates_the_same_in_all(request: pytest.FixtureRequest, tmp_path) -> None:
     """One running-variance convention in files: train anywhere, evaluate anywhere, same logits;
     and the running variances themselves agree, whichever framework accumulated them."""
-    from common.parity import make_batches
+    from common.harness import seeded_batches
     from common.registry import load_backend
     from common.weights import RUNNING_VAR, init_canonical, load_canonical, save_weights
 
     names = [n for n in names_for(request)]
     w0 = init_canonical(SMALL, 0)
-    batches = make_batches(SMALL, (32, 32), 8, 3, seed=4)
+    batches = seeded_batches(SMALL, (32, 32), 8, 3, seed=4)
     X_eval = batches[0][0] + np.float32(0.25)  # not a training batch
     variances: dict[str, dict[str, np.ndarray]] = {}
     for trainer in names:
