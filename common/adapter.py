@@ -8,8 +8,8 @@ NCHW, and reads and writes the weights in the canonical format (``common.weights
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 
@@ -26,24 +26,34 @@ from common.config import (
 )
 from common.layout import from_layout, param_from_native, param_to_native, to_layout
 
+RuntimeT = TypeVar("RuntimeT")
+
 
 @dataclass
-class Model:
-    """A backend's network together with what the adapter needs to drive it.
+class Model(Generic[RuntimeT]):
+    """A backend's network together with what its adapter keeps beside it.
 
-    ``net`` is the framework's own object (a ``torch.nn.Module``, a Gluon ``HybridBlock``, a
-    Keras ``Model``, a Flax ``Module``); ``variables`` holds Flax's params and batch_stats (the
-    other frameworks keep their state inside ``net``); ``cache`` keeps compiled callables.
-    ``dtype`` is the floating-point type of every weight and activation: ``"float32"``, what
-    people train in, or ``"float64"``, in which the four frameworks must agree with the numpy
-    oracle to the last few digits (docs/parity.md).
+    Only the adapter that built a model may drive it: ``runtime`` has that backend's type
+    (``TorchRuntime``, ``MXNetRuntime``, ``JaxRuntime``, ``TFRuntime``, each in its package's
+    ``adapter.py``). Not called "state": that word means the BatchNorm running statistics here
+    (``common.config.is_state``).
     """
 
     config: DenseNetConfig
+    """The configuration the network was built from, intact (``in_channels`` included)."""
     net: Any
-    variables: Any = None
-    cache: dict[str, Any] = field(default_factory=dict)
+    """The framework's own object: a ``torch.nn.Module``, a Gluon ``HybridBlock``, a Keras
+    ``Model`` or a Flax ``Module``."""
+    runtime: RuntimeT
+    """The adapter's own objects for this model (compiled callables, optimizer, dropout seed),
+    mostly made on first use; never part of the weights."""
     dtype: str = "float32"
+    """Floating-point type of every weight and activation: ``"float32"``, what people train in,
+    or ``"float64"``, in which the four frameworks must agree with the numpy oracle to the last
+    few digits (docs/parity.md)."""
+    variables: dict[str, Any] | None = None
+    """Flax's variable collections (``{"params": ..., "batch_stats": ...}``, nested dicts of
+    arrays); ``None`` in the other frameworks, which keep their weights inside ``net``."""
 
 
 DTYPES = ("float32", "float64")
@@ -57,8 +67,11 @@ def check_dtype(dtype: Any) -> str:
     return name
 
 
-class Adapter(ABC):
-    """Same methods for every backend; arrays in and out are numpy, activations NCHW."""
+class Adapter(ABC, Generic[RuntimeT]):
+    """Same methods for every backend; arrays in and out are numpy, activations NCHW.
+
+    Generic over the type of ``Model.runtime`` its backend keeps (``TorchAdapter`` is an
+    ``Adapter[TorchRuntime]``)."""
 
     name: ClassVar[str]
     framework: ClassVar[str]
@@ -81,20 +94,20 @@ class Adapter(ABC):
         """The framework's version string."""
 
     @abstractmethod
-    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> Model:
+    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> Model[RuntimeT]:
         """The network with the framework's own (seeded) initialisation, built for its inputs,
         with every weight in ``dtype`` (``"float32"`` or ``"float64"``)."""
 
     @abstractmethod
-    def _stages(self, model: Model, X: Any, training: bool) -> list[Any]:
+    def _stages(self, model: Model[RuntimeT], X: Any, training: bool) -> list[Any]:
         """Native outputs of every stage (stem, dense/transition blocks, head), in order."""
 
     @abstractmethod
-    def _forward(self, model: Model, X: Any, training: bool, compiled: bool) -> Any:
+    def _forward(self, model: Model[RuntimeT], X: Any, training: bool, compiled: bool) -> Any:
         """Native logits; ``compiled`` selects torch.compile / hybridize / jit / tf.function."""
 
     @abstractmethod
-    def _block(self, kind: str, num_convs: int, num_channels: int, X: Any) -> Any:
+    def _block(self, kind: str, X: Any, num_channels: int, *, num_convs: int) -> Any:
         """Build the book's ``DenseBlock(num_convs, num_channels)`` (kind ``"dense"``) or
         ``transition_block(num_channels)`` (kind ``"transition"``) and apply it to ``X``."""
 
@@ -107,7 +120,7 @@ class Adapter(ABC):
         """A framework tensor as numpy."""
 
     @abstractmethod
-    def _layers(self, model: Model) -> list[tuple[str, Any]]:
+    def _layers(self, model: Model[RuntimeT]) -> list[tuple[str, Any]]:
         """Every conv (``"conv"``), BatchNorm (``"bn"``) and dense (``"fc"``) layer, in forward order."""
 
     @abstractmethod
@@ -116,14 +129,14 @@ class Adapter(ABC):
         ``running_var``), as whatever handle ``_read`` and ``_write`` work with."""
 
     @abstractmethod
-    def _read(self, model: Model) -> dict[str, np.ndarray]:
+    def _read(self, model: Model[RuntimeT]) -> dict[str, np.ndarray]:
         """Every tensor by canonical name, in the framework's native layout."""
 
     @abstractmethod
-    def _write(self, model: Model, weights: dict[str, np.ndarray]) -> None:
+    def _write(self, model: Model[RuntimeT], weights: dict[str, np.ndarray]) -> None:
         """Overwrite every tensor (canonical names, native layout, already checked)."""
 
-    def _tensors(self, model: Model) -> dict[str, Any]:
+    def _tensors(self, model: Model[RuntimeT]) -> dict[str, Any]:
         """Canonical name -> the framework's handle on that tensor, by pairing the network's layers
         with ``common.config.canonical_layers`` (the one place the naming is defined)."""
         expected = canonical_layers(model.config)
@@ -141,7 +154,7 @@ class Adapter(ABC):
 
     @abstractmethod
     def loss_and_grads(
-        self, model: Model, X: np.ndarray, y: np.ndarray
+        self, model: Model[RuntimeT], X: np.ndarray, y: np.ndarray
     ) -> tuple[float, np.ndarray, dict[str, np.ndarray]]:
         """Mean softmax cross-entropy in training mode and its gradients, without changing the
         weights: ``(loss, dloss/dX in NCHW, {canonical name: gradient in canonical layout})``.
@@ -149,17 +162,13 @@ class Adapter(ABC):
 
     @abstractmethod
     def train_step(
-        self, model: Model, X: np.ndarray, y: np.ndarray, lr: float, compiled: bool = False
+        self, model: Model[RuntimeT], X: np.ndarray, y: np.ndarray, lr: float, compiled: bool = False
     ) -> tuple[float, np.ndarray]:
         """One plain SGD step in training mode (BatchNorm statistics updated):
         ``(loss before the step, logits (N, num_classes))``. ``compiled`` runs the framework's
         compiled step (hybridize, jit, tf.function), as training does."""
 
-    def sgd_step(self, model: Model, X: np.ndarray, y: np.ndarray, lr: float) -> float:
-        """One plain SGD step, eager; returns the loss."""
-        return self.train_step(model, X, y, lr)[0]
-
-    def running_stat_factors(self, model: Model, X_shape: tuple[int, ...]) -> dict[str, float]:
+    def running_stat_factors(self, model: Model[RuntimeT], X_shape: tuple[int, ...]) -> dict[str, float]:
         """The running statistics this framework's training step leaves in a non-canonical
         convention, by canonical name, with the factor the batch term needs (n/(n-1) for a
         variance fed the biased batch variance, n = N*H*W for a batch of NCHW shape ``X_shape``;
@@ -187,7 +196,7 @@ class Adapter(ABC):
 
     # --- shared -------------------------------------------------------------------------
 
-    def prepare(self, model: Model | None, X: np.ndarray, min_size: int | None = None) -> Any:
+    def prepare(self, model: Model[RuntimeT] | None, X: np.ndarray, min_size: int | None = None) -> Any:
         """Check an NCHW numpy batch and hand it to the framework in its own layout.
 
         ``min_size`` defaults to the network's smallest input (1 without a model)."""
@@ -204,33 +213,38 @@ class Adapter(ABC):
         dtype = model.dtype if model is not None else "float32"
         return self._to_native(to_layout(np.ascontiguousarray(X, dtype=dtype), self.layout))
 
-    def forward(self, model: Model, X: np.ndarray, *, training: bool = False, compiled: bool = False) -> np.ndarray:
+    def forward(
+        self, model: Model[RuntimeT], X: np.ndarray, *, training: bool = False, compiled: bool = False
+    ) -> np.ndarray:
         """Logits ``(N, num_classes)`` for an NCHW float batch."""
         return self._to_numpy(self._forward(model, self.prepare(model, X), training, compiled))
 
-    def stages(self, model: Model, X: np.ndarray, *, training: bool = False) -> dict[str, np.ndarray]:
+    def stages(self, model: Model[RuntimeT], X: np.ndarray, *, training: bool = False) -> dict[str, np.ndarray]:
         """Every stage's output in NCHW (the head's as ``(N, num_classes)``), by stage name."""
         outs = self._stages(model, self.prepare(model, X), training)
         names = stage_names(model.config)
         assert len(outs) == len(names), f"{self.name}: {len(outs)} stages, expected {len(names)}"
         return {n: self.canonical_activation(self._to_numpy(o)) for n, o in zip(names, outs)}
 
-    def block(self, kind: str, X: np.ndarray, num_channels: int, num_convs: int = 0) -> np.ndarray:
-        """Output (NCHW) of a freshly built dense block or transition block applied to ``X``."""
+    def block(self, kind: str, X: np.ndarray, num_channels: int, *, num_convs: int = 0) -> np.ndarray:
+        """Output (NCHW) of a freshly built dense block or transition block applied to ``X``.
+
+        ``num_convs`` is keyword-only because the book's ``DenseBlock(num_convs, num_channels)``
+        takes the two counts the other way round; a transition block ignores it."""
         if kind not in ("dense", "transition"):
             raise ValueError(f"block kind must be 'dense' or 'transition', got {kind!r}")
         # A transition's 2x2 pooling needs at least 2x2 pixels; a dense block keeps the size.
         X = self.prepare(None, X, min_size=2 if kind == "transition" else 1)
-        out = self._block(kind, num_convs, num_channels, X)
+        out = self._block(kind, X, num_channels, num_convs=num_convs)
         return self.canonical_activation(self._to_numpy(out))
 
-    def num_params(self, model: Model) -> int:
+    def num_params(self, model: Model[RuntimeT]) -> int:
         return sum(int(v.size) for k, v in self._read(model).items() if not is_state(k))
 
-    def num_state(self, model: Model) -> int:
+    def num_state(self, model: Model[RuntimeT]) -> int:
         return sum(int(v.size) for k, v in self._read(model).items() if is_state(k))
 
-    def get_weights(self, model: Model) -> dict[str, np.ndarray]:
+    def get_weights(self, model: Model[RuntimeT]) -> dict[str, np.ndarray]:
         """Every tensor in canonical names and layout, in forward order (copies in the model's dtype)."""
         native = self._read(model)
         out = {k: np.array(self.canonical_param(k, v), dtype=model.dtype) for k, v in native.items()}
@@ -238,7 +252,7 @@ class Adapter(ABC):
         check_weights(spec, out, source=f"{self.name} network")
         return {k: out[k] for k in spec}
 
-    def set_weights(self, model: Model, weights: dict[str, np.ndarray]) -> None:
+    def set_weights(self, model: Model[RuntimeT], weights: dict[str, np.ndarray]) -> None:
         """Load canonical weights; checks every name and shape first and loads nothing on error."""
         spec = canonical_spec(model.config)
         check_weights(spec, weights, source="weights")

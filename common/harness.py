@@ -173,7 +173,7 @@ def run_backend(
     name: str, config: DenseNetConfig, X: np.ndarray, *, seed: int = 0, dtype: str = "float32"
 ) -> BackendRun:
     """Build one backend's network in ``dtype`` and record its stage shapes; never raises for the backend."""
-    framework = BACKENDS[name][2]
+    framework = BACKENDS[name].framework
     try:
         adapter = load_backend(name)
     except BackendUnavailable as exc:

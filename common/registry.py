@@ -5,16 +5,31 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from common.adapter import Adapter
 from common.errors import BackendError, BackendUnavailable
 
-# name -> (package, adapter class, framework, pip extra)
-BACKENDS: dict[str, tuple[str, str, str, str]] = {
-    "torch": ("densenet_torch", "TorchAdapter", "PyTorch", "torch"),
-    "mxnet": ("densenet_mxnet", "MXNetAdapter", "MXNet Gluon", "mxnet"),
-    "jax": ("densenet_jax", "JaxAdapter", "JAX/Flax", "jax"),
-    "tf": ("densenet_tf", "TFAdapter", "TensorFlow/Keras", "tf"),
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """Where a backend lives and how to install it, known without importing it."""
+
+    package: str
+    """The backend's package (``densenet_torch``); its adapter is in ``<package>.adapter``."""
+    adapter_class: str
+    """Name of the :class:`Adapter` subclass in that module."""
+    framework: str
+    """The framework's name as people write it (``"PyTorch"``)."""
+    extra: str
+    """The pip extra that installs the framework (``pip install 'densenet-suite[<extra>]'``)."""
+
+
+BACKENDS: dict[str, BackendEntry] = {
+    "torch": BackendEntry("densenet_torch", "TorchAdapter", "PyTorch", "torch"),
+    "mxnet": BackendEntry("densenet_mxnet", "MXNetAdapter", "MXNet Gluon", "mxnet"),
+    "jax": BackendEntry("densenet_jax", "JaxAdapter", "JAX/Flax", "jax"),
+    "tf": BackendEntry("densenet_tf", "TFAdapter", "TensorFlow/Keras", "tf"),
 }
 ALIASES = {
     "pytorch": "torch",
@@ -24,7 +39,7 @@ ALIASES = {
     "keras": "tf",
 }
 
-_loaded: dict[str, Adapter] = {}
+_loaded: dict[str, Adapter[Any]] = {}
 
 # TensorFlow's C++ core prints start-up notes (oneDNN, CPU features) on stderr unless told
 # otherwise before its first import; they would drown the CLI's tables. Set here and nowhere
@@ -43,19 +58,19 @@ def canonical_name(name: str) -> str:
     return key
 
 
-def load_backend(name: str) -> Adapter:
+def load_backend(name: str) -> Adapter[Any]:
     """The adapter of one backend; :class:`BackendUnavailable` says why it cannot load."""
     key = canonical_name(name)
     if key not in _loaded:
-        package, cls, framework, extra = BACKENDS[key]
+        entry = BACKENDS[key]
         try:
-            module = importlib.import_module(f"{package}.adapter")
+            module = importlib.import_module(f"{entry.package}.adapter")
         except ImportError as exc:
             raise BackendUnavailable(
-                f"backend {key!r} ({framework}) cannot be imported: {exc}. "
-                f"Install it with: pip install 'densenet-suite[{extra}]'"
+                f"backend {key!r} ({entry.framework}) cannot be imported: {exc}. "
+                f"Install it with: pip install 'densenet-suite[{entry.extra}]'"
             ) from exc
-        _loaded[key] = getattr(module, cls)()
+        _loaded[key] = getattr(module, entry.adapter_class)()
     return _loaded[key]
 
 
@@ -76,7 +91,7 @@ def available(names: list[str] | None = None) -> list[BackendStatus]:
         try:
             adapter = load_backend(key)
         except BackendUnavailable as exc:
-            out.append(BackendStatus(key, BACKENDS[key][2], False, None, str(exc)))
+            out.append(BackendStatus(key, BACKENDS[key].framework, False, None, str(exc)))
         else:
             out.append(BackendStatus(key, adapter.framework, True, adapter.version(), None))
     return out

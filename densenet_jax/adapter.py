@@ -2,11 +2,15 @@
 
 Flax modules hold no state: ``Model.variables`` carries ``params`` and ``batch_stats``, and
 every "mutation" below replaces them with the new values a pure function returned.
+``Model.runtime`` (:class:`JaxRuntime`) carries the dropout seed and what is jitted once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,12 +64,38 @@ def _sgd_step(net: DenseNet, params, batch_stats, X, y, lr, key, unbias):
     return loss, optax.apply_updates(params, updates), batch_stats, logits
 
 
-def _x64(model: Model):
+# Flax variable collections, or a tree shaped like one of them: nested dicts with arrays
+# (or numbers) at the leaves.
+Tree = dict[str, Any]
+# ``apply(variables, X, dropout_key) -> (logits or stage outputs, mutated collections)``
+Apply = Callable[[Tree, jax.Array, jax.Array], tuple[Any, Tree]]
+
+
+@dataclass
+class JaxRuntime:
+    """What the JAX adapter keeps beside a network: Flax modules are stateless, so the dropout
+    key stream lives here, with the jitted callables and constants made once per model."""
+
+    seed: int
+    """The build seed; every training call folds the next ``dropout_step`` into it."""
+    dropout_step: int = -1
+    """Index of the last dropout key handed out (-1: none yet)."""
+    jitted: dict[tuple[bool, bool], Apply] = field(default_factory=dict)
+    """``jax.jit``-ed apply functions by ``(training, stages)``, made on first use."""
+    unbias: dict[tuple[int, ...], Tree] = field(default_factory=dict)
+    """Per NCHW batch shape, the ``batch_stats``-shaped tree of running-variance corrections
+    (``JaxAdapter._unbias_tree``)."""
+
+
+JaxModel = Model[JaxRuntime]
+
+
+def _x64(model: JaxModel):
     """JAX computes in float64 only where x64 is enabled: around every call on a float64 model."""
     return enable_x64(model.dtype == "float64")
 
 
-class JaxAdapter(Adapter):
+class JaxAdapter(Adapter[JaxRuntime]):
     name = "jax"
     framework = "JAX/Flax"
     layout = "NHWC"
@@ -76,7 +106,7 @@ class JaxAdapter(Adapter):
 
         return f"{jax.__version__} (Flax {flax.__version__})"
 
-    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> Model:
+    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> JaxModel:
         dtype = check_dtype(dtype)
         net = DenseNet.for_config(config)
         size = min_input_size(config)
@@ -84,7 +114,7 @@ class JaxAdapter(Adapter):
         variables = jax.jit(net.init)(
             jax.random.PRNGKey(seed), jnp.zeros((1, size, size, config.in_channels), jnp.float32)
         )
-        model = Model(config, net, unfreeze(variables), cache={"seed": seed}, dtype=dtype)
+        model = Model(config, net, JaxRuntime(seed=seed), dtype=dtype, variables=unfreeze(variables))
         if dtype == "float64":
             # Flax's modules compute in the dtype their inputs and parameters promote to.
             with _x64(model):
@@ -99,12 +129,12 @@ class JaxAdapter(Adapter):
         return np.asarray(Y)
 
     @staticmethod
-    def _dropout_key(model: Model) -> jax.Array:
+    def _dropout_key(model: JaxModel) -> jax.Array:
         """A fresh, seeded key for dropout on every training call (ignored without dropout)."""
-        step = model.cache["dropout_step"] = model.cache.get("dropout_step", -1) + 1
-        return jax.random.fold_in(jax.random.PRNGKey(model.cache.get("seed", 0)), step)
+        model.runtime.dropout_step += 1
+        return jax.random.fold_in(jax.random.PRNGKey(model.runtime.seed), model.runtime.dropout_step)
 
-    def _apply(self, model: Model, X: jnp.ndarray, training: bool, compiled: bool, stages: bool = False):
+    def _apply(self, model: JaxModel, X: jnp.ndarray, training: bool, compiled: bool, stages: bool = False):
         net = model.net.clone(training=training)
         mutable = (["batch_stats"] if training else []) + (["intermediates"] if stages else [])
 
@@ -114,21 +144,21 @@ class JaxAdapter(Adapter):
             return net.apply(variables, X, mutable=mutable, rngs={"dropout": key})
 
         if compiled:
-            if ("jit", training, stages) not in model.cache:
-                model.cache[("jit", training, stages)] = jax.jit(apply)
-            apply = model.cache[("jit", training, stages)]
+            if (training, stages) not in model.runtime.jitted:
+                model.runtime.jitted[training, stages] = jax.jit(apply)
+            apply = model.runtime.jitted[training, stages]
         with _x64(model):
             return apply(model.variables, X, self._dropout_key(model))
 
-    def _forward(self, model: Model, X, training: bool, compiled: bool):
+    def _forward(self, model: JaxModel, X, training: bool, compiled: bool):
         return self._apply(model, X, training, compiled)[0]
 
-    def _stages(self, model: Model, X, training: bool) -> list:
+    def _stages(self, model: JaxModel, X, training: bool) -> list:
         # Eager Flax dispatches hundreds of small ops one by one (seconds); jit runs one program.
         _, state = self._apply(model, X, training, compiled=True, stages=True)
         return list(state["intermediates"]["stages"])
 
-    def _block(self, kind: str, num_convs: int, num_channels: int, X):
+    def _block(self, kind: str, X: jax.Array, num_channels: int, *, num_convs: int) -> jax.Array:
         blk = (
             DenseBlock(num_convs, num_channels, training=False)
             if kind == "dense"
@@ -137,7 +167,7 @@ class JaxAdapter(Adapter):
         variables = blk.init(jax.random.PRNGKey(0), X)
         return blk.apply(variables, X)
 
-    def _layers(self, model: Model) -> list[tuple[str, tuple[str, ...]]]:
+    def _layers(self, model: JaxModel) -> list[tuple[str, tuple[str, ...]]]:
         """Paths of the conv, BatchNorm and dense layers in ``params``, in forward order.
 
         jax.jit returns dicts with sorted keys ("net_10" before "net_2", "Conv_0" before
@@ -169,7 +199,7 @@ class JaxAdapter(Adapter):
             return {leaf: (collection, *layer, native) for leaf, (collection, native) in _BN_LEAVES.items()}
         return {"weight": ("params", *layer, "kernel"), "bias": ("params", *layer, "bias")}
 
-    def _tensors(self, model: Model) -> dict[str, tuple[str, ...]]:
+    def _tensors(self, model: JaxModel) -> dict[str, tuple[str, ...]]:
         # Networks without conv biases have no "bias" entry under their conv layers.
         return {k: p for k, p in super()._tensors(model).items() if self._has(model.variables, p)}
 
@@ -187,10 +217,10 @@ class JaxAdapter(Adapter):
             tree = tree[key]
         return tree
 
-    def _read(self, model: Model) -> dict[str, np.ndarray]:
+    def _read(self, model: JaxModel) -> dict[str, np.ndarray]:
         return {k: np.array(self._get(model.variables, p)) for k, p in self._tensors(model).items()}
 
-    def _write(self, model: Model, weights: dict[str, np.ndarray]) -> None:
+    def _write(self, model: JaxModel, weights: dict[str, np.ndarray]) -> None:
         variables = jax.tree_util.tree_map(lambda a: a, model.variables)  # new containers
         with _x64(model):
             for k, path in self._tensors(model).items():
@@ -198,19 +228,19 @@ class JaxAdapter(Adapter):
                 parent[path[-1]] = jnp.asarray(weights[k])
         model.variables = variables
 
-    def _unbias_tree(self, model: Model, X_shape: tuple[int, ...]):
+    def _unbias_tree(self, model: JaxModel, X_shape: tuple[int, ...]) -> Tree:
         """``batch_stats``-shaped tree: 1/(n-1) at every running variance, 0 at every mean."""
-        key = ("unbias", tuple(X_shape))
-        if key not in model.cache:
+        key = tuple(X_shape)
+        if key not in model.runtime.unbias:
             tree = jax.tree_util.tree_map(lambda a: 0.0, model.variables["batch_stats"])
             paths = self._tensors(model)
             for name, factor in self.running_stat_factors(model, X_shape).items():
                 parent = self._get(tree, paths[name][1:-1])
                 parent[paths[name][-1]] = factor - 1
-            model.cache[key] = tree
-        return model.cache[key]
+            model.runtime.unbias[key] = tree
+        return model.runtime.unbias[key]
 
-    def _grad_tree_to_canonical(self, model: Model, grads) -> dict[str, np.ndarray]:
+    def _grad_tree_to_canonical(self, model: JaxModel, grads) -> dict[str, np.ndarray]:
         return {
             k: self.canonical_param(k, np.asarray(self._get(grads, p[1:])))
             for k, p in self._tensors(model).items()

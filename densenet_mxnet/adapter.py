@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from common.adapter import Adapter, Model, check_dtype
@@ -15,7 +17,19 @@ autograd, gluon = mx.autograd, mx.gluon
 _BN_LEAVES = {"weight": "gamma", "bias": "beta", "running_mean": "running_mean", "running_var": "running_var"}
 
 
-class MXNetAdapter(Adapter):
+@dataclass
+class MXNetRuntime:
+    """What the MXNet adapter keeps beside a network."""
+
+    trainer: gluon.Trainer | None = None
+    """The plain-SGD ``Trainer`` ``train_step`` steps, made on first use (its learning rate is
+    set on every call)."""
+
+
+MXNetModel = Model[MXNetRuntime]
+
+
+class MXNetAdapter(Adapter[MXNetRuntime]):
     name = "mxnet"
     framework = "MXNet Gluon"
     layout = "NCHW"
@@ -31,7 +45,7 @@ class MXNetAdapter(Adapter):
         ``gluon`` peer format, whose names only the zoo can produce)."""
         return zoo_param_names(name, num_classes)
 
-    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> Model:
+    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> MXNetModel:
         dtype = check_dtype(dtype)
         mx.random.seed(seed)
         net = DenseNet.for_config(config)
@@ -40,7 +54,7 @@ class MXNetAdapter(Adapter):
         net(mx.nd.zeros((1, config.in_channels, size, size)))  # finish the deferred initialisation
         if dtype == "float64":
             net.cast(dtype)  # Gluon's way: parameters and the dtype the graph expects
-        return Model(config, net, dtype=dtype)
+        return Model(config, net, MXNetRuntime(), dtype=dtype)
 
     def _to_native(self, X: np.ndarray) -> mx.nd.NDArray:
         return mx.nd.array(X, dtype=X.dtype)
@@ -48,7 +62,7 @@ class MXNetAdapter(Adapter):
     def _to_numpy(self, Y: mx.nd.NDArray) -> np.ndarray:
         return Y.asnumpy()
 
-    def _forward(self, model: Model, X, training: bool, compiled: bool):
+    def _forward(self, model: MXNetModel, X, training: bool, compiled: bool):
         model.net.hybridize(compiled)
         # train_mode switches BatchNorm to batch statistics without recording a graph.
         if training:
@@ -56,7 +70,7 @@ class MXNetAdapter(Adapter):
                 return model.net(X)
         return model.net(X)
 
-    def _stages(self, model: Model, X, training: bool) -> list:
+    def _stages(self, model: MXNetModel, X, training: bool) -> list:
         model.net.hybridize(False)
         outs = []
         with autograd.train_mode() if training else autograd.predict_mode():
@@ -65,12 +79,12 @@ class MXNetAdapter(Adapter):
                 outs.append(X)
         return outs
 
-    def _block(self, kind: str, num_convs: int, num_channels: int, X):
+    def _block(self, kind: str, X: mx.nd.NDArray, num_channels: int, *, num_convs: int) -> mx.nd.NDArray:
         blk = DenseBlock(num_convs, num_channels) if kind == "dense" else transition_block(num_channels)
         blk.initialize(mx.init.Xavier())
         return blk(X)
 
-    def _layers(self, model: Model) -> list[tuple[str, gluon.Block]]:
+    def _layers(self, model: MXNetModel) -> list[tuple[str, gluon.Block]]:
         kinds = ((gluon.nn.Conv2D, "conv"), (gluon.nn.BatchNorm, "bn"), (gluon.nn.Dense, "fc"))
         out = []
 
@@ -87,14 +101,14 @@ class MXNetAdapter(Adapter):
             return {leaf: getattr(layer, native) for leaf, native in _BN_LEAVES.items()}
         return {"weight": layer.weight} | ({"bias": layer.bias} if layer.bias is not None else {})
 
-    def _read(self, model: Model) -> dict[str, np.ndarray]:
+    def _read(self, model: MXNetModel) -> dict[str, np.ndarray]:
         return {k: p.data().asnumpy() for k, p in self._tensors(model).items()}
 
-    def _write(self, model: Model, weights: dict[str, np.ndarray]) -> None:
+    def _write(self, model: MXNetModel, weights: dict[str, np.ndarray]) -> None:
         for k, p in self._tensors(model).items():
             p.set_data(mx.nd.array(weights[k], dtype=weights[k].dtype))
 
-    def _loss_backward(self, model: Model, X, y: np.ndarray):
+    def _loss_backward(self, model: MXNetModel, X, y: np.ndarray):
         y = mx.nd.array(self.check_labels(X, y, model.config.num_classes), dtype=model.dtype)
         loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
         tensors = self._tensors(model)
@@ -119,9 +133,9 @@ class MXNetAdapter(Adapter):
 
     def train_step(self, model, X, y, lr, compiled=False):
         model.net.hybridize(compiled)
-        trainer = model.cache.get("trainer")
+        trainer = model.runtime.trainer
         if trainer is None:
-            trainer = model.cache["trainer"] = gluon.Trainer(model.net.collect_params(), "sgd", {"learning_rate": lr})
+            trainer = model.runtime.trainer = gluon.Trainer(model.net.collect_params(), "sgd", {"learning_rate": lr})
         loss, logits = self._loss_backward(model, self.prepare(model, X), y)
         if model.dtype == "float64":
             # Gluon's optimizer ops take the learning rate as a float32 parameter (0.01 becomes

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -13,7 +16,23 @@ from densenet_tf.model import DenseBlock, DenseNet, transition_block
 _BN_LEAVES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
 
 
-class TFAdapter(Adapter):
+@dataclass
+class TFRuntime:
+    """What the TensorFlow adapter keeps beside a network; all made on first use."""
+
+    compiled: Callable[[tf.Tensor, bool], tf.Tensor] | None = None
+    """``tf.function`` of the forward pass ``(X, training) -> logits``."""
+    sgd: tf.keras.optimizers.SGD | None = None
+    """The optimizer ``train_step`` steps, its learning rate a variable in the model's dtype
+    (assigned on every call)."""
+    train_step: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None = None
+    """``tf.function`` of one step ``(X, y) -> (loss, logits)``, for ``train_step(..., compiled=True)``."""
+
+
+TFModel = Model[TFRuntime]
+
+
+class TFAdapter(Adapter[TFRuntime]):
     name = "tf"
     framework = "TensorFlow/Keras"
     layout = "NHWC"
@@ -22,7 +41,7 @@ class TFAdapter(Adapter):
     def version(self) -> str:
         return f"{tf.__version__} (Keras {tf.keras.__version__})"
 
-    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> Model:
+    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> TFModel:
         dtype = check_dtype(dtype)
         tf.keras.utils.set_random_seed(seed)
         # Keras layers take their variable and compute dtype from the global dtype policy when
@@ -35,7 +54,7 @@ class TFAdapter(Adapter):
             net(tf.zeros((1, size, size, config.in_channels), dtype), training=False)  # build the layers
         finally:
             keras.config.set_dtype_policy(previous)
-        return Model(config, net, dtype=dtype)
+        return Model(config, net, TFRuntime(), dtype=dtype)
 
     def _to_native(self, X: np.ndarray) -> tf.Tensor:
         return tf.convert_to_tensor(X)
@@ -43,25 +62,25 @@ class TFAdapter(Adapter):
     def _to_numpy(self, Y: tf.Tensor) -> np.ndarray:
         return Y.numpy()
 
-    def _forward(self, model: Model, X: tf.Tensor, training: bool, compiled: bool) -> tf.Tensor:
+    def _forward(self, model: TFModel, X: tf.Tensor, training: bool, compiled: bool) -> tf.Tensor:
         if compiled:
-            if "compiled" not in model.cache:
-                model.cache["compiled"] = tf.function(lambda X, training: model.net(X, training=training))
-            return model.cache["compiled"](X, training)
+            if model.runtime.compiled is None:
+                model.runtime.compiled = tf.function(lambda X, training: model.net(X, training=training))
+            return model.runtime.compiled(X, training)
         return model.net(X, training=training)
 
-    def _stages(self, model: Model, X: tf.Tensor, training: bool) -> list[tf.Tensor]:
+    def _stages(self, model: TFModel, X: tf.Tensor, training: bool) -> list[tf.Tensor]:
         outs = []
         for stage in model.net.net.layers:
             X = stage(X, training=training)
             outs.append(X)
         return outs
 
-    def _block(self, kind: str, num_convs: int, num_channels: int, X: tf.Tensor) -> tf.Tensor:
+    def _block(self, kind: str, X: tf.Tensor, num_channels: int, *, num_convs: int) -> tf.Tensor:
         blk = DenseBlock(num_convs, num_channels) if kind == "dense" else transition_block(num_channels)
         return blk(X, training=False)
 
-    def _layers(self, model: Model) -> list[tuple[str, tf.keras.layers.Layer]]:
+    def _layers(self, model: TFModel) -> list[tuple[str, tf.keras.layers.Layer]]:
         layers = tf.keras.layers
         kinds = ((layers.Conv2D, "conv"), (layers.BatchNormalization, "bn"), (layers.Dense, "fc"))
         out = []
@@ -83,14 +102,14 @@ class TFAdapter(Adapter):
             return {leaf: getattr(layer, native) for leaf, native in _BN_LEAVES.items()}
         return {"weight": layer.kernel} | ({"bias": layer.bias} if layer.bias is not None else {})
 
-    def _read(self, model: Model) -> dict[str, np.ndarray]:
+    def _read(self, model: TFModel) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in self._tensors(model).items()}
 
-    def _write(self, model: Model, weights: dict[str, np.ndarray]) -> None:
+    def _write(self, model: TFModel, weights: dict[str, np.ndarray]) -> None:
         for k, v in self._tensors(model).items():
             v.assign(weights[k])
 
-    def _loss_and_grads(self, model: Model, X: tf.Tensor, y):
+    def _loss_and_grads(self, model: TFModel, X: tf.Tensor, y):
         tensors = self._tensors(model)
         variables = {k: v for k, v in tensors.items() if v.trainable}
         factors = self.running_stat_factors(model, (X.shape[0], X.shape[3], X.shape[1], X.shape[2]))
@@ -113,23 +132,23 @@ class TFAdapter(Adapter):
         return float(loss), self.canonical_activation(dX.numpy()), canonical
 
     def train_step(self, model, X, y, lr, compiled=False):
-        opt = model.cache.get("sgd")
+        opt = model.runtime.sgd
         if opt is None:
             # The optimizer keeps its learning rate in a variable of the float type set when it is
             # created; float32 would round it (0.01 -> 0.0099999998) in a float64 model.
             previous = keras.config.floatx()
             keras.config.set_floatx(model.dtype)
             try:
-                opt = model.cache["sgd"] = tf.keras.optimizers.SGD(learning_rate=lr)
+                opt = model.runtime.sgd = tf.keras.optimizers.SGD(learning_rate=lr)
             finally:
                 keras.config.set_floatx(previous)
         opt.learning_rate.assign(lr)
         X = self.prepare(model, X)
         y = self.check_labels(X, y, model.config.num_classes)
         if compiled:
-            if "train_step" not in model.cache:
-                model.cache["train_step"] = tf.function(lambda X, y: self._step(model, X, y))
-            step = model.cache["train_step"]
+            if model.runtime.train_step is None:
+                model.runtime.train_step = tf.function(lambda X, y: self._step(model, X, y))
+            step = model.runtime.train_step
         else:
 
             def step(X, y):
@@ -138,7 +157,7 @@ class TFAdapter(Adapter):
         loss, logits = step(X, tf.convert_to_tensor(y))
         return float(loss), logits.numpy()
 
-    def _step(self, model: Model, X: tf.Tensor, y: tf.Tensor):
+    def _step(self, model: TFModel, X: tf.Tensor, y: tf.Tensor):
         loss, _, grads, variables, logits = self._loss_and_grads(model, X, y)
-        model.cache["sgd"].apply_gradients([(grads[k], variables[k]) for k in variables])
+        model.runtime.sgd.apply_gradients([(grads[k], variables[k]) for k in variables])
         return loss, logits

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,7 +20,20 @@ if os.environ.get("DENSENET_ONEDNN") == "0":
     torch.backends.mkldnn.enabled = False
 
 
-class TorchAdapter(Adapter):
+@dataclass
+class TorchRuntime:
+    """What the PyTorch adapter keeps beside a network; both made on first use."""
+
+    compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """``torch.compile(net)``, for ``forward(..., compiled=True)``."""
+    sgd: torch.optim.SGD | None = None
+    """The optimizer ``train_step`` steps (its learning rate is set on every call)."""
+
+
+TorchModel = Model[TorchRuntime]
+
+
+class TorchAdapter(Adapter[TorchRuntime]):
     name = "torch"
     framework = "PyTorch"
     layout = "NCHW"
@@ -31,7 +46,7 @@ class TorchAdapter(Adapter):
     def version(self) -> str:
         return torch.__version__
 
-    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> Model:
+    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> TorchModel:
         dtype = check_dtype(dtype)
         torch.manual_seed(seed)
         net = DenseNet.for_config(config)
@@ -41,7 +56,7 @@ class TorchAdapter(Adapter):
             net(torch.zeros(1, config.in_channels, size, size))
         if dtype == "float64":
             net.double()  # every parameter and buffer; activations follow the input's dtype
-        return Model(config, net, dtype=dtype)
+        return Model(config, net, TorchRuntime(), dtype=dtype)
 
     def _to_native(self, X: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(X)
@@ -49,17 +64,17 @@ class TorchAdapter(Adapter):
     def _to_numpy(self, Y: torch.Tensor) -> np.ndarray:
         return Y.detach().numpy()
 
-    def _forward(self, model: Model, X: torch.Tensor, training: bool, compiled: bool) -> torch.Tensor:
+    def _forward(self, model: TorchModel, X: torch.Tensor, training: bool, compiled: bool) -> torch.Tensor:
         net = model.net
         if compiled:
-            if "compiled" not in model.cache:
-                model.cache["compiled"] = torch.compile(model.net)
-            net = model.cache["compiled"]
+            if model.runtime.compiled is None:
+                model.runtime.compiled = torch.compile(model.net)
+            net = model.runtime.compiled
         model.net.train(training)
         with torch.no_grad():
             return net(X)
 
-    def _stages(self, model: Model, X: torch.Tensor, training: bool) -> list[torch.Tensor]:
+    def _stages(self, model: TorchModel, X: torch.Tensor, training: bool) -> list[torch.Tensor]:
         model.net.train(training)
         outs = []
         with torch.no_grad():
@@ -68,12 +83,12 @@ class TorchAdapter(Adapter):
                 outs.append(X)
         return outs
 
-    def _block(self, kind: str, num_convs: int, num_channels: int, X: torch.Tensor) -> torch.Tensor:
+    def _block(self, kind: str, X: torch.Tensor, num_channels: int, *, num_convs: int) -> torch.Tensor:
         blk = DenseBlock(num_convs, num_channels) if kind == "dense" else transition_block(num_channels)
         with torch.no_grad():
             return blk(X)
 
-    def _layers(self, model: Model) -> list[tuple[str, torch.nn.Module]]:
+    def _layers(self, model: TorchModel) -> list[tuple[str, torch.nn.Module]]:
         kinds = ((torch.nn.Conv2d, "conv"), (torch.nn.BatchNorm2d, "bn"), (torch.nn.Linear, "fc"))
         return [(kind, m) for m in model.net.modules() for cls, kind in kinds if isinstance(m, cls)]
 
@@ -81,15 +96,15 @@ class TorchAdapter(Adapter):
         leaves = ("weight", "bias", "running_mean", "running_var") if kind == "bn" else ("weight", "bias")
         return {leaf: getattr(layer, leaf) for leaf in leaves if getattr(layer, leaf) is not None}
 
-    def _read(self, model: Model) -> dict[str, np.ndarray]:
+    def _read(self, model: TorchModel) -> dict[str, np.ndarray]:
         return {k: v.detach().numpy().copy() for k, v in self._tensors(model).items()}
 
-    def _write(self, model: Model, weights: dict[str, np.ndarray]) -> None:
+    def _write(self, model: TorchModel, weights: dict[str, np.ndarray]) -> None:
         with torch.no_grad():
             for k, t in self._tensors(model).items():
                 t.copy_(torch.from_numpy(weights[k]))
 
-    def _loss(self, model: Model, X: torch.Tensor, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, model: TorchModel, X: torch.Tensor, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         model.net.train(True)
         y = self.check_labels(X, y, model.config.num_classes)
         logits = model.net(X)
@@ -106,9 +121,9 @@ class TorchAdapter(Adapter):
 
     def train_step(self, model, X, y, lr, compiled=False):
         # Eager even when compiled: see prefers_compiled.
-        opt = model.cache.get("sgd")
+        opt = model.runtime.sgd
         if opt is None:
-            opt = model.cache["sgd"] = torch.optim.SGD(model.net.parameters(), lr=lr)
+            opt = model.runtime.sgd = torch.optim.SGD(model.net.parameters(), lr=lr)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)

@@ -61,7 +61,7 @@ def native(backend_name: str, adapter):
     """The backend's package (``densenet_torch`` ...), loaded through the adapter's check."""
     import importlib
 
-    return importlib.import_module(BACKENDS[backend_name][0])
+    return importlib.import_module(BACKENDS[backend_name].package)
 
 
 @pytest.fixture

@@ -57,7 +57,7 @@ COMPILED_ATOL = {"torch": 5e-7, "mxnet": 1e-7, "jax": 1e-6, "tf": 1e-6}
 MXNET_ONEDNN_XFAIL = pytest.mark.xfail(
     condition=os.environ.get("MXNET_MKLDNN_ENABLED", "1") != "0",
     strict=True,
-    reason="densenet_mxnet/adapter.py _loss_backward (loss_and_grads, sgd_step): MXNet oneDNN backward raises "
+    reason="densenet_mxnet/adapter.py _loss_backward (loss_and_grads, train_step): MXNet oneDNN backward raises "
     "'could not construct a sub-memory' for growth_rate=4 (channel offsets not a multiple of 8)",
 )
 
@@ -345,7 +345,7 @@ def test_sgd_step_updates_batchnorm_statistics(adapter, rng: np.random.Generator
     for k in before:
         np.testing.assert_array_equal(after_inference[k], before[k], err_msg=k)
 
-    adapter.sgd_step(model, X, y, 0.1)
+    adapter.train_step(model, X, y, 0.1)
     after = adapter.get_weights(model)
     state = [k for k in before if is_state(k)]
     assert len(state) == 2 * (2 + sum(TRAIN.arch) + len(TRAIN.arch) - 1)
@@ -362,7 +362,7 @@ def test_sgd_step_updates_batchnorm_statistics(adapter, rng: np.random.Generator
 def test_loss_decreases_on_a_fixed_batch(adapter, rng: np.random.Generator) -> None:
     model = adapter.build(TRAIN, seed=0)
     X, y = _train_batch(rng)
-    losses = [adapter.sgd_step(model, X, y, 0.1) for _ in range(5)]
+    losses = [adapter.train_step(model, X, y, 0.1)[0] for _ in range(5)]
     assert all(np.isfinite(losses)), losses
     assert 1.0 < losses[0] < 4.0, losses  # near log(10) = 2.3 from a fresh network
     # Measured: each step lowers the loss; 5 steps take it to 0.58-0.70 of the first.

@@ -87,7 +87,7 @@ def test_refused_training_step_changes_nothing(adapter, rng: np.random.Generator
     before = adapter.get_weights(model)
     logits = adapter.forward(model, X)
     with pytest.raises(InputError):
-        adapter.sgd_step(model, images(rng, (2, 3, 32, 32)), np.zeros(2, np.int64), 0.1)
+        adapter.train_step(model, images(rng, (2, 3, 32, 32)), np.zeros(2, np.int64), 0.1)
     after = adapter.get_weights(model)
     for k in before:
         np.testing.assert_array_equal(after[k], before[k], err_msg=k)

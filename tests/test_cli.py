@@ -16,7 +16,7 @@ import common.cli
 from common.cli import main
 from common.config import DenseNetConfig, count_params
 from common.harness import compare_shapes, seeded_batches
-from common.registry import BACKENDS
+from common.registry import BACKENDS, BackendEntry
 from common.summary import summarize
 
 TINY = ["--num-channels", "8", "--growth-rate", "4", "--arch", "2,2", "--input-size", "32"]
@@ -78,7 +78,7 @@ def test_harness_reports_backend_errors(adapter, monkeypatch: pytest.MonkeyPatch
 def test_required_backend_that_cannot_load_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     import common.registry as registry
 
-    monkeypatch.setitem(registry.BACKENDS, "torch", ("densenet_does_not_exist", "X", "PyTorch", "torch"))
+    monkeypatch.setitem(registry.BACKENDS, "torch", BackendEntry("densenet_does_not_exist", "X", "PyTorch", "torch"))
     monkeypatch.delitem(registry._loaded, "torch", raising=False)
     report = compare_shapes(["torch"], DenseNetConfig(arch=(1, 1)), 32)
     assert not report.ok
