@@ -9,6 +9,7 @@ runs where it does (see docs/family.md).
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from common import peers
 from common.cli import main
 from common.config import CONFIGS, DenseNetConfig, canonical_spec, count_macs, count_params, named_config
 from common.errors import ConfigError, WeightFileError
-from common.safetensors_io import read_weights, write_weights
+from common.safetensors_io import load_file, read_weights, write_weights
 from common.weights import init_canonical, load_weights
 from tests.conftest import get_adapter
 
@@ -391,3 +392,25 @@ def test_torchvision_densenet121(adapter) -> None:  # pragma: no cover - needs t
     model = adapter.build(D121)
     adapter.set_weights(model, peers.from_torchvision(sd, D121))
     np.testing.assert_allclose(adapter.stages(model, X)["head"], expected, rtol=0, atol=PEER_ATOL)
+
+
+TORCHVISION_VECTOR = Path(__file__).parent / "data" / "torchvision_small.safetensors"
+
+
+def test_torchvision_recorded_vector(adapter) -> None:
+    """torchvision's own DenseNet, run where it imports (tests/data/make_torchvision_vector.py):
+    its state dict, converted by common.peers, gives torchvision's logits in every backend."""
+    tensors, metadata = load_file(TORCHVISION_VECTOR)
+    sd = {k.removeprefix("state_dict/"): v for k, v in tensors.items() if k.startswith("state_dict/")}
+    config = peers.infer_config(list(sd), {k: v.shape for k, v in sd.items()}, "torchvision")
+    args = json.loads(metadata["densenet_args"])
+    assert (config.growth_rate, config.arch, config.num_channels) == (
+        args["growth_rate"],
+        tuple(args["block_config"]),
+        args["num_init_features"],
+    )
+    assert config.bn_size == args["bn_size"] and config.num_classes == args["num_classes"]
+    model = adapter.build(config)
+    adapter.set_weights(model, peers.from_torchvision(sd, config))
+    got = adapter.forward(model, tensors["input"])
+    np.testing.assert_allclose(got, tensors["logits"], rtol=0, atol=PEER_ATOL)
