@@ -47,9 +47,8 @@ def main() -> None:
         "densenet_args": json.dumps(ARGS),
     }
     save_file(tensors, str(OUT), metadata)
-    print(
-        f"wrote {OUT} ({OUT.stat().st_size:,} bytes) with torch {torch.__version__}, torchvision {torchvision.__version__}"
-    )
+    versions = f"torch {torch.__version__}, torchvision {torchvision.__version__}"
+    print(f"wrote {OUT} ({OUT.stat().st_size:,} bytes) with {versions}")
 
 
 if __name__ == "__main__":
