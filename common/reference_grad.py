@@ -35,7 +35,7 @@ from common.config import (
     plan,
 )
 from common.errors import InputError
-from common.reference import _windows
+from common.reference import _windows, cross_entropy
 
 Weights = Mapping[str, np.ndarray]
 
@@ -340,14 +340,12 @@ def build(config: DenseNetConfig, weights: Weights, training: bool, *, unbiased_
 
 
 def _cross_entropy_and_grad(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    top = logits.max(axis=1, keepdims=True)
-    e = np.exp(logits - top)
-    softmax = e / e.sum(axis=1, keepdims=True)
+    """:func:`common.reference.cross_entropy` and its gradient, (softmax - one_hot) / N."""
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    d = e / e.sum(axis=1, keepdims=True)
     n = len(y)
-    loss = float(np.mean(np.log(e.sum(axis=1)) + top[:, 0] - logits[np.arange(n), y]))
-    d = softmax
     d[np.arange(n), y] -= 1
-    return loss, d / n
+    return cross_entropy(logits, y), d / n
 
 
 def loss_and_grads(

@@ -277,3 +277,83 @@ def test_init_weights_is_seeded_and_canonical() -> None:
     assert kernel.shape[1] == (64 + 4 * 32) // 2 + 2 * 32
     assert abs(kernel.std() - math.sqrt(2 / (kernel.shape[1] * 9))) < 0.01
     assert np.all(np.abs(a["dense1.conv1.conv.bias"]) <= 1 / math.sqrt(fan_in))
+
+
+# --- the oracle's gradients (common.reference_grad) ----------------------------------------------
+
+GRAD_CASES = {
+    "plain": DenseNetConfig(num_channels=4, growth_rate=3, arch=(2, 1)),
+    "bc": DenseNetConfig(num_channels=4, growth_rate=3, arch=(1, 1), bn_size=2, conv_bias=False, in_channels=2),
+}
+
+
+@pytest.mark.parametrize("name", list(GRAD_CASES))
+def test_gradients_match_finite_differences(name: str) -> None:
+    """Every hand-written derivative against central differences of the forward pass, in float64."""
+    from common import reference_grad
+    from common.weights import init_canonical
+
+    config = GRAD_CASES[name]
+    w = {k: v.astype(np.float64) for k, v in init_canonical(config, 0).items()}
+    rng = np.random.default_rng(0)
+    X = rng.random((3, config.in_channels, 31, 30))  # odd size: floor in every pooling
+    y = rng.integers(0, config.num_classes, 3)
+    g = reference_grad.loss_and_grads(config, w, X, y)
+
+    def loss(weights, images) -> float:
+        logits, _, _ = ref.forward(config, weights, images, training=True)
+        return ref.cross_entropy(logits, y)
+
+    h = 1e-6
+    for k, grad in g.params.items():
+        assert grad.shape == w[k].shape
+        assert g.param_scales[k] >= np.max(np.abs(grad))  # the sum of |terms| bounds |sum|
+        for i in rng.choice(grad.size, min(3, grad.size), replace=False):
+            plus, minus = dict(w), dict(w)
+            plus[k], minus[k] = w[k].copy(), w[k].copy()
+            plus[k].flat[i] += h
+            minus[k].flat[i] -= h
+            fd = (loss(plus, X) - loss(minus, X)) / (2 * h)
+            assert abs(fd - grad.flat[i]) <= 1e-7 * g.param_scales[k], (k, i)
+    for i in rng.choice(X.size, 5, replace=False):
+        plus, minus = X.copy(), X.copy()
+        plus.flat[i] += h
+        minus.flat[i] -= h
+        fd = (loss(w, plus) - loss(w, minus)) / (2 * h)
+        assert abs(fd - g.input.flat[i]) <= 1e-7 * g.input_scale
+    logits, _, stats = ref.forward(config, w, X, training=True)
+    np.testing.assert_allclose(g.logits, logits, rtol=0, atol=1e-13)
+    assert g.loss == pytest.approx(ref.cross_entropy(logits, y), abs=1e-13)
+    for k, v in stats.items():
+        np.testing.assert_allclose(g.stats[k], v, rtol=0, atol=1e-13)
+
+
+def test_sgd_steps_follow_the_gradients() -> None:
+    from common import reference_grad
+    from common.weights import init_canonical
+
+    config = GRAD_CASES["plain"]
+    w0 = init_canonical(config, 1)
+    rng = np.random.default_rng(1)
+    batches = [(rng.random((4, 1, 32, 32)), rng.integers(0, 10, 4)) for _ in range(2)]
+    losses, w2 = reference_grad.sgd_steps(config, w0, batches, lr=0.1)
+    g0 = reference_grad.loss_and_grads(config, w0, *batches[0])
+    w1 = {k: w0[k] - 0.1 * g0.params[k] if k in g0.params else g0.stats.get(k, w0[k]) for k in w0}
+    g1 = reference_grad.loss_and_grads(config, w1, *batches[1])
+    assert losses == [g0.loss, g1.loss]
+    for k in w2:
+        expected = w1[k] - 0.1 * g1.params[k] if k in g1.params else g1.stats.get(k, w1[k])
+        np.testing.assert_allclose(w2[k], expected, rtol=0, atol=1e-15)
+
+
+def test_oracle_gradients_refuse_dropout_and_bad_labels() -> None:
+    from common import reference_grad
+    from common.weights import init_canonical
+
+    config = GRAD_CASES["plain"].replace(drop_rate=0.2)
+    w = init_canonical(config, 0)
+    X = np.zeros((2, 1, 32, 32))
+    with pytest.raises(InputError, match="dropout"):
+        reference_grad.loss_and_grads(config, w, X, np.array([0, 1]))
+    with pytest.raises(InputError, match="labels"):
+        reference_grad.loss_and_grads(GRAD_CASES["plain"], init_canonical(GRAD_CASES["plain"], 0), X, np.array([0, 10]))
