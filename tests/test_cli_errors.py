@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -387,3 +388,33 @@ def test_weights_of_another_network_are_summarised() -> None:
     assert "the network is DenseNet num_channels=64 growth_rate=32 arch=4,4,4,4" in lines[2]
     assert "growth_rate: weights have 4, network has 32" in str(info.value)
     assert "more problem(s)" in lines[-1]
+
+
+def test_base_install_is_enough_for_the_cli() -> None:
+    """The framework-neutral core imports only the base dependencies (numpy, safetensors), and
+    matplotlib only where curves are drawn, which degrades with a message without it."""
+    import ast
+
+    import tomllib
+
+    base = {
+        re.split(r"[<>=!~\[ ;]", dep, maxsplit=1)[0]
+        for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
+    assert base == {"numpy", "safetensors"}
+    third_party: dict[str, set[str]] = {}
+    for path in (ROOT / "common").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                else []
+            )
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top != "common":
+                    third_party.setdefault(top, set()).add(path.relative_to(ROOT).as_posix())
+    assert set(third_party) <= base | {"matplotlib"}, third_party
+    assert third_party.get("matplotlib", set()) <= {"common/plot.py"}
