@@ -320,7 +320,6 @@ def train(
                 else:
                     steady_images, steady_s = steady_images + len(y), steady_s + seconds
                 bar.after_step(len(y), seconds, compiling, loss_sum / seen, correct / seen)
-            train_seconds = time.perf_counter() - started
             t0 = time.perf_counter()
             test_loss, test_acc = evaluate(adapter, model, test_split, 256, settings.resize, bar.evaluating)
             bar.evaluated(time.perf_counter() - t0)
@@ -337,8 +336,9 @@ def train(
                     "train_acc": correct / seen,
                     "test_loss": test_loss,
                     "test_acc": test_acc,
-                    # Steps that compiled (a new batch shape) are left out of the speed: see compile_s.
-                    "images_per_s": steady_images / steady_s if steady_s > 0 else seen / train_seconds,
+                    # Steps that compiled (a new batch shape) are left out of the speed (None when every
+                    # step did): their time is compile_s.
+                    "images_per_s": steady_images / steady_s if steady_s > 0 else None,
                     "compile_s": compile_s,
                     "seconds": time.perf_counter() - started,
                 }
@@ -353,10 +353,11 @@ def train(
             )
             run.checkpoint_epoch = epoch + 1
             m = metrics[-1]
+            compiling = f"compiling took {compile_s:.0f} s" if compile_s >= 1 else ""
             bar.epoch_line(
                 f"{adapter.name} epoch {epoch + 1}/{settings.epochs}: train loss {m['train_loss']:.4f} "
                 f"acc {m['train_acc']:.4f}, test loss {test_loss:.4f} acc {test_acc:.4f}, "
-                f"{m['images_per_s']:.0f} img/s" + (f" (compiling took {compile_s:.0f} s)" if compile_s >= 1 else "")
+                + speed(m["images_per_s"], compiling)
             )
     except KeyboardInterrupt:
         bar.close()
@@ -384,6 +385,13 @@ def train(
     except PlotUnavailable as exc:
         print(f"note: {out / 'curves.png'} not drawn: {exc}", file=sys.stderr)
     return metrics
+
+
+def speed(images_per_s: float | None, note: str = "") -> str:
+    """``1,105 img/s`` (with a note in parentheses), or why there is no figure."""
+    if images_per_s is None:
+        return "speed not measured (every step was a first, compiling one" + (f"; {note})" if note else ")")
+    return f"{images_per_s:,.0f} img/s" + (f" ({note})" if note else "")
 
 
 def _diverged(value: float | str, epoch: int, step: int, lr: float, run: _Run, shown_by: str | None = None) -> str:

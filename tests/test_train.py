@@ -462,3 +462,35 @@ def test_data_dir_is_used_or_refused(dataset: Path, tmp_path: Path, monkeypatch:
             data.find(None)
         monkeypatch.delenv(data.ENV_VAR)
     assert data.find(dataset) == dataset
+
+
+def test_progress_leaves_compiling_steps_out_of_speed_and_time_left() -> None:
+    import io
+
+    from common.progress import Progress, format_seconds
+    from common.train import speed
+
+    stream, out = io.StringIO(), io.StringIO()
+    bar = Progress("jax", 2, 3, live=True, stream=stream, out=out)
+    bar.REFRESH_S = 0.0
+    bar.start_epoch(0)
+    bar.before_step(compiling=True)
+    assert "jax epoch 1/2: step 1/3: compiling" in stream.getvalue()
+    bar.after_step(32, 50.0, True, 2.3, 0.1)  # the 50 s of compiling count nowhere
+    assert bar.images_per_s() is None and bar.seconds_left() is None
+    bar.after_step(32, 0.5, False, 2.2, 0.2)
+    assert bar.images_per_s() == 64
+    assert bar.seconds_left() == pytest.approx(4 * 0.5)  # 1 step of this epoch and 3 of the next
+    bar.evaluating(0, 2)
+    assert stream.getvalue().rstrip().endswith("\rjax epoch 1/2: evaluating 0/2 batches")
+    bar.epoch_line("jax epoch 1/2: done")
+    assert out.getvalue() == "jax epoch 1/2: done\n"
+    assert format_seconds(3723) == "1:02:03" and format_seconds(59) == "0:59"
+    assert (
+        speed(None, "compiling took 6 s")
+        == "speed not measured (every step was a first, compiling one; compiling took 6 s)"
+    )
+    assert speed(1105.4) == "1,105 img/s"
+    quiet = Progress("jax", 1, 1, quiet=True, stream=stream, out=out)
+    quiet.epoch_line("nothing")
+    assert "nothing" not in out.getvalue()

@@ -75,7 +75,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 def _check_parity_args(forwarded: list[str]) -> None:
     """Refuse options `densenet parity` would refuse before starting a process per setting."""
-    checker = argparse.ArgumentParser(prog="densenet parity-sweep -- (options of densenet parity)")
+    checker = argparse.ArgumentParser(prog="densenet parity-sweep, forwarding to densenet")
     add_parity(checker.add_subparsers(dest="command", required=True))
     args = checker.parse_args(["parity", *forwarded])
     if "--seeds" in forwarded or "--json" in forwarded:

@@ -22,7 +22,7 @@ from common.limits import check_memory
 from common.plot import plot_runs
 from common.progress import Progress
 from common.registry import BACKENDS, canonical_name, load_backend
-from common.train import TrainSettings, evaluate, train
+from common.train import TrainSettings, evaluate, speed, train
 from common.weights import load_canonical
 
 __all__ = [
@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = metrics[-1]
     print(
         f"{settings.backend}: {len(metrics)} epoch(s), test accuracy {last['test_acc']:.4f}, "
-        f"test loss {last['test_loss']:.4f}, {last['images_per_s']:.0f} images/s; run in {out}"
+        f"test loss {last['test_loss']:.4f}, {speed(last['images_per_s'])}; run in {out}"
     )
     return 0
 
