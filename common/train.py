@@ -1,10 +1,11 @@
 """Training on Fashion-MNIST, the same loop for every backend (the step itself is each
 framework's own: ``Adapter.train_step``).
 
-A run directory holds ``run.json`` (settings and versions), ``metrics.jsonl`` (one line per
-epoch), ``checkpoint.safetensors`` (canonical weights after the last finished epoch, written
-atomically), ``weights.safetensors`` (the final weights, loadable by any backend) and
-``curves.png``.
+A run directory holds ``run.json`` (settings, versions and the data files read, with their
+SHA-256), ``metrics.jsonl`` (one line per epoch), ``checkpoint.safetensors`` (canonical weights
+after the last finished epoch, written atomically), ``weights.safetensors`` (the final weights,
+loadable by any backend) and ``curves.png``. Nothing is written before the first epoch finishes,
+and a directory that holds a run is never replaced unless asked (``overwrite``).
 """
 
 from __future__ import annotations
@@ -196,27 +197,39 @@ def evaluate(
 
 
 class _Run:
-    """What one call of :func:`train` has done so far, to say honestly what is kept when it stops."""
+    """What one call of :func:`train` has written so far, to say honestly what is kept when it stops.
 
-    def __init__(self, out: Path, resume: bool) -> None:
-        self.out, self.resume = out, resume
+    Nothing is written until the first epoch finishes: a run stopped before then leaves the
+    directory as it was (an earlier run that ``overwrite`` would replace included).
+    """
+
+    def __init__(self, out: Path, overwrite: bool) -> None:
+        self.out, self.overwrite = out, overwrite
         self.created_dir = not out.exists()
-        self.wrote_run_json = False
         self.checkpoint_epoch: int | None = None  # the epoch the checkpoint holds, if there is one
+        self.wrote = False  # whether this call has written anything in out yet
 
     def kept(self) -> str:
         checkpoint = self.out / "checkpoint.safetensors"
         if self.checkpoint_epoch:
             return f"{checkpoint} holds the weights after epoch {self.checkpoint_epoch}"
+        if self.overwrite and run_files(self.out):
+            return f"no epoch finished, so nothing was written: the run in {self.out} is as it was"
         return f"no epoch finished, so nothing was kept in {self.out}"
 
-    def discard(self) -> None:
-        """Undo a fresh run that kept nothing: its run.json, and the directory if it made it."""
-        if self.resume or self.checkpoint_epoch:
+    def first_write(self, run_info: dict[str, Any]) -> None:
+        """Before the first epoch's files: replace an earlier run (``overwrite``), write run.json."""
+        if self.wrote:
             return
-        if self.wrote_run_json:
-            (self.out / "run.json").unlink(missing_ok=True)
-        if self.created_dir and self.out.is_dir() and not any(self.out.iterdir()):
+        if self.overwrite:
+            for name in run_files(self.out):  # only the artefacts of a run: nothing else the directory holds
+                (self.out / name).unlink()
+        _write_atomic(self.out / "run.json", json.dumps(run_info, indent=2) + "\n")
+        self.wrote = True
+
+    def discard(self) -> None:
+        """Remove the directory this call made, if nothing was written in it."""
+        if not self.wrote and self.created_dir and self.out.is_dir() and not any(self.out.iterdir()):
             self.out.rmdir()
 
 
@@ -252,7 +265,7 @@ def train(
     metrics: list[dict[str, Any]] = []
     start_epoch = 0
     checkpoint = out / "checkpoint.safetensors"
-    run = _Run(out, resume)
+    run = _Run(out, overwrite)
     if resume:
         found = load_canonical(checkpoint, config)
         saved = json.loads(found.metadata.get("settings", "{}"))
@@ -276,9 +289,6 @@ def train(
             ) from None
         adapter.set_weights(model, found.weights)
         run.checkpoint_epoch = start_epoch
-    elif overwrite:
-        for name in run_files(out):  # only the artefacts of a run: nothing else the directory holds
-            (out / name).unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -289,8 +299,6 @@ def train(
         "version": adapter.version(),
         "data": {"dir": str(directory.resolve()), "files": data.files_used(directory)},
     }
-    _write_atomic(out / "run.json", json.dumps(run_info, indent=2) + "\n")
-    run.wrote_run_json = True
 
     steps = math.ceil(len(train_split.labels) / settings.batch_size)
     bar = Progress(adapter.name, settings.epochs, steps, start_epoch=start_epoch, quiet=not progress, live=live)
@@ -343,6 +351,7 @@ def train(
                     "seconds": time.perf_counter() - started,
                 }
             )
+            run.first_write(run_info)
             _write_atomic(out / "metrics.jsonl", metrics_text(metrics))
             save_weights(
                 checkpoint,

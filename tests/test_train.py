@@ -295,7 +295,7 @@ def test_metrics_are_json_without_nan() -> None:
 
 @pytest.mark.torch
 def test_train_refuses_a_directory_that_holds_a_run(
-    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tests.test_cli_errors import assert_one_clear_error, snapshot
 
@@ -309,6 +309,18 @@ def test_train_refuses_a_directory_that_holds_a_run(
     assert_one_clear_error(code, err, 2, "--resume", "a new --out", "--overwrite")
     assert snapshot(tmp_path) == before
     (out / "notes.txt").write_text("the user's own notes")
+    before = snapshot(tmp_path)
+    # --overwrite replaces the run only once the new one has an epoch to show for itself.
+    from common.registry import load_backend
+
+    def interrupted(self, model, X, y, lr, compiled=False):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(load_backend("torch")), "train_step", interrupted)
+        with pytest.raises(TrainingError, match="nothing was written: the run in .* is as it was"):
+            train(settings("torch", epochs=2, seed=3), out, data_dir=dataset, overwrite=True, progress=False)
+    assert snapshot(tmp_path) == before
     metrics = train(settings("torch", epochs=2, seed=3), out, data_dir=dataset, overwrite=True, progress=False)
     assert len(metrics) == 2 == len(strict_json_lines(out / "metrics.jsonl"))
     assert json.loads((out / "run.json").read_text())["settings"]["seed"] == 3
