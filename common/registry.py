@@ -101,9 +101,12 @@ def installed(names: list[str] | None = None) -> list[BackendStatus]:
     out = []
     for name in names or list(BACKENDS):
         key = canonical_name(name)
+        if key not in _DISTRIBUTIONS:  # a backend this table does not know yet: ask the framework
+            out += available([key])
+            continue
         framework, extra = BACKENDS[key][2], BACKENDS[key][3]
         versions, missing = [], []
-        for alternatives in _DISTRIBUTIONS.get(key, ()):
+        for alternatives in _DISTRIBUTIONS[key]:
             for dist in alternatives:
                 try:
                     versions.append((dist, metadata.version(dist)))

@@ -351,6 +351,12 @@ def test_list_reads_package_metadata_without_importing_a_framework() -> None:
         assert r["available"] == (r["version"] is not None)
 
 
+def test_every_backend_names_its_distributions() -> None:
+    from common import registry
+
+    assert set(registry._DISTRIBUTIONS) == set(registry.BACKENDS)
+
+
 def test_list_reports_a_missing_distribution(monkeypatch: pytest.MonkeyPatch) -> None:
     from importlib import metadata
 
