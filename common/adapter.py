@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 
-from common.checks import check_images, check_weights
+from common.checks import check_images
 from common.config import (
     BN_MOMENTUM,
     DenseNetConfig,
@@ -25,6 +25,7 @@ from common.config import (
     stage_names,
 )
 from common.layout import from_layout, param_from_native, param_to_native, to_layout
+from common.weights import check_weights
 
 RuntimeT = TypeVar("RuntimeT")
 

@@ -1,13 +1,8 @@
-"""Validation shared by the four backends and the core: image batches and weight dictionaries,
-plain shape/dtype arithmetic, no framework."""
+"""Input validation shared by the four backends: plain shape/dtype arithmetic, no framework."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-import numpy as np
-
-from common.errors import InputError, WeightFileError
+from common.errors import InputError
 
 
 def check_images(
@@ -50,37 +45,3 @@ def check_images(
             f"{what} needs images of at least {min_size}x{min_size}, got {h}x{w}; "
             "resize the input, e.g. Fashion-MNIST's 28x28 to 96x96"
         )
-
-
-def weight_problems(spec: Mapping[str, tuple[int, ...]], weights: Mapping[str, np.ndarray]) -> list[str]:
-    """Every missing, unexpected, mis-shaped, non-float and non-finite tensor, one line each."""
-    problems = []
-    missing = [k for k in spec if k not in weights]
-    unexpected = [k for k in weights if k not in spec]
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected)}")
-    for k, shape in spec.items():
-        if k in weights:
-            got = tuple(np.shape(weights[k]))
-            if got != tuple(shape):
-                problems.append(f"{k}: expected shape {tuple(shape)}, got {got}")
-            elif not np.issubdtype(np.asarray(weights[k]).dtype, np.floating):
-                problems.append(f"{k}: expected floating-point values, got {np.asarray(weights[k]).dtype}")
-            elif not np.all(np.isfinite(weights[k])):
-                problems.append(f"{k}: contains NaN or infinite values")
-    return problems
-
-
-def raise_problems(source: str, problems: list[str]) -> None:
-    """One :class:`WeightFileError` listing every problem (nothing when there is none)."""
-    if problems:
-        raise WeightFileError(f"{source} do not fit the network:\n  " + "\n  ".join(problems))
-
-
-def check_weights(
-    spec: Mapping[str, tuple[int, ...]], weights: Mapping[str, np.ndarray], source: str = "weights"
-) -> None:
-    """Raise one :class:`WeightFileError` listing every missing, unexpected and mis-shaped tensor."""
-    raise_problems(source, weight_problems(spec, weights))

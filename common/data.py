@@ -45,37 +45,91 @@ class DataError(DenseNetError, ValueError):
     """A missing, truncated or malformed data file."""
 
 
+class DownloadError(DataError):
+    """No copy of the files anywhere, and downloading one failed."""
+
+    exit_status = 1
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "densenet-suite" / "fashion-mnist"
 
 
 def candidate_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Where the files are looked for, in order: ``--data-dir``, $DENSENET_DATA_DIR, the per-user
-    cache, the Debian package's directory."""
-    dirs = [Path(data_dir)] if data_dir else []
+    """Where the files are looked for: the directory the user named (``--data-dir``, else
+    $DENSENET_DATA_DIR), which is used or refused, never passed over; without one, the per-user
+    cache, then the Debian package's directory."""
+    named = named_dir(data_dir)
+    if named is not None:
+        return [named[0]]
+    return [cache_dir(), DEBIAN_DIR]
+
+
+def named_dir(data_dir: str | os.PathLike | None = None) -> tuple[Path, str] | None:
+    """The directory the user named and how (``--data-dir`` or the environment variable), if any."""
+    if data_dir is not None:
+        return Path(data_dir), "--data-dir"
     if os.environ.get(ENV_VAR):
-        dirs.append(Path(os.environ[ENV_VAR]))
-    return [*dirs, cache_dir(), DEBIAN_DIR]
+        return Path(os.environ[ENV_VAR]), f"${ENV_VAR}"
+    return None
+
+
+def _missing(directory: Path) -> list[str]:
+    return [name for name in FILES.values() if not (directory / name).is_file()]
 
 
 def find(data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
-    """The first directory holding all four files; downloads into the cache if none does."""
-    for d in candidate_dirs(data_dir):
-        if all((d / name).is_file() for name in FILES.values()):
+    """The directory holding the four files.
+
+    A directory the user named (``data_dir``, else $DENSENET_DATA_DIR) is used if it holds all
+    four files and refused with a :class:`DataError` saying what is missing otherwise: a path the
+    user names is never silently replaced by another copy or a download. Without one: the cache,
+    then the Debian package's directory, then (``download``) a verified download into the cache.
+    """
+    named = named_dir(data_dir)
+    if named is not None:
+        directory, how = named
+        if not directory.exists():
+            raise DataError(f"{how} {directory} does not exist")
+        if not directory.is_dir():
+            raise DataError(f"{how} {directory} is not a directory")
+        missing = _missing(directory)
+        if missing:
+            has = sorted(p.name for p in directory.iterdir())[:6]
+            raise DataError(
+                f"{how} {directory} lacks {len(missing)} of the 4 Fashion-MNIST files ({', '.join(missing)}); "
+                f"it holds {', '.join(has) if has else 'nothing'}. A named directory is used as it is, never "
+                f"replaced by another copy: complete it, or name none to use the system copy or download one"
+            )
+        return directory
+    for d in candidate_dirs():
+        if not _missing(d):
             return d
-    if data_dir is not None and not download:
-        raise DataError(f"{data_dir} lacks the Fashion-MNIST files {', '.join(FILES.values())}")
+    looked = ", ".join(str(d) for d in candidate_dirs())
     if download:
         try:
             return fetch(cache_dir())
         except OSError as exc:
-            looked = ", ".join(str(d) for d in candidate_dirs(data_dir))
-            raise DataError(
+            raise DownloadError(
                 f"Fashion-MNIST not found in {looked}, and downloading it failed ({exc}). "
                 "Install the Debian package (apt-get install dataset-fashion-mnist) or pass --data-dir"
             ) from None
-    raise DataError(f"Fashion-MNIST not found in {', '.join(str(d) for d in candidate_dirs(data_dir))}")
+    raise DataError(f"Fashion-MNIST not found in {looked}")
+
+
+def files_used(directory: str | os.PathLike) -> dict[str, dict[str, object]]:
+    """What a run read, for its ``run.json``: each file's path, size and SHA-256."""
+    directory = Path(directory)
+    out: dict[str, dict[str, object]] = {}
+    for key, name in FILES.items():
+        path = (directory / name).resolve()
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out[key] = {"path": str(path), "bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return out
 
 
 def fetch(directory: Path, url: str = URL, timeout: float = 30.0) -> Path:

@@ -21,6 +21,7 @@ from common.config import DenseNetConfig
 from common.errors import WeightFileError
 from common.harness import seeded_batches
 from common.safetensors_io import load_file, save_file
+from common.weights import init_canonical
 
 GOLDEN_DIR = Path(__file__).with_name("golden")
 FORMAT = "densenet-suite/golden"
@@ -78,7 +79,7 @@ def compute(case: Case) -> dict[str, np.ndarray]:
     """Every tensor of one case, computed from its seed (float32 storage, float64 arithmetic)."""
     n, _, h, w = case.input_shape
     ((X, y),) = seeded_batches(case.config, (h, w), n, 1, case.seed)
-    weights = reference.init_weights(case.config, case.seed)
+    weights = init_canonical(case.config, case.seed)
     tensors: dict[str, np.ndarray] = {"input": X, "labels": y}
     tensors.update({f"weights/{k}": v for k, v in weights.items()})
     _, stages, _ = reference.forward(case.config, weights, X, training=False, dtype=np.float64)

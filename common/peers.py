@@ -17,10 +17,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from common.checks import check_weights
 from common.config import CONFIGS, DenseNetConfig, canonical_spec
 from common.errors import WeightFileError
 from common.layout import param_from_native, param_to_native
+from common.weights import check_weights, format_problems, name_list
 
 FORMATS = ("torchvision", "keras", "gluon")
 
@@ -115,9 +115,9 @@ def _import(
     missing = [v for v in names.values() if v not in tensors]
     unexpected = [k for k in tensors if k not in peer_to_canonical and not (ignore and ignore.search(k))]
     if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing)}")
+        problems.append(f"missing {len(missing)} tensor(s): {name_list(missing)}")
     if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected)}")
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {name_list(unexpected)}")
     out = {}
     for name, key in names.items():
         if key in tensors:
@@ -127,7 +127,7 @@ def _import(
                 continue
             out[name] = value
     if problems:
-        raise WeightFileError(f"{peer} weights do not fit {config.describe()}:\n  " + "\n  ".join(problems))
+        raise WeightFileError(format_problems(f"{peer} weights do not fit {config.describe()}", problems))
     return out
 
 
@@ -213,8 +213,31 @@ def _checked(weights: dict[str, np.ndarray], config: DenseNetConfig, peer: str) 
     return out
 
 
+def _infer_gluon(names: list[str], shapes: Mapping[str, tuple[int, ...]]) -> DenseNetConfig:
+    # Gluon names are block counters, so the shapes in forward order are what tells the network:
+    # a model-zoo DenseNet's canonical shapes, with the file's own classes and image channels.
+    ordered = [tuple(shapes[n]) for n in names]
+    if not ordered or len(ordered[0]) != 4 or len(ordered[-1]) != 1:
+        raise WeightFileError("these do not look like Gluon DenseNet parameters; pass --config")
+    in_channels, num_classes = ordered[0][1], ordered[-1][0]
+    for config in CONFIGS.values():
+        if config.bn_size is None:
+            continue
+        candidate = config.replace(num_classes=num_classes, in_channels=in_channels)
+        if [tuple(shape) for shape in canonical_spec(candidate).values()] == ordered:
+            return config if candidate == config else candidate
+    zoo = ", ".join(n for n, c in CONFIGS.items() if c.bn_size is not None)
+    raise WeightFileError(
+        f"these {len(ordered)} Gluon parameters are none of {zoo} in their shapes; pass --config and the "
+        "network options (--num-classes ...)"
+    )
+
+
 def infer_config(names: list[str], shapes: Mapping[str, tuple[int, ...]], fmt: str) -> DenseNetConfig:
-    """The DenseNet-BC configuration a torchvision or Keras Applications weight set describes."""
+    """The DenseNet-BC configuration a torchvision, Keras Applications or Gluon weight set describes
+    (Gluon's: one of the named family, in the file's classes and channels)."""
+    if fmt == "gluon":
+        return _infer_gluon(names, shapes)
     if fmt == "torchvision":
         layer = re.compile(r"features\.denseblock(\d+)\.denselayer(\d+)\.")
         stem, conv1, conv2, fc, trans = (

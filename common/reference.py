@@ -6,17 +6,14 @@ Weights are a canonical dict (names and shapes from :func:`common.config.canonic
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from common.checks import check_weights
 from common.config import (
     BN_EPS,
-    BN_LEAVES,
     BN_MOMENTUM,
     CONV3,
     STEM_CONV,
@@ -26,7 +23,8 @@ from common.config import (
     canonical_spec,
     plan,
 )
-from common.errors import InputError, WeightFileError
+from common.errors import InputError
+from common.weights import check_weights
 
 __all__ = [
     "avg_pool2d",
@@ -36,7 +34,6 @@ __all__ = [
     "dense_block",
     "forward",
     "global_avg_pool",
-    "init_weights",
     "linear",
     "max_pool2d",
     "relu",
@@ -328,34 +325,3 @@ def forward(
     Y = global_avg_pool(_bn_relu(Y, weights, "head", training, stats, conventions))
     logits = stages["head"] = linear(Y, weights["head.fc.weight"], weights["head.fc.bias"])
     return logits, stages, stats
-
-
-def init_weights(config: DenseNetConfig, seed: int) -> dict[str, np.ndarray]:
-    """Seeded float32 canonical weights, drawn in ``canonical_spec`` order.
-
-    Kernels are He-normal, biases uniform in +-1/sqrt(fan_in). BatchNorm parameters and running
-    statistics are perturbed away from the identity so that gradient checks exercise them.
-    """
-    rng = np.random.default_rng(seed)
-    spec = canonical_spec(config)
-    weights: dict[str, np.ndarray] = {}
-    for name, shape in spec.items():
-        layer, leaf = name.rsplit(".", 2)[-2:]
-        if layer == "bn":
-            if leaf == "weight":
-                value = 1 + rng.uniform(-0.1, 0.1, shape)
-            elif leaf == "running_var":
-                value = rng.uniform(0.5, 1.5, shape)
-            elif leaf in BN_LEAVES:
-                value = rng.uniform(-0.1, 0.1, shape)
-            else:  # pragma: no cover - canonical_spec has only BN_LEAVES
-                raise WeightFileError(f"unexpected BatchNorm tensor {name}")
-        elif leaf == "weight":
-            fan_in = math.prod(shape[1:])
-            value = rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)
-        else:
-            fan_in = math.prod(spec[name[: -len("bias")] + "weight"][1:])
-            bound = 1.0 / math.sqrt(fan_in)
-            value = rng.uniform(-bound, bound, shape)
-        weights[name] = value.astype(np.float32)
-    return weights

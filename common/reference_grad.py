@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.checks import check_weights
 from common.config import (
     BN_EPS,
     BN_MOMENTUM,
@@ -36,6 +35,7 @@ from common.config import (
 )
 from common.errors import InputError
 from common.reference import _windows, cross_entropy
+from common.weights import check_weights
 
 Weights = Mapping[str, np.ndarray]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 from common.adapter import Adapter
@@ -81,6 +82,7 @@ class BackendStatus:
     available: bool
     version: str | None
     reason: str | None
+    checked: bool = True  # False: read from package metadata, the framework not imported (installed())
 
 
 def available(names: list[str] | None = None) -> list[BackendStatus]:
@@ -94,4 +96,45 @@ def available(names: list[str] | None = None) -> list[BackendStatus]:
             out.append(BackendStatus(key, BACKENDS[key].framework, False, None, str(exc)))
         else:
             out.append(BackendStatus(key, adapter.framework, True, adapter.version(), None))
+    return out
+
+
+# The distributions each backend needs, for installed(): alternatives in a tuple, the first
+# one listed names the framework's version, the others are shown in parentheses.
+_DISTRIBUTIONS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "torch": (("torch",),),
+    "mxnet": (("mxnet",),),
+    "jax": (("jax",), ("flax",), ("optax",)),
+    "tf": (("tensorflow", "tensorflow-cpu"), ("keras",)),
+}
+
+
+def installed(names: list[str] | None = None) -> list[BackendStatus]:
+    """Every backend (or the named ones) as its installed packages' metadata describe it, in
+    milliseconds: no framework is imported, so a framework that is installed but broken shows up
+    only in :func:`available`."""
+    out = []
+    for name in names or list(BACKENDS):
+        key = canonical_name(name)
+        if key not in _DISTRIBUTIONS:  # a backend this table does not know yet: ask the framework
+            out += available([key])
+            continue
+        framework, extra = BACKENDS[key][2], BACKENDS[key][3]
+        versions, missing = [], []
+        for alternatives in _DISTRIBUTIONS[key]:
+            for dist in alternatives:
+                try:
+                    versions.append((dist, metadata.version(dist)))
+                    break
+                except metadata.PackageNotFoundError:
+                    continue
+            else:
+                missing.append(" or ".join(alternatives))
+        if missing:
+            reason = f"{', '.join(missing)} not installed; pip install 'densenet-suite[{extra}]'"
+            out.append(BackendStatus(key, framework, False, None, reason, checked=False))
+            continue
+        (_, first), *rest = versions
+        version = first + (f" ({', '.join(f'{d} {v}' for d, v in rest)})" if rest else "")
+        out.append(BackendStatus(key, framework, True, version, None, checked=False))
     return out

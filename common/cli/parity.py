@@ -14,10 +14,13 @@ from common.cli.options import (
     backend_list,
     config_from_args,
     on_off_list,
+    positive_float,
     positive_int,
     positive_int_list,
     seed_range,
 )
+from common.errors import DenseNetError
+from common.limits import check_memory
 from common.parity import PARITY_CASE, run_naive, run_parity, run_sweep, summarize, sweep_markdown
 from common.render import format_table
 
@@ -26,11 +29,13 @@ __all__ = ["add_golden", "add_parity", "add_parity_sweep", "cmd_golden", "cmd_pa
 
 def cmd_parity(args: argparse.Namespace) -> int:
     config = config_from_args(args, default=PARITY_CASE)
+    backends = backend_list(args.backends)
+    check_memory(config, args.input_size, args.batch_size, args.dtype)
     say = None if args.json else (lambda message: print(f"  {message}", file=sys.stderr))
     seeds = args.seeds or [args.seed]
     reports = [
         run_parity(
-            backend_list(args.backends),
+            backends,
             config,
             args.input_size,
             args.batch_size,
@@ -68,8 +73,21 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _check_parity_args(forwarded: list[str]) -> None:
+    """Refuse options `densenet parity` would refuse before starting a process per setting."""
+    checker = argparse.ArgumentParser(prog="densenet parity-sweep, forwarding to densenet")
+    add_parity(checker.add_subparsers(dest="command", required=True))
+    args = checker.parse_args(["parity", *forwarded])
+    if "--seeds" in forwarded or "--json" in forwarded:
+        checker.error("--seeds and --json are parity-sweep's own: give --seeds before --")
+    config = config_from_args(args, default=PARITY_CASE)
+    backend_list(args.backends)
+    check_memory(config, args.input_size, args.batch_size, args.dtype)
+
+
 def cmd_parity_sweep(args: argparse.Namespace) -> int:
     forwarded = [a for a in (args.parity_args or []) if a != "--"]
+    _check_parity_args(forwarded)
     rows, failures = run_sweep(
         forwarded,
         args.seeds,
@@ -88,6 +106,10 @@ def cmd_parity_sweep(args: argparse.Namespace) -> int:
 
 def cmd_golden(args: argparse.Namespace) -> int:
     directory = Path(args.dir) if args.dir else None
+    if directory is not None and directory.exists() and not directory.is_dir():
+        raise DenseNetError(f"--dir {directory} is a file, not a directory")
+    if directory is not None and args.check and not directory.is_dir():
+        raise DenseNetError(f"--dir {directory} does not exist: nothing to check")
     if args.check:
         problems = golden.drift(directory)
         if problems:
@@ -112,7 +134,7 @@ def add_parity(sub: argparse._SubParsersAction) -> None:
     add_network_options(p, default="the parity case, DenseNetConfig(num_channels=16, growth_rate=16, arch=(2, 2))")
     p.set_defaults(input_size=(32, 32), batch_size=8)
     p.add_argument("--steps", type=positive_int, default=20, help="lockstep SGD steps")
-    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
+    p.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate")
     p.add_argument(
         "--dtype",
         choices=("float32", "float64"),
@@ -121,7 +143,7 @@ def add_parity(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seeds", type=seed_range, help="several seeds in one run, e.g. 0-15 (adds the worst per check)")
     p.add_argument("--naive", action="store_true", help="also show what each framework's default settings would change")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_parity)
 
 

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
+from pathlib import Path
 
 from common import data
-from common.cli.options import add_config_options, config_from_args, positive_int
+from common.cli.options import (
+    add_config_options,
+    config_from_args,
+    config_options_given,
+    positive_float,
+    positive_int,
+    seed,
+)
+from common.errors import DenseNetError, Failed
+from common.limits import check_memory
 from common.plot import plot_runs
+from common.progress import Progress
 from common.registry import BACKENDS, canonical_name, load_backend
-from common.train import TrainSettings, evaluate, train
-from common.weights import load_weights
+from common.train import TrainSettings, evaluate, speed, train
+from common.weights import load_canonical
 
 __all__ = [
     "add_data_speed",
@@ -23,6 +35,8 @@ __all__ = [
     "cmd_plot",
     "cmd_train",
 ]
+
+EVAL_BATCH = 256
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -38,28 +52,69 @@ def cmd_train(args: argparse.Namespace) -> int:
         config=config_from_args(args),
         lr_schedule=args.lr_schedule,
     )
+    check_memory(settings.config, settings.resize, max(settings.batch_size, EVAL_BATCH))
     out = args.out or f"runs/{settings.backend}"
-    metrics = train(settings, out, data_dir=args.data_dir, resume=args.resume, progress=not args.quiet)
+    metrics = train(
+        settings, out, data_dir=args.data_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet
+    )
     last = metrics[-1]
     print(
         f"{settings.backend}: {len(metrics)} epoch(s), test accuracy {last['test_acc']:.4f}, "
-        f"test loss {last['test_loss']:.4f}, {last['images_per_s']:.0f} images/s; run in {out}"
+        f"test loss {last['test_loss']:.4f}, {speed(last['images_per_s'])}; run in {out}"
     )
     return 0
 
 
+def _recorded_resize(metadata: dict[str, str]) -> int | None:
+    """The resize a training run recorded in its weight file's metadata, if any."""
+    try:
+        value = json.loads(metadata.get("settings", "{}")).get("resize")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    config, weights = load_weights(args.weights)
-    adapter = load_backend(args.backend)
-    model = adapter.build(config)
-    adapter.set_weights(model, weights)
+    backend = canonical_name(args.backend)  # an unknown name is refused before any file is read
+    # Network options, when given, state what the file must hold; the file's own configuration is used.
+    expected = config_from_args(args) if config_options_given(args) else None
+    found = load_canonical(args.weights, expected)
+    config = found.config
+    if config.in_channels != 1 or config.num_classes != 10:
+        raise DenseNetError(
+            f"{args.weights} holds DenseNet {config.describe()}; evaluating on Fashion-MNIST needs "
+            "in_channels=1 and num_classes=10"
+        )
+    recorded = _recorded_resize(found.metadata)
+    if args.resize is not None:
+        resize, why = args.resize, "--resize"
+    elif recorded is not None:
+        resize, why = recorded, "the file's training settings; --resize overrides"
+    else:
+        resize, why = 96, "the default; the file records no training resize"
+    check_memory(config, resize, args.batch_size)
     split = data.subset(data.load("test", args.data_dir), args.limit)
-    loss, acc = evaluate(adapter, model, split, args.batch_size, args.resize)
+    adapter = load_backend(backend)
+    model = adapter.build(config)
+    adapter.set_weights(model, found.weights)
+    bar = Progress(f"{adapter.name} evaluate", 0, 0, quiet=args.json)
+    start = time.perf_counter()
+    try:
+        loss, acc = evaluate(adapter, model, split, args.batch_size, resize, bar.evaluating)
+    finally:
+        bar.close()
+    if not math.isfinite(loss):
+        raise Failed(f"the network's outputs are not finite on these images (loss {loss}); the weights are unusable")
+    used = {"config": config.to_dict(), "resize": resize, "resize_from": why}
     if args.json:
         result = {"backend": adapter.name, "weights": args.weights, "test_loss": loss, "test_acc": acc}
-        print(json.dumps({**result, "images": len(split.labels)}))
+        print(json.dumps({**result, "images": len(split.labels), **used}))
     else:
-        print(f"{adapter.name} on {len(split.labels)} test images: accuracy {acc:.4f}, loss {loss:.4f}")
+        print(f"{args.weights}: DenseNet {config.describe()} (the file's configuration)")
+        print(
+            f"{adapter.name} on {len(split.labels)} test images at {resize}x{resize} ({why}): "
+            f"accuracy {acc:.4f}, loss {loss:.4f} ({time.perf_counter() - start:.1f} s)"
+        )
     return 0
 
 
@@ -67,64 +122,89 @@ def cmd_data_speed(args: argparse.Namespace) -> int:
     split = data.subset(data.load("train", args.data_dir), args.limit)
     start = time.perf_counter()
     n = sum(len(y) for _, y in data.batches(split, args.batch_size, args.resize, seed=0, epoch=0))
-    seconds = time.perf_counter() - start
+    seconds = max(time.perf_counter() - start, 1e-9)
     print(f"input pipeline: {n} images at {args.resize}x{args.resize} in {seconds:.2f} s = {n / seconds:,.0f} images/s")
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    out = plot_runs(args.runs, args.out)
+    out = Path(args.out or "curves.png")
+    if args.out is None and out.exists():
+        raise DenseNetError(
+            f"{out} already exists and no --out was given; name the file to write with --out "
+            "(naming this one replaces it)"
+        )
+    out = plot_runs(args.runs, out)
     print(f"wrote {out}")
     return 0
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train on Fashion-MNIST (the book's recipe by default)")
+    p = sub.add_parser(
+        "train",
+        help="train on Fashion-MNIST (the book's recipe by default)",
+        description="Train on Fashion-MNIST. A quick try: --limit 512 --test-limit 512 --resize 32 --epochs 1. "
+        "A live progress line on a terminal, one line per epoch in a log.",
+    )
     p.add_argument("--backend", required=True, help=", ".join(BACKENDS))
     add_config_options(p)
-    p.add_argument("--epochs", type=positive_int, default=10)
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--lr", type=float, default=0.01, help="plain SGD learning rate")
-    p.add_argument(
+    run = p.add_argument_group("training")
+    run.add_argument("--epochs", type=positive_int, default=10, help="epochs to train")
+    run.add_argument("--batch-size", type=positive_int, default=128, help="images per SGD step")
+    run.add_argument("--lr", type=positive_float, default=0.01, help="plain SGD learning rate")
+    run.add_argument(
         "--lr-schedule",
         choices=("constant", "cosine"),
         default="constant",
         help="constant (the book) or cosine annealing to 0 over the run",
     )
-    p.add_argument("--resize", type=positive_int, default=96, help="image side after bilinear resizing")
-    p.add_argument("--limit", type=positive_int, help="train on the first N training images")
-    p.add_argument("--test-limit", type=positive_int, help="evaluate on the first N test images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="run directory (default runs/BACKEND)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--data-dir", help="directory with the four Fashion-MNIST .gz files")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--resize", type=positive_int, default=96, help="image side after bilinear resizing")
+    run.add_argument(
+        "--limit", type=positive_int, help="train on the first N training images (see --test-limit for the test set)"
+    )
+    run.add_argument(
+        "--test-limit",
+        type=positive_int,
+        help="evaluate after each epoch on the first N test images (default: all 10,000)",
+    )
+    run.add_argument("--seed", type=seed, default=0, help="seed of the weights and the shuffle")
+    files = p.add_argument_group("files")
+    files.add_argument("--out", help="run directory (default runs/BACKEND); refused if it holds a run, see below")
+    files.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    files.add_argument("--overwrite", action="store_true", help="replace the run --out holds")
+    files.add_argument("--data-dir", help="directory with the four Fashion-MNIST .gz files (used as it is, or refused)")
+    p.add_argument("--quiet", action="store_true", help="no progress and no per-epoch lines")
     p.set_defaults(func=cmd_train)
 
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="test accuracy of a canonical weight file in any backend")
-    p.add_argument("--weights", required=True, metavar="FILE")
+    p = sub.add_parser(
+        "evaluate",
+        help="test accuracy of a canonical weight file in any backend",
+        description="Evaluates with the file's configuration, at the resize its training recorded (96 if none).",
+    )
+    p.add_argument("--weights", required=True, metavar="FILE", help="canonical weight file")
     p.add_argument("--backend", required=True, help=", ".join(BACKENDS))
-    p.add_argument("--resize", type=positive_int, default=96)
-    p.add_argument("--batch-size", type=positive_int, default=256)
-    p.add_argument("--limit", type=positive_int, help="the first N test images")
-    p.add_argument("--data-dir")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--resize", type=positive_int, help="image side (default: the file's training resize, else 96)")
+    p.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH, help="images per forward pass")
+    p.add_argument("--limit", type=positive_int, help="the first N test images (default: all)")
+    p.add_argument("--data-dir", help="directory with the Fashion-MNIST .gz files (used as it is, or refused)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_config_options(p, title="network the file must hold (default: whatever it holds)")
     p.set_defaults(func=cmd_evaluate)
 
 
 def add_data_speed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data-speed", help="images per second of the shared input pipeline (one epoch)")
-    p.add_argument("--resize", type=positive_int, default=96)
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--limit", type=positive_int)
-    p.add_argument("--data-dir")
+    p.add_argument("--resize", type=positive_int, default=96, help="image side after bilinear resizing")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per batch")
+    p.add_argument("--limit", type=positive_int, help="the first N training images")
+    p.add_argument("--data-dir", help="directory with the Fashion-MNIST .gz files (used as it is, or refused)")
     p.set_defaults(func=cmd_data_speed)
 
 
 def add_plot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="draw the training curves of one or more runs in one figure")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", default="curves.png", help="PNG to write")
+    p.add_argument("--out", help="PNG to write (default curves.png, refused if it exists)")
     p.set_defaults(func=cmd_plot)

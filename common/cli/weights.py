@@ -18,10 +18,10 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from common import peers
-from common.cli.options import add_config_options, config_from_args
+from common.cli.options import add_config_options, backend_names, config_from_args, config_options_given, seed
 from common.config import CONFIGS, DenseNetConfig, count_bn_stats, count_params, named_config
-from common.errors import BackendError, WeightFileError
-from common.registry import BACKENDS, canonical_name, load_backend
+from common.errors import BackendError, Interrupted, WeightFileError
+from common.registry import BACKENDS, load_backend
 from common.safetensors_io import SUFFIXES, read_weights, write_weights
 from common.weights import RUNNING_VAR, init_canonical, load_canonical, save_weights
 
@@ -38,7 +38,7 @@ class GluonZoo(Protocol):
 def add_init(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="write a seeded canonical weight file (.safetensors or .npz)")
     p.add_argument("--out", required=True, metavar="FILE", help="output file; the suffix picks the format")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="initialisation seed")
     add_config_options(p)
     p.set_defaults(func=cmd_init)
 
@@ -62,10 +62,10 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     formats = ", ".join(("canonical", *peers.FORMATS))
     p.add_argument("--from-format", default="canonical", help=f"layout of --from: {formats}")
     p.add_argument("--to-format", default="canonical", help=f"layout of --to: {formats}")
-    p.add_argument(
-        "--config",
-        help="named configuration of a peer file (default: inferred from torchvision or Keras names; "
-        "required for gluon)",
+    add_config_options(
+        p,
+        title="network the file holds (default: what a canonical file records, or what a peer file's tensors "
+        "show; --config and these options state or adjust it, e.g. --config densenet121 --num-classes 10)",
     )
     p.set_defaults(func=cmd_convert)
 
@@ -128,19 +128,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise WeightFileError(
             f"{dst}: unsupported weight file suffix {dst.suffix or '(none)'!r}; expected one of {', '.join(SUFFIXES)}"
         )
-    names = [canonical_name(n) for text in args.backends for n in text.split(",") if n.strip()]
-    adapters = [load_backend(n) for n in names]  # refuse unknown or missing backends before any work
-
+    if dst.is_dir():
+        raise WeightFileError(f"--to {dst} is a directory; name the file to write")
+    if not dst.parent.is_dir():
+        raise WeightFileError(f"--to {dst}: the directory {dst.parent} does not exist")
     for fmt in (args.from_format, args.to_format):
         if fmt not in ("canonical", *peers.FORMATS):
             raise WeightFileError(f"unknown format {fmt!r}; expected one of canonical, {', '.join(peers.FORMATS)}")
+    names = [n for text in args.backends for n in backend_names(text)]
+    adapters = [load_backend(n) for n in names]  # refuse unknown or missing backends before any work
+    try:
+        return _convert(args, src, dst, adapters)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; nothing written to {dst}") from None
+
+
+def _convert(args: argparse.Namespace, src: Path, dst: Path, adapters: list) -> int:
     if args.from_format == "canonical":
-        found = load_canonical(src)
+        # Network options state what the file must hold; the file's own record is the configuration.
+        found = load_canonical(src, config_from_args(args) if config_options_given(args) else None)
         config, weights = found.config, found.weights
         source = found.metadata.get("source", "unknown")
         running_var = found.metadata.get("running_var", RUNNING_VAR)
     else:
-        config, weights = _read_peer(src, args.from_format, args.config)
+        config, weights = _read_peer(src, args.from_format, args)
         source = args.from_format
         # Keras and Gluon feed their running variances the biased batch variance; the values are
         # kept as they are (inference reads them as they are everywhere) and the file says so.
@@ -177,13 +188,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_peer(src: Path, fmt: str, config_name: str | None) -> tuple[DenseNetConfig, dict[str, np.ndarray]]:
-    """A peer's weights, saved as safetensors or npz under the peer's own names."""
+def _read_peer(src: Path, fmt: str, args: argparse.Namespace) -> tuple[DenseNetConfig, dict[str, np.ndarray]]:
+    """A peer's weights, saved as safetensors or npz under the peer's own names.
+
+    The configuration is the one the tensors show (``peers.infer_config``), or ``--config``, with
+    any network option applied on top (``--num-classes 10`` for a fine-tuned head).
+    """
     tensors, _ = read_weights(src)
-    if config_name:
-        config = named_config(config_name)
+    if args.config:
+        base = named_config(args.config)
     else:
-        config = peers.infer_config(list(tensors), {k: v.shape for k, v in tensors.items()}, fmt)
+        base = peers.infer_config(list(tensors), {k: v.shape for k, v in tensors.items()}, fmt)
+    # --config is already in base; what remains are the field options, applied on top.
+    config = config_from_args(argparse.Namespace(**{**vars(args), "config": None}), default=base)
     convert = {"torchvision": peers.from_torchvision, "keras": peers.from_keras, "gluon": peers.from_gluon}[fmt]
     return config, convert(tensors, config)
 
@@ -193,10 +210,14 @@ def _to_peer(weights: dict[str, np.ndarray], config: DenseNetConfig, fmt: str) -
         return peers.to_torchvision(weights, config)
     if fmt == "keras":
         return peers.to_keras(weights, config)
-    # Gluon's parameter names come from the model zoo itself, so the MXNet backend must load.
-    name = next((n for n, c in CONFIGS.items() if c == config and n != "d2l"), None)
+    # Gluon's parameter names come from the model zoo itself, so the MXNet backend must load. The
+    # zoo builds any number of classes, and its first convolution takes any number of channels.
+    zoo_like = config.replace(num_classes=1000, in_channels=3)
+    name = next((n for n, c in CONFIGS.items() if c == zoo_like and n != "d2l"), None)
     if name is None:
-        raise WeightFileError("gluon export needs one of the model zoo's networks (--config densenet121 ...)")
+        raise WeightFileError(
+            f"gluon export needs one of the model zoo's networks (densenet121 ...), not {config.describe()}"
+        )
     zoo = load_backend("mxnet")
     if not isinstance(zoo, GluonZoo):
         raise BackendError("the mxnet backend cannot name the Gluon model zoo's parameters")
