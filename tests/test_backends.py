@@ -27,7 +27,7 @@ from common.config import (
 )
 from common.errors import InputError
 from common.registry import BACKENDS
-from tests.conftest import cached_model, images
+from tests.helpers import cached_model, images
 
 # Tiny networks keep every test fast; the book's network is built once per backend per module.
 TINY = DenseNetConfig(num_channels=8, growth_rate=4, arch=(2, 2))

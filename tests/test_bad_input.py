@@ -13,7 +13,7 @@ import pytest
 from common.config import D2L, DenseNetConfig, canonical_spec
 from common.errors import BackendError, ConfigError, InputError, WeightFileError
 from common.registry import ALIASES, BACKENDS, canonical_name, load_backend
-from tests.conftest import cached_model, images
+from tests.helpers import cached_model, images
 
 TINY = DenseNetConfig(num_channels=8, growth_rate=4, arch=(2, 2))  # smallest image: 5x5
 TINY_KWARGS = {"num_channels": 8, "growth_rate": 4, "arch": (2, 2)}

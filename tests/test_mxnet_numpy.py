@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from common.errors import InputError
-from tests.conftest import get_adapter
+from tests.helpers import get_adapter
 
 pytestmark = pytest.mark.mxnet
 

@@ -22,7 +22,7 @@ from common.parity import (
     run_parity,
     sweep_environment,
 )
-from common.registry import available
+from tests.helpers import get_adapter, participating_backends
 
 # growth_rate 16: MXNet 1.9.1's oneDNN backward fails on some narrower growth rates (see README).
 SMALL = DenseNetConfig(num_channels=16, growth_rate=16, arch=(2, 2))
@@ -30,10 +30,7 @@ SMALL = DenseNetConfig(num_channels=16, growth_rate=16, arch=(2, 2))
 
 @pytest.fixture(scope="module")
 def report(request: pytest.FixtureRequest):
-    from tests.conftest import required_backends
-
-    names = [s.name for s in available() if s.available or s.name in required_backends(request.config)]
-    return run_parity(names, SMALL, input_size=32, batch=8, steps=10, lr=0.01, seed=3)
+    return run_parity(participating_backends(request.config), SMALL, input_size=32, batch=8, steps=10, lr=0.01, seed=3)
 
 
 def test_every_backend_took_part(report) -> None:
@@ -47,12 +44,6 @@ def _failures(report) -> str:
         for c in report.comparisons
         if not c.passed
     )
-
-
-def names_for(request: pytest.FixtureRequest) -> list[str]:
-    from tests.conftest import required_backends
-
-    return [s.name for s in available() if s.available or s.name in required_backends(request.config)]
 
 
 def test_all_checks_pass(report) -> None:
@@ -159,7 +150,6 @@ def test_parity_cli_naive_json(capsys: pytest.CaptureFixture[str], request: pyte
     import json
 
     from common.cli import main
-    from tests.conftest import get_adapter
 
     get_adapter("torch", request.config)  # skips (or fails, if required) when torch cannot load
 
@@ -187,7 +177,16 @@ def test_parity_cli_naive_json(capsys: pytest.CaptureFixture[str], request: pyte
 
 def test_float64_proves_the_same_function(request: pytest.FixtureRequest) -> None:
     """No rounding excuse: every backend matches the oracle to float64 precision, lockstep too."""
-    report = run_parity(names_for(request), SMALL, input_size=32, batch=8, steps=10, lr=0.01, seed=1, dtype="float64")
+    report = run_parity(
+        participating_backends(request.config),
+        SMALL,
+        input_size=32,
+        batch=8,
+        steps=10,
+        lr=0.01,
+        seed=1,
+        dtype="float64",
+    )
     assert not report.errors, report.errors
     assert report.ok, _failures(report)
     assert max(c.error for c in report.comparisons) <= FLOAT64_CLAIM
@@ -210,7 +209,9 @@ def test_float64_claim_on_real_networks(
     from common.config import CONFIGS
 
     config = CONFIGS[config_name]
-    report = run_parity(names_for(request), config, input_size, batch, steps=steps, lr=0.01, seed=0, dtype="float64")
+    report = run_parity(
+        participating_backends(request.config), config, input_size, batch, steps=steps, lr=0.01, seed=0, dtype="float64"
+    )
     assert not report.errors, report.errors
     assert report.ok, _failures(report)
     assert max(c.error for c in report.comparisons) <= FLOAT64_CLAIM
@@ -224,7 +225,7 @@ def test_float32_bounds_hold_with_other_threads_and_seeds(
     """Rounding changes with the thread count; the error model's bounds must not care."""
     import os
 
-    names = ",".join(names_for(request))
+    names = ",".join(participating_backends(request.config))
     env = {**os.environ, **sweep_environment(threads, onednn=True)}
     cmd = [sys.executable, "-m", "common", "parity", "--backends", names, "--steps", "10", "--seeds", str(seed)]
     done = subprocess.run([*cmd, "--json"], env=env, capture_output=True, text=True, timeout=900, check=False)
@@ -241,7 +242,7 @@ def test_a_file_trained_in_one_framework_evaluates_the_same_in_all(request: pyte
     from common.registry import load_backend
     from common.weights import RUNNING_VAR, init_canonical, load_canonical, save_weights
 
-    names = [n for n in names_for(request)]
+    names = [n for n in participating_backends(request.config)]
     w0 = init_canonical(SMALL, 0)
     batches = seeded_batches(SMALL, (32, 32), 8, 3, seed=4)
     X_eval = batches[0][0] + np.float32(0.25)  # not a training batch

@@ -21,7 +21,7 @@ from common.config import CONFIGS, DenseNetConfig, canonical_spec, count_macs, c
 from common.errors import ConfigError, WeightFileError
 from common.safetensors_io import load_file, read_weights, write_weights
 from common.weights import init_canonical, load_weights
-from tests.conftest import get_adapter
+from tests.helpers import get_adapter
 
 D121 = CONFIGS["densenet121"]
 PUBLISHED = {

@@ -124,7 +124,7 @@ def test_too_small_resize_is_refused(dataset: Path, tmp_path: Path) -> None:
 def test_cli_train_evaluate_in_another_backend_and_plot(
     dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
 ) -> None:
-    from tests.conftest import get_adapter
+    from tests.helpers import get_adapter
 
     get_adapter("torch", request.config)
     get_adapter("jax", request.config)
