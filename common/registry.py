@@ -119,7 +119,7 @@ def installed(names: list[str] | None = None) -> list[BackendStatus]:
         if key not in _DISTRIBUTIONS:  # a backend this table does not know yet: ask the framework
             out += available([key])
             continue
-        framework, extra = BACKENDS[key][2], BACKENDS[key][3]
+        framework, extra = BACKENDS[key].framework, BACKENDS[key].extra
         versions, missing = [], []
         for alternatives in _DISTRIBUTIONS[key]:
             for dist in alternatives:
