@@ -197,10 +197,11 @@ def test_float64_proves_the_same_function(request: pytest.FixtureRequest) -> Non
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "config_name,input_size,batch,steps",
-    # DenseNet-121 at 64x64: its last dense block is 2x2, so each BatchNorm there averages 16
-    # values (at 32x32 it would be 4, and float64 rounding alone would move the loss by 1e-8).
-    [("d2l", 96, 8, 20), ("densenet121", 64, 4, 20)],
-    ids=["d2l-96x96", "densenet121-64x64"],
+    # DenseNet-121 at 96x96: its last dense block is 3x3, so each BatchNorm there averages 36
+    # values. With 4 (32x32) float64 rounding alone moves the loss by 1e-8 after one step, and with
+    # 16 (64x64) lockstep losses drift to 3e-10 by step 20: conditioning, not implementations.
+    [("d2l", 96, 8, 20), ("densenet121", 96, 4, 20)],
+    ids=["d2l-96x96", "densenet121-96x96"],
 )
 def test_float64_claim_on_real_networks(
     request: pytest.FixtureRequest, config_name: str, input_size: int, batch: int, steps: int
