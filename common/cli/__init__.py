@@ -1,7 +1,7 @@
 """The ``densenet`` command (also ``python -m common``): the parser and ``main``.
 
 Each command group lives in its own module (``inspection``, ``parity``, ``training``,
-``weights``) and adds its subcommands here; ``options`` holds what they share. The commands only
+``weights``, ``teach``) and adds its subcommands here; ``options`` holds what they share. The commands only
 orchestrate: the reports they print render themselves (``to_text()`` / ``to_dict()``).
 """
 
@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from common.cli import inspection, parity, training, weights
+from common.cli import inspection, parity, teach, training, weights
 from common.errors import DenseNetError
 
 __all__ = ["build_parser", "main"]
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         training.add_plot,
         parity.add_golden,
         weights.add_parsers,
+        teach.add_teach,
     ):
         add(sub)
     return parser
