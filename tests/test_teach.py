@@ -459,3 +459,44 @@ def test_devtools_reports_console_errors(browser: str, tmp_path: Path) -> None:
         assert "boom" in problems and "nope" in problems and "missing.png" in problems
     finally:
         tools.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the notebooks
+
+
+def test_notebooks_match_their_scripts() -> None:
+    from common.teach.notebooks import notebook_paths, sync
+
+    scripts = notebook_paths(ROOT / "notebooks")
+    assert [p.stem for p in scripts] == sorted(f"densenet_{b}" for b in BACKEND_ORDER)
+    assert sync(ROOT / "notebooks", check=True) == [], "run `densenet notebooks` after editing a script"
+
+
+def test_percent_script_conversion() -> None:
+    from common.teach.notebooks import code_of, to_notebook
+
+    text = "# ---\n# jupyter:\n# ---\n\n# %% [markdown]\n# # Title\n#\n# text\n\n# %%\nx = 1\n\n\nx\n"
+    nb = to_notebook(text)
+    assert [c["cell_type"] for c in nb["cells"]] == ["markdown", "code"]
+    assert nb["cells"][0]["source"] == ["# Title\n", "\n", "text"]
+    assert code_of(nb) == "x = 1\n\n\nx\n"
+    with pytest.raises(ValueError, match="before the first"):
+        to_notebook("x = 1\n# %%\ny = 2\n")
+
+
+@pytest.mark.slow
+def test_notebook_executes(backend_name: str, adapter, tmp_path: Path) -> None:
+    """Every code cell of the backend's notebook, in order, with the tiny settings CI uses."""
+    from common.teach.notebooks import code_of
+
+    notebook = json.loads((ROOT / "notebooks" / f"densenet_{backend_name}.ipynb").read_text(encoding="utf-8"))
+    script = tmp_path / "notebook.py"
+    script.write_text(code_of(notebook), encoding="utf-8")
+    env = {**os.environ, "DENSENET_NOTEBOOK_TINY": "1", "MPLBACKEND": "Agg", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "epoch 1: train loss" in done.stdout
+    assert "evaluated in" in done.stdout and "numpy reference" in done.stdout

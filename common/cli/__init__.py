@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         training.add_plot,
         parity.add_golden,
         weights.add_parsers,
-        teach.add_teach,
+        teach.add_parsers,
     ):
         add(sub)
     return parser

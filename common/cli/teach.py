@@ -1,4 +1,4 @@
-"""``densenet teach``: the side-by-side site, generated from the code."""
+"""``densenet teach``, ``notebooks`` and ``exercise``: teaching material generated from the code."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from common.cli.options import positive_int
 
-__all__ = ["add_teach", "cmd_teach"]
+__all__ = ["add_notebooks", "add_parsers", "add_teach", "cmd_notebooks", "cmd_teach"]
 
 # Results files the site reads by default when they exist (docs/results/README.md says how
 # each is produced).
@@ -72,3 +72,36 @@ def add_teach(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_teach)
+
+
+def cmd_notebooks(args: argparse.Namespace) -> int:
+    from common.teach.notebooks import notebook_paths, sync
+    from common.teach.page import repo_root
+
+    directory = Path(args.dir) if args.dir else repo_root() / "notebooks"
+    if not notebook_paths(directory):
+        print(f"densenet notebooks: no densenet_*.py in {directory}", file=sys.stderr)
+        return 2
+    stale = sync(directory, check=args.check)
+    if args.check:
+        for path in stale:
+            print(f"{path} differs from its script: run `densenet notebooks`", file=sys.stderr)
+        return 1 if stale else 0
+    print("\n".join(f"wrote {p}" for p in stale) or "every notebook already matches its script")
+    return 0
+
+
+def add_notebooks(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "notebooks",
+        help="write notebooks/densenet_<backend>.ipynb from their percent scripts (--check: compare only)",
+    )
+    p.add_argument("--dir", help="directory of the scripts (default: notebooks/ of this checkout)")
+    p.add_argument("--check", action="store_true", help="exit 1 if a notebook differs from its script")
+    p.set_defaults(func=cmd_notebooks)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """``teach``, ``notebooks`` and ``exercise``."""
+    add_teach(sub)
+    add_notebooks(sub)
