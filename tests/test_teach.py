@@ -500,3 +500,136 @@ def test_notebook_executes(backend_name: str, adapter, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "epoch 1: train loss" in done.stdout
     assert "evaluated in" in done.stdout and "numpy reference" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# the book's exercises (docs/exercises.md)
+
+
+def test_resnet_counts_match_the_published_and_the_book() -> None:
+    from common.teach.exercises import BOOK_RESNET18, RESNET50, RESNET50_PUBLISHED, resnet_stages
+
+    assert sum(p for _, p, _ in resnet_stages(RESNET50)) == RESNET50_PUBLISHED
+    assert abs(sum(m for _, _, m in resnet_stages(RESNET50)) - 4.09e9) < 0.01e9  # the published "4.1 GFLOPs"
+    assert sum(p for _, p, _ in resnet_stages(BOOK_RESNET18)) == 11_178_378
+
+
+@pytest.mark.torch
+def test_book_resnet18_count_in_torch(request: pytest.FixtureRequest) -> None:
+    """The book's ResNet-18 (d2l 8.6), built with lazy modules, has the count the exercise uses."""
+    from tests.conftest import get_adapter
+
+    get_adapter("torch", request.config)
+    import torch
+    from torch import nn
+
+    from common.teach.exercises import BOOK_RESNET18, resnet_stages
+
+    class Residual(nn.Module):
+        def __init__(self, num_channels: int, use_1x1conv: bool = False, strides: int = 1) -> None:
+            super().__init__()
+            self.conv1 = nn.LazyConv2d(num_channels, kernel_size=3, padding=1, stride=strides)
+            self.conv2 = nn.LazyConv2d(num_channels, kernel_size=3, padding=1)
+            self.conv3 = nn.LazyConv2d(num_channels, kernel_size=1, stride=strides) if use_1x1conv else None
+            self.bn1, self.bn2 = nn.LazyBatchNorm2d(), nn.LazyBatchNorm2d()
+
+        def forward(self, X: torch.Tensor) -> torch.Tensor:
+            Y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(X)))))
+            return torch.relu(Y + (self.conv3(X) if self.conv3 else X))
+
+    layers: list[nn.Module] = [
+        nn.LazyConv2d(64, kernel_size=7, stride=2, padding=3),
+        nn.LazyBatchNorm2d(),
+        nn.ReLU(),
+        nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+    ]
+    for i, (n, channels) in enumerate(BOOK_RESNET18.arch):
+        layers += [
+            Residual(channels, use_1x1conv=j == 0 and i > 0, strides=2 if j == 0 and i > 0 else 1) for j in range(n)
+        ]
+    layers += [nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.LazyLinear(10)]
+    net = nn.Sequential(*layers)
+    net(torch.zeros(1, 1, 96, 96))
+    assert sum(p.numel() for p in net.parameters()) == sum(p for _, p, _ in resnet_stages(BOOK_RESNET18))
+
+
+def test_densenet_stage_rows_add_up() -> None:
+    from common.config import CONFIGS, count_macs, count_params
+    from common.teach.exercises import densenet_stage_params, family_rows
+
+    for name in ("d2l", "densenet121"):
+        rows = densenet_stage_params(CONFIGS[name], 224)
+        assert [r[0] for r in rows] == ["stem", "stage1", "stage2", "stage3", "stage4", "head"]
+        assert sum(r[1] for r in rows) == count_params(CONFIGS[name])
+        assert sum(r[2] for r in rows) == count_macs(CONFIGS[name], 224)
+    family = {r["name"]: r for r in family_rows()}
+    assert family["densenet121"]["params"] == family["densenet121"]["published"] == 7_978_856
+    assert family["densenet121"]["depth"] == 121 and family["densenet169"]["depth"] == 169
+
+
+@pytest.mark.parametrize("name", ["torch", "tf"])
+def test_max_pool_transitions(name: str, request: pytest.FixtureRequest) -> None:
+    """The pooling exercise's swap: same weights and shapes, another function."""
+    import numpy as np
+
+    from common.config import DenseNetConfig
+    from common.teach.exercises import use_max_pool_in_transitions
+    from tests.conftest import get_adapter
+
+    adapter = get_adapter(name, request.config)
+    config = DenseNetConfig(num_channels=8, growth_rate=8, arch=(2, 2, 2))
+    X = np.random.default_rng(0).random((2, 1, 32, 32), dtype=np.float32)
+    avg = adapter.build(config, seed=0)
+    swapped = adapter.build(config, seed=0)
+    assert use_max_pool_in_transitions(name, swapped.net) == 2
+    a, b = adapter.stages(avg, X), adapter.stages(swapped, X)
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    np.testing.assert_array_equal(a["dense1"], b["dense1"])
+    assert not np.allclose(a["transition1"], b["transition1"])
+    assert np.all(b["transition1"] >= a["transition1"] - 1e-6)  # a max is at least the mean
+    with pytest.raises(Exception, match="PyTorch or TensorFlow"):
+        use_max_pool_in_transitions("jax", None)
+
+
+@pytest.mark.slow
+def test_pooling_exercise_runs(tmp_path: Path, request: pytest.FixtureRequest, capsys) -> None:
+    from tests.conftest import get_adapter
+
+    get_adapter("torch", request.config)
+    argv = ["exercise", "pooling", "--epochs", "1", "--limit", "256", "--test-limit", "256", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "avg" in out and "max" in out and (tmp_path / "curves.png").is_file()
+    assert (tmp_path / "pool-max" / "metrics.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_memory_exercise_runs(tmp_path: Path, request: pytest.FixtureRequest, capsys) -> None:
+    from tests.conftest import get_adapter
+
+    get_adapter("torch", request.config)
+    save = tmp_path / "memory.json"
+    argv = ["exercise", "memory", "--backends", "torch", "--input-size", "32", "--batch-size", "2", "--save", str(save)]
+    assert main(argv) == 0
+    (row,) = facts.read_benchmark(save)["rows"]
+    assert row["backend"] == "torch" and row["step_peak_mb"] > 0 and row["peak_mb"] >= row["rss_after_build_mb"]
+
+
+def test_dense_mlp_exercise_runs(request: pytest.FixtureRequest) -> None:
+    from common.teach.exercises import dem_regression, run_dense_mlp
+    from tests.conftest import get_adapter
+
+    d = dem_regression()
+    assert d["X_train"].shape == (4000, 2) and d["y_test"].shape == (4000,)
+    get_adapter("torch", request.config)
+    rows = run_dense_mlp({"plain": (2, 8), "dense": (2, 8)}, epochs=2)
+    assert [r["model"] for r in rows] == ["plain", "dense", "mean (no model)"]
+    assert rows[1]["params"] == (2 * 8 + 8) + (10 * 8 + 8) + (18 + 1)  # widths 2, 2+8, then 2+16 to the output
+
+
+def test_every_exercise_is_answered_with_a_command() -> None:
+    text = (ROOT / "docs" / "exercises.md").read_text(encoding="utf-8")
+    for command in ("pooling", "params", "memory", "family", "dense-mlp"):
+        assert f"densenet exercise {command}" in text
+    for n in range(1, 6):
+        assert f"## {n}." in text

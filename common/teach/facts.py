@@ -143,8 +143,9 @@ def read_parity(path: str | Path) -> ParityResults:
 
 
 def read_benchmark(path: str | Path) -> dict[str, Any]:
-    """A benchmark results file: ``{"title": ..., "rows": [{"backend": ..., <metric>: number}]}``
-    (``densenet exercise memory --json`` writes one); the page charts every numeric metric."""
+    """A benchmark results file: ``{"title": ..., "rows": [{"backend": ..., <metric>: number}]}``,
+    optionally ``"metrics"`` (which to chart; default every numeric one), ``"labels"`` and ``"note"``
+    (``densenet exercise memory --save FILE`` writes one)."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
         raise ValueError(f"{path}: expected an object with a 'rows' list")

@@ -221,8 +221,12 @@ def _naive_table(rows: list[dict[str, Any]]) -> str:
 
 def _bar_chart(data: dict[str, Any]) -> str:
     """Inline SVG bars, one group per numeric metric (no plotting library, no script)."""
-    rows = data["rows"]
-    metrics = [k for k in rows[0] if k != "backend" and all(isinstance(r.get(k), (int, float)) for r in rows)]
+    rows = [r for r in data["rows"] if "error" not in r]
+    if not rows:
+        return f"<h3>{esc(data.get('title', 'benchmark'))}</h3><p class='muted'>every run failed</p>"
+    numeric = [k for k in rows[0] if k != "backend" and all(isinstance(r.get(k), (int, float)) for r in rows)]
+    metrics = [k for k in data.get("metrics", numeric) if k in numeric]
+    labels = data.get("labels", {})
     charts = []
     for metric in metrics:
         top = max(float(r[metric]) for r in rows) or 1.0
@@ -239,7 +243,7 @@ def _bar_chart(data: dict[str, Any]) -> str:
                 f"<text x='{label_w + w + 6:.1f}' y='{y + 15}'>{float(r[metric]):,.4g}</text>"
             )
         charts.append(
-            f"<figure class='chart'><figcaption>{esc(metric.replace('_', ' '))}</figcaption>"
+            f"<figure class='chart'><figcaption>{esc(labels.get(metric, metric.replace('_', ' ')))}</figcaption>"
             f"<svg role='img' aria-label='{esc(metric)}' viewBox='0 0 {label_w + width + 90} {height}' "
             f"width='{label_w + width + 90}' height='{height}'>{''.join(bars)}</svg></figure>"
         )
@@ -329,7 +333,7 @@ def _page(hl: Highlighter, options: SiteOptions, curves: bool, say: Callable[[st
         if benchmark
         else (
             "<p class='muted'>No benchmark results in this build: <code>densenet teach --benchmark FILE</code> charts "
-            "a results file such as the one <code>densenet exercise memory --json</code> writes.</p>"
+            "a results file such as the one <code>densenet exercise memory --save FILE</code> writes.</p>"
         )
     )
     naive_note = (
