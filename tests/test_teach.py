@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import fcntl
 import html
 import importlib
 import inspect
@@ -281,10 +282,15 @@ class DevTools:
     def __init__(self, browser: str, profile: Path, log: Path) -> None:
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
+        # The browser's ends, moved above 3 and 4 so that placing them there cannot overwrite one
+        # with the other (a fresh process's pipes are often exactly fds 3 and 4).
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (to_browser_r, from_browser_w)]
+        for fd in (to_browser_r, from_browser_w):
+            os.close(fd)
 
-        def wire() -> None:  # in the child, before exec: the protocol's fixed fds
-            os.dup2(to_browser_r, 3)
-            os.dup2(from_browser_w, 4)
+        def wire() -> None:  # in the child, before exec: the protocol's fixed fds, inheritable
+            os.dup2(high[0], 3)
+            os.dup2(high[1], 4)
 
         args = [
             browser,
@@ -302,8 +308,8 @@ class DevTools:
         self.proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, preexec_fn=wire, close_fds=False
         )
-        os.close(to_browser_r)
-        os.close(from_browser_w)
+        for fd in high:
+            os.close(fd)
         self._buffer = b""
         self._next = 0
         self.events: list[dict] = []

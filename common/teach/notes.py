@@ -172,7 +172,8 @@ def _stem(ctx: Context) -> list[tuple[str, str, str]]:
             f"{STEM_POOL[0]}x{STEM_POOL[0]}/{STEM_POOL[1]} pool on its {pool.input_side}x{pool.input_side} input; "
             f"PyTorch and MXNet pad {conv.explicit} and {pool.explicit}. Here all four pad symmetrically.",
             "The size of the damage, same weights and input, numpy oracle: 'same' padding moves "
-            f"{ctx.naive_text(chr(39) + 'same', 'inference')}: every activation shifts by a pixel. At odd sides "
+            f"{ctx.naive_text(chr(39) + 'same', 'inference')}: the stem samples the image one pixel off, and "
+            "every activation after it moves. At odd sides "
             "'same' is symmetric and costs nothing.",
         ),
         (
