@@ -639,3 +639,5 @@ def test_every_exercise_is_answered_with_a_command() -> None:
         assert f"densenet exercise {command}" in text
     for n in range(1, 6):
         assert f"## {n}." in text
+    assert not re.search(r"[A-Z]+_(OUTPUT|DISCUSSION)", text), "a placeholder is left"
+    assert "$ densenet exercise memory" in text and (ROOT / "docs" / "results" / "memory_224.json").is_file()
