@@ -1,7 +1,7 @@
 """The ``densenet`` command (also ``python -m common``): the parser and ``main``.
 
 Each command group lives in its own module (``inspection``, ``parity``, ``training``,
-``weights``) and adds its subcommands here; ``options`` holds what they share. The commands only
+``weights``, ``teach``) and adds its subcommands here; ``options`` holds what they share. The commands only
 orchestrate: the reports they print render themselves (``to_text()`` / ``to_dict()``).
 
 Whatever goes wrong, a person sees one clear line on stderr and an exit status, never a
@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
-from common.cli import inspection, parity, training, weights
+from common.cli import inspection, parity, teach, training, weights
 from common.cli.options import HelpFormatter
 from common.errors import DenseNetError
 
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         training.add_plot,
         parity.add_golden,
         weights.add_parsers,
+        teach.add_parsers,
     ):
         add(sub)
     return parser

@@ -1,0 +1,317 @@
+"""What differs between the four implementations of each row, and why it matters, with numbers.
+
+Each note is ``(aspect, what differs, why it matters)``; the numbers come from the facts
+computed when the page is built (:class:`Context`), never typed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from common.arch import CONV3, STEM_CONV, STEM_POOL
+from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, canonical_spec, count_bn_stats, count_params
+from common.teach.facts import PaddingFact, StageFact
+
+__all__ = ["Context", "book_jax_params", "row_notes"]
+
+
+@dataclass
+class Context:
+    """The facts the notes quote."""
+
+    config: DenseNetConfig
+    input_size: int
+    stages: list[StageFact]
+    padding: list[PaddingFact]
+    naive: list[dict[str, Any]]
+
+    def stage(self, name: str) -> StageFact:
+        return next(s for s in self.stages if s.stage == name)
+
+    def naive_row(self, default: str, affects: str) -> dict[str, Any]:
+        return next(r for r in self.naive if r["default"].startswith(default) and r["affects"].startswith(affects))
+
+    def naive_text(self, default: str, affects: str) -> str:
+        r = self.naive_row(default, affects)
+        return f"max abs {r['max_abs']:.1e}, max rel {r['max_rel']:.1e} ({r['affects']})"
+
+
+def book_jax_params(config: DenseNetConfig) -> int:
+    """Trainable parameters of the book's JAX network, whose channel count restarts from
+    ``num_channels`` on every pass of its loop (departure 1): each transition is sized from
+    ``num_channels + num_convs * growth_rate``, not from the channels it actually receives."""
+    g = config.growth_rate
+    bn = 2  # scale and shift per channel
+    total = config.in_channels * config.num_channels * 49 + config.num_channels + bn * config.num_channels
+    channels = config.num_channels
+    for i, n in enumerate(config.arch):
+        for _ in range(n):
+            total += bn * channels + channels * g * 9 + g
+            channels += g
+        if i != len(config.arch) - 1:
+            out = (config.num_channels + n * g) // 2  # the book's restart
+            total += bn * channels + channels * out + out
+            channels = out
+    return total + bn * channels + channels * config.num_classes + config.num_classes
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")"
+
+
+def row_notes(key: str, ctx: Context) -> list[tuple[str, str, str]]:
+    """The notes of one row (HTML-safe text with ``<code>``; see :func:`_notes`)."""
+    return _NOTES[key](ctx)
+
+
+def _conv_block(ctx: Context) -> list[tuple[str, str, str]]:
+    k, _, p = CONV3
+    return [
+        (
+            "layout",
+            "PyTorch and MXNet hold activations NCHW, JAX and Keras NHWC; conv kernels are OIHW and HWIO.",
+            "The same weights need a transpose at the boundary: <code>common/layout.py</code> is the one place "
+            "that does it, so every file you read here is the framework's own idiom.",
+        ),
+        (
+            "input width",
+            "No constructor names its input channels: <code>LazyConv2d</code>/<code>LazyBatchNorm2d</code> "
+            "materialise on the first forward, Gluon defers initialisation to the first call, Flax infers "
+            "shapes in <code>init(key, X)</code>, Keras builds a layer on its first call.",
+            "The book's <code>conv_block(num_channels)</code> works unchanged in all four; the adapters run "
+            "one image of the smallest size at build time so the weights exist before they are loaded.",
+        ),
+        (
+            "BatchNorm",
+            f"Every BatchNorm gets epsilon {BN_EPS:g} and momentum {BN_MOMENTUM:g} in PyTorch's meaning (weight of "
+            f"the new batch); MXNet, Keras and Flax take the old value's weight, {1 - BN_MOMENTUM:g}. Flax is "
+            "told to use the two-pass variance.",
+            "Each framework's own default, measured on the book's network with the numpy oracle: Keras epsilon "
+            f"1e-3 moves {ctx.naive_text('BN epsilon', 'inference')}; momentum 0.99 moves "
+            f"{ctx.naive_text('momentum', 'inference')}; Flax's fast variance moves "
+            f"{ctx.naive_text('fast variance E[x^2]-E[x]^2, float32, input mean 100', 'training')} "
+            "on inputs of mean 100.5.",
+        ),
+        (
+            "padding",
+            f"PyTorch, MXNet and Flax pad the {k}x{k} conv by {p} in the layer; Keras gets an explicit "
+            f"<code>ZeroPadding2D({p})</code> before a valid conv.",
+            "At stride 1 'same' would also pad (1, 1), so no harm here; the explicit form is kept everywhere for "
+            "the stride-2 stem, where 'same' is asymmetric (see the stem).",
+        ),
+    ]
+
+
+def _dense_block(ctx: Context) -> list[tuple[str, str, str]]:
+    c = ctx.config
+    return [
+        (
+            "concat axis",
+            "<code>torch.cat(dim=1)</code>, <code>F.concat(dim=1)</code>, <code>jnp.concatenate(axis=-1)</code>, "
+            "<code>tf.concat(axis=-1)</code>: the channel axis of each layout.",
+            "The book's example, <code>DenseBlock(2, 10)</code> on 4 images of 3 channels at 8x8, gives "
+            "(4, 23, 8, 8) in NCHW and (4, 8, 8, 23) in NHWC: 3 + 2 x 10 channels "
+            "(<code>tests/test_backends.py::test_book_examples_native_api</code>).",
+        ),
+        (
+            "contract",
+            "The book's JAX and TF conv blocks concatenate inside themselves, its PyTorch and MXNet ones do not. "
+            "Here a conv block returns only its new features in all four and the dense block concatenates.",
+            "The blocks are interchangeable and the four files read alike (departure 6).",
+        ),
+        (
+            "growth",
+            f"Each block adds <code>num_convs x growth_rate</code> channels: the book's network grows "
+            f"{c.num_channels} stem channels to {ctx.stage('dense1').nchw[1]} after the first block "
+            f"({c.arch[0]} x {c.growth_rate}).",
+            "Concatenation keeps every earlier feature map alive until the block ends: memory grows with the "
+            "square of the block length, parameters only linearly (docs/exercises.md, exercise 3).",
+        ),
+        (
+            "compilation",
+            "MXNet's block is a <code>HybridBlock</code> whose <code>hybrid_forward(F, X)</code> works on "
+            "symbols and arrays; the book's is a plain <code>Block</code>.",
+            "<code>hybridize()</code> compiles the whole network, not just the parts between dense blocks "
+            "(departure 4).",
+        ),
+    ]
+
+
+def _transition(ctx: Context) -> list[tuple[str, str, str]]:
+    c = ctx.config
+    t1 = ctx.stage("transition1")
+    return [
+        (
+            "channels",
+            "All four call <code>config.transition_channels(channels)</code>, "
+            f"<code>int(channels * {c.compression:g})</code>: the book's <code>//= 2</code>.",
+            f"In the book's network the first transition takes {ctx.stage('dense1').nchw[1]} channels to "
+            f"{t1.nchw[1]} and {ctx.stage('dense1').nchw[2]}x{ctx.stage('dense1').nchw[3]} to "
+            f"{t1.nchw[2]}x{t1.nchw[3]}; the book's example <code>transition_block(10)</code> on the dense "
+            "block's 23 channels at 8x8 gives 10 channels at 4x4.",
+        ),
+        (
+            "pooling",
+            "<code>AvgPool2d</code>, <code>AvgPool2D</code>, <code>nn.avg_pool</code>, <code>AvgPool2D</code>: "
+            "2x2 windows at stride 2, no padding, odd sides floored in all four.",
+            "The book asks what max pooling would change here: <code>densenet exercise pooling</code> trains both "
+            "(docs/exercises.md, exercise 1).",
+        ),
+    ]
+
+
+def _stem(ctx: Context) -> list[tuple[str, str, str]]:
+    conv, pool = ctx.padding
+    stem = ctx.stage("stem")
+    return [
+        (
+            "padding",
+            f"The book's TF and Flax stems pad 'same'. At {conv.input_side}x{conv.input_side} that is "
+            f"{conv.same} for the {STEM_CONV[0]}x{STEM_CONV[0]}/{STEM_CONV[1]} conv and {pool.same} for the "
+            f"{STEM_POOL[0]}x{STEM_POOL[0]}/{STEM_POOL[1]} pool on its {pool.input_side}x{pool.input_side} input; "
+            f"PyTorch and MXNet pad {conv.explicit} and {pool.explicit}. Here all four pad symmetrically.",
+            "The size of the damage, same weights and input, numpy oracle: 'same' padding moves "
+            f"{ctx.naive_text(chr(39) + 'same', 'inference')}: the stem samples the image one pixel off, and "
+            "every activation after it moves. At odd sides "
+            "'same' is symmetric and costs nothing.",
+        ),
+        (
+            "max-pool padding",
+            "PyTorch, MXNet and Flax pad max pooling with -inf. Keras has no padded max pool: "
+            "<code>MaxPoolPadded</code> pads with -inf by <code>tf.pad</code>, then pools 'valid'.",
+            "Padding never wins the max, whatever the sign of the input.",
+        ),
+        (
+            "shape",
+            f"{ctx.input_size}x{ctx.input_size} in, {_shape(stem.nchw)} out (NCHW), {_shape(stem.nhwc)} (NHWC).",
+            f"{stem.params:,} parameters, {stem.macs / 1e6:.1f} M multiply-adds per image: the stem alone is "
+            f"{stem.macs / sum(s.macs for s in ctx.stages):.0%} of the network's cost.",
+        ),
+    ]
+
+
+def _assembly(ctx: Context) -> list[tuple[str, str, str]]:
+    c = ctx.config
+    ours, book = count_params(c), book_jax_params(c)
+    widths = [ctx.stage(f"transition{i}").nchw[1] for i in range(1, len(c.arch))]
+    return [
+        (
+            "channel count",
+            "The book's JAX <code>create_net</code> restarts from <code>self.num_channels</code> on every pass; "
+            "PyTorch, MXNet and TF accumulate. Here all four accumulate.",
+            f"The book's JAX network is another network: {book:,} parameters against {ours:,} "
+            f"(transitions {'/'.join(map(str, widths))} here). Departure 1.",
+        ),
+        (
+            "training mode",
+            "PyTorch: <code>net.train()</code> flips a flag on every module. MXNet: <code>autograd.record()</code> "
+            "/ <code>train_mode()</code>, a global scope. Flax: a <code>training</code> field, so a training "
+            "network is another module (<code>net.clone(training=True)</code>). Keras: a <code>training=</code> "
+            "argument every layer must pass on.",
+            "The book's TF layers drop it, so its BatchNorm never trains and the book's TF run stops at 0.828 "
+            "accuracy; here it reaches 0.9110 like the others (docs/training.md, departure 2).",
+        ),
+        (
+            "stage names",
+            "Stages are attributes (<code>dense_blk1</code>) in PyTorch, list entries elsewhere; Flax modules "
+            "are built in <code>setup</code>, lazily, when the network is bound.",
+            "The harness reads the stages by position; <code>densenet compare</code> checks every backend's "
+            "stage shapes against the plan below.",
+        ),
+    ]
+
+
+def _head(ctx: Context) -> list[tuple[str, str, str]]:
+    c = ctx.config
+    head = ctx.stage("head")
+    return [
+        (
+            "pooling",
+            "<code>AdaptiveAvgPool2d((1, 1))</code> + <code>Flatten</code>, <code>GlobalAvgPool2D</code> + "
+            "<code>Flatten</code>, <code>jnp.mean(axis=(1, 2))</code>, <code>GlobalAvgPool2D</code> (its "
+            "<code>Flatten</code> is a no-op kept from the book).",
+            f"A global pool takes any size the network can take ({ctx.stage(f'dense{len(c.arch)}').nchw[2]}x"
+            f"{ctx.stage(f'dense{len(c.arch)}').nchw[3]} here); the book's JAX head pooled over "
+            "<code>x.shape[1:3]</code> with a lambda (departure 9).",
+        ),
+        (
+            "dense layer",
+            "PyTorch and MXNet store the dense weight (out, in), Keras and Flax (in, out).",
+            f"{head.params:,} parameters: {ctx.stage(f'dense{len(c.arch)}').nchw[1]} channels x "
+            f"{c.num_classes} classes + biases + the last BatchNorm.",
+        ),
+    ]
+
+
+def _training_step(ctx: Context) -> list[tuple[str, str, str]]:
+    return [
+        (
+            "running statistics",
+            "Updated by the training-mode forward in PyTorch and Keras, returned as a new "
+            "<code>batch_stats</code> collection by Flax (only when it is mutable), and written in the "
+            "backward pass by MXNet on CPU.",
+            "A step must read the statistics after forward and backward; the parity suite compares them after "
+            "one full step.",
+        ),
+        (
+            "running variance",
+            "PyTorch feeds the running variance the unbiased batch variance n/(n-1); MXNet, Keras and Flax the "
+            "biased one. Each adapter re-expresses its update in PyTorch's convention.",
+            f"Left alone it would move {ctx.naive_text('running variance', 'running statistics')} and "
+            f"{ctx.naive_text('running variance', 'inference logits after')}.",
+        ),
+        (
+            "compilation",
+            "PyTorch runs eagerly (torch.compile costs about 25 s per batch shape on these CPUs); MXNet "
+            "hybridizes; JAX jits the whole step, optax included; TF wraps it in <code>tf.function</code>.",
+            "Each is the framework's fast path; <code>tests/test_backends.py::test_compiled_equals_eager</code> "
+            "checks the compiled forward against the eager one.",
+        ),
+        (
+            "state",
+            "PyTorch, MXNet and Keras mutate the network; Flax's step is a pure function returning new "
+            "<code>params</code> and <code>batch_stats</code>.",
+            "Which is why the JAX step is a module-level jitted function and the others are methods.",
+        ),
+    ]
+
+
+def _weights(ctx: Context) -> list[tuple[str, str, str]]:
+    c = ctx.config
+    return [
+        (
+            "names",
+            "BatchNorm: <code>weight/bias/running_mean/running_var</code> (PyTorch), "
+            "<code>gamma/beta/running_mean/running_var</code> (MXNet), "
+            "<code>gamma/beta/moving_mean/moving_variance</code> (Keras), <code>scale/bias</code> in "
+            "<code>params</code> and <code>mean/var</code> in <code>batch_stats</code> (Flax).",
+            f"One canonical name per tensor ({len(canonical_spec(c))} tensors: {count_params(c):,} parameters and "
+            f"{count_bn_stats(c):,} running statistics), so a file written by one framework loads bit-identically "
+            "in the others (<code>tests/test_weights.py</code>).",
+        ),
+        (
+            "order",
+            "Every adapter lists its conv, BatchNorm and dense layers in forward order and pairs them with "
+            "<code>common.config.canonical_layers</code>.",
+            "<code>jax.jit</code> returns dicts with sorted keys (<code>net_10</code> before <code>net_2</code>): "
+            "the JAX adapter rebuilds the order from Flax's names.",
+        ),
+        (
+            "layout",
+            "Conv kernels OIHW (PyTorch, MXNet) or HWIO (Keras, Flax); dense (out, in) or (in, out).",
+            "Converted once, in <code>common/layout.py</code>, at the edge of each adapter.",
+        ),
+    ]
+
+
+_NOTES = {
+    "conv-block": _conv_block,
+    "dense-block": _dense_block,
+    "transition-block": _transition,
+    "stem": _stem,
+    "assembly": _assembly,
+    "head": _head,
+    "training-step": _training_step,
+    "weights": _weights,
+}
