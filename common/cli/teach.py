@@ -8,8 +8,27 @@ import sys
 from pathlib import Path
 
 from common.cli.options import backend_list, positive_int
+from common.config import CONFIGS, D2L
 from common.errors import DenseNetError
+from common.parity import run_parity
+from common.registry import BACKENDS
 from common.render import format_table
+from common.teach.exercises import (
+    BOOK_RESNET18,
+    RESNET50,
+    RESNET50_PUBLISHED,
+    activation_bytes,
+    densenet_stage_params,
+    family_rows,
+    memory_child,
+    memory_rows,
+    resnet_stages,
+    run_dense_mlp,
+    run_pooling,
+)
+from common.teach.facts import measure_backends
+from common.teach.notebooks import notebook_paths, sync
+from common.teach.page import SiteOptions, build_site, repo_root
 
 __all__ = ["add_exercise", "add_notebooks", "add_parsers", "add_teach", "cmd_exercise", "cmd_notebooks", "cmd_teach"]
 
@@ -20,9 +39,6 @@ DEFAULT_BENCHMARK = ("benchmark.json", "memory_224.json")
 
 
 def cmd_teach(args: argparse.Namespace) -> int:
-    from common.teach.facts import measure_backends
-    from common.teach.page import SiteOptions, build_site, repo_root
-
     def say(message: str) -> None:
         if not args.quiet:
             print(f"  {message}", file=sys.stderr)
@@ -45,8 +61,6 @@ def cmd_teach(args: argparse.Namespace) -> int:
     options = SiteOptions(input_size=args.input_size, docs=docs, parity=[] if args.run_parity else parity)
     options.benchmark = benchmark
     if args.run_parity:
-        from common.parity import run_parity
-
         for dtype in ("float32", "float64"):
             say(f"parity in {dtype} (about a minute)")
             options.parity_reports.append(run_parity(dtype=dtype).to_dict())
@@ -84,9 +98,6 @@ def add_teach(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_notebooks(args: argparse.Namespace) -> int:
-    from common.teach.notebooks import notebook_paths, sync
-    from common.teach.page import repo_root
-
     directory = Path(args.dir) if args.dir else repo_root() / "notebooks"
     if not notebook_paths(directory):
         print(f"densenet notebooks: no densenet_*.py in {directory}", file=sys.stderr)
@@ -115,8 +126,6 @@ def _say(message: str) -> None:
 
 
 def _exercise_pooling(args: argparse.Namespace) -> int:
-    from common.teach.exercises import run_pooling
-
     pools = [p.strip() for p in args.transition_pool.split(",") if p.strip()]
     out = Path(args.out)
     results = run_pooling(
@@ -149,15 +158,6 @@ def _exercise_pooling(args: argparse.Namespace) -> int:
 
 
 def _exercise_params(args: argparse.Namespace) -> int:
-    from common.config import CONFIGS, D2L
-    from common.teach.exercises import (
-        BOOK_RESNET18,
-        RESNET50,
-        RESNET50_PUBLISHED,
-        densenet_stage_params,
-        resnet_stages,
-    )
-
     size = args.input_size
     for title, dense, dense_name, resnet in (
         ("the book's networks (1 channel, 10 classes)", D2L, "DenseNet (d2l 8.7)", BOOK_RESNET18),
@@ -188,10 +188,6 @@ def _exercise_params(args: argparse.Namespace) -> int:
 
 
 def _exercise_memory(args: argparse.Namespace) -> int:
-    from common.config import D2L
-    from common.registry import BACKENDS
-    from common.teach.exercises import activation_bytes, memory_child, memory_rows
-
     if args.child:
         print(json.dumps(memory_child(args.child, args.input_size, args.batch_size)))
         return 0
@@ -232,8 +228,6 @@ def _exercise_memory(args: argparse.Namespace) -> int:
 
 
 def _exercise_family(args: argparse.Namespace) -> int:
-    from common.teach.exercises import family_rows
-
     rows = [
         [
             r["name"],
@@ -254,8 +248,6 @@ def _exercise_family(args: argparse.Namespace) -> int:
 
 
 def _exercise_dense_mlp(args: argparse.Namespace) -> int:
-    from common.teach.exercises import run_dense_mlp
-
     rows = run_dense_mlp(epochs=args.epochs, seed=args.seed)
     print(
         "elevation (m) from position on matplotlib's sample terrain model (jacksboro_fault_dem.npz), 4,000 "

@@ -275,12 +275,12 @@ def memory_child(backend: str, input_size: int, batch: int) -> dict[str, Any]:
     """Measured in this process: resident memory after building the book's network, and the peak
     during its first training step (eager where the framework allows; JAX's step is jitted, so its
     time and peak include compiling it)."""
-    from common.parity import make_batches
+    from common.harness import seeded_batches
     from common.registry import load_backend
 
     adapter = load_backend(backend)
     model = adapter.build(D2L, seed=0)
-    ((X, y),) = make_batches(D2L, (input_size, input_size), batch, 1, 0)
+    ((X, y),) = seeded_batches(D2L, (input_size, input_size), batch, 1, 0)
     before = _rss_bytes()
     started = time.perf_counter()
     adapter.train_step(model, X, y, 0.01, compiled=False)
@@ -374,7 +374,7 @@ def run_dense_mlp(
     """A plain MLP against a dense MLP (:mod:`common.teach.dense_mlp`), each ``(layers, width)``,
     trained with Adam on the same data, seed and recipe; RMSE in metres, and the error of
     predicting the mean for scale."""
-    from common.teach import dense_mlp
+    from common.teach import dense_mlp  # imports PyTorch: only when this exercise runs
 
     # Pairs of about the same number of parameters, shallow and deep.
     widths = widths or {"plain": (4, 64), "dense": (4, 44), "plain-deep": (8, 44), "dense-deep": (8, 20)}

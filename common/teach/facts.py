@@ -170,12 +170,12 @@ def measure_backends(
     config: DenseNetConfig, input_size: int = 96, progress: Callable[[str], None] | None = None
 ) -> list[BackendFacts]:
     """Build the network in every installed backend and record shapes and parameters per stage."""
-    from common.harness import make_input, run_backend
+    from common.harness import run_backend, seeded_batches
     from common.registry import BACKENDS, load_backend
 
     say = progress or (lambda message: None)
     network = plan(config, input_size)
-    X = make_input(config, network.input_size, 1, 0)
+    ((X, _),) = seeded_batches(config, network.input_size, 1, 1, 0)
     out = []
     for name in BACKENDS:
         say(f"{name}: building and running one image")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import D2L, DenseNetConfig, count_bn_stats, count_params
+from common.errors import DenseNetError
 from common.teach import book, facts, notes
 from common.teach.sources import BACKEND_ORDER, ROWS, Piece, Source, extract
 
@@ -401,6 +402,10 @@ now, and the test that pins it.</p>
 """
 
 
+# Marks a directory as a site this command wrote, which a later build may replace.
+SITE_MARKER = ".densenet-teach"
+
+
 def build_site(
     out: str | Path, options: SiteOptions | None = None, progress: Callable[[str], None] | None = None
 ) -> Path:
@@ -408,7 +413,17 @@ def build_site(
     options = options or SiteOptions()
     say = progress or (lambda message: None)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise DenseNetError(f"--out {out} is a file; name a directory for the site")
+    if out.is_dir() and any(out.iterdir()) and not (out / SITE_MARKER).is_file():
+        # Never write over what a person made: only an earlier site of this command is replaced.
+        raise DenseNetError(
+            f"--out {out} is not empty and holds no earlier `densenet teach` site; name a new directory"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DenseNetError(f"--out {out}: cannot create the directory ({exc.strerror or exc})") from None
     hl = Highlighter()
     curves_src = options.docs / "training_curves.png"
     curves = curves_src.is_file()
@@ -420,6 +435,7 @@ def build_site(
         shutil.copyfile(curves_src, out / "training_curves.png")
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
+    (out / SITE_MARKER).write_text("written by `densenet teach`; it may replace this directory's files\n")
     say(f"wrote {index}")
     return index
 
