@@ -247,39 +247,33 @@ class JaxAdapter(Adapter[JaxRuntime]):
             if p[0] == "params"
         }
 
-    def loss_and_grads(self, model, X, y):
+    def _training_call(self, model: JaxModel, X: np.ndarray, y: np.ndarray, step, *args):
+        """``step(net, params, batch_stats, X, y, *args, dropout key, unbias tree)`` on checked
+        inputs, in the model's precision (the jitted functions at the top of this module)."""
         X = self.prepare(model, X)
         nchw = (X.shape[0], X.shape[3], X.shape[1], X.shape[2])
         with _x64(model):
             y = jnp.asarray(self.check_labels(X, y, model.config.num_classes))
             v = model.variables
-            loss, batch_stats, dparams, dX = _loss_and_grads(
-                model.net.clone(training=True),
+            net = model.net.clone(training=True)
+            return step(
+                net,
                 v["params"],
                 v["batch_stats"],
                 X,
                 y,
+                *args,
                 self._dropout_key(model),
                 self._unbias_tree(model, nchw),
             )
+
+    def loss_and_grads(self, model, X, y):
+        v = model.variables
+        loss, batch_stats, dparams, dX = self._training_call(model, X, y, _loss_and_grads)
         model.variables = {"params": v["params"], "batch_stats": batch_stats}
         return float(loss), self.canonical_activation(np.asarray(dX)), self._grad_tree_to_canonical(model, dparams)
 
     def train_step(self, model, X, y, lr, compiled=False):  # always jitted: eager Flax takes minutes
-        X = self.prepare(model, X)
-        nchw = (X.shape[0], X.shape[3], X.shape[1], X.shape[2])
-        with _x64(model):
-            y = jnp.asarray(self.check_labels(X, y, model.config.num_classes))
-            v = model.variables
-            loss, params, batch_stats, logits = _sgd_step(
-                model.net.clone(training=True),
-                v["params"],
-                v["batch_stats"],
-                X,
-                y,
-                lr,
-                self._dropout_key(model),
-                self._unbias_tree(model, nchw),
-            )
+        loss, params, batch_stats, logits = self._training_call(model, X, y, _sgd_step, lr)
         model.variables = {"params": params, "batch_stats": batch_stats}
         return float(loss), np.asarray(logits)

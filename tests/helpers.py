@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from common.cli import main
 from common.errors import BackendUnavailable
 from common.registry import BACKENDS, available, canonical_name, load_backend
 
@@ -46,3 +47,13 @@ def cached_model(cache: dict, adapter, config):
 def images(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """Standard-normal float32 images of ``shape``."""
     return rng.standard_normal(shape).astype(np.float32)
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
+    """``densenet ARGV`` in this process: (exit status, stdout, stderr); usage errors included."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

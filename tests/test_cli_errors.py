@@ -21,21 +21,12 @@ from common.cli import build_parser, main
 from common.config import DenseNetConfig
 from common.safetensors_io import read_weights, write_weights
 from common.weights import init_canonical, save_weights
+from tests.helpers import run_cli as run
 from tests.test_data import make_dataset
 
 ROOT = Path(common.cli.__file__).parents[2]
 TINY = DenseNetConfig(num_channels=8, growth_rate=4, arch=(2, 2))
 TINY_ARGS = ["--num-channels", "8", "--growth-rate", "4", "--arch", "2,2"]
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """``densenet ARGV`` in this process: (exit status, stdout, stderr); usage errors included."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_clear_error(code: int, err: str, expected: int, *fragments: str) -> None:

@@ -21,7 +21,7 @@ from common.config import CONFIGS, DenseNetConfig, canonical_spec, count_macs, c
 from common.errors import ConfigError, WeightFileError
 from common.safetensors_io import load_file, read_weights, write_weights
 from common.weights import init_canonical, load_weights
-from tests.helpers import get_adapter
+from tests.helpers import get_adapter, run_cli
 
 D121 = CONFIGS["densenet121"]
 PUBLISHED = {
@@ -434,11 +434,8 @@ def _zoo_like_names(config: DenseNetConfig) -> list[str]:
 
 
 def _convert(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str]:
-    try:
-        code = main([str(a) for a in ("convert", *argv)])
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
+    code, _, err = run_cli(capsys, "convert", *argv)
+    return code, err
 
 
 def test_convert_config_states_what_a_canonical_file_must_hold(

@@ -14,6 +14,7 @@ from common.cli import main
 from common.config import DenseNetConfig
 from common.train import TrainingError, TrainSettings, train
 from common.weights import load_canonical, load_weights
+from tests.helpers import run_cli as cli
 from tests.test_data import make_dataset
 
 SMALL = DenseNetConfig(num_channels=16, growth_rate=16, arch=(2, 2))
@@ -219,15 +220,6 @@ def test_learning_rate_schedules() -> None:
 # Never lose a run; say what is true when one stops (issue 10)
 
 SMALL_ARGS = ["--num-channels", "16", "--growth-rate", "16", "--arch", "2,2"]
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def strict_json_lines(path: Path) -> list[dict]:
