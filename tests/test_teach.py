@@ -492,20 +492,25 @@ def test_percent_script_conversion() -> None:
 
 
 @pytest.mark.slow
-def test_notebook_executes(backend_name: str, adapter, tmp_path: Path) -> None:
-    """Every code cell of the backend's notebook, in order, with the tiny settings CI uses."""
-    from common.teach.notebooks import code_of
+def test_notebook_executes(backend_name: str, adapter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backend's notebook run by a real Jupyter kernel (nbclient), every cell in order, with the
+    tiny settings CI uses (the kernel inherits this process's environment)."""
+    import nbclient
+    import nbformat
 
-    notebook = json.loads((ROOT / "notebooks" / f"densenet_{backend_name}.ipynb").read_text(encoding="utf-8"))
-    script = tmp_path / "notebook.py"
-    script.write_text(code_of(notebook), encoding="utf-8")
-    env = {**os.environ, "DENSENET_NOTEBOOK_TINY": "1", "MPLBACKEND": "Agg", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False
+    notebook = nbformat.read(ROOT / "notebooks" / f"densenet_{backend_name}.ipynb", as_version=4)
+    monkeypatch.setenv("DENSENET_NOTEBOOK_TINY", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    client = nbclient.NotebookClient(
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "epoch 1: train loss" in done.stdout
-    assert "evaluated in" in done.stdout and "numpy reference" in done.stdout
+    client.execute()  # raises CellExecutionError, with the cell and its traceback, if one fails
+    stdout = "".join(
+        out.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+    )
+    assert "epoch 1: train loss" in stdout
+    assert "evaluated in" in stdout and "numpy reference" in stdout
 
 
 # ---------------------------------------------------------------------------------------------
