@@ -24,7 +24,7 @@ size. A float64 run must also meet the suite's claim, ``FLOAT64_CLAIM``, for eve
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,11 +128,7 @@ class ParityReport:
 
     def worst(self) -> dict[str, Comparison]:
         """The comparison with the smallest margin per check (oracle and pairwise alike)."""
-        out: dict[str, Comparison] = {}
-        for c in self.comparisons:
-            if c.check not in out or c.margin < out[c.check].margin:
-                out[c.check] = c
-        return out
+        return _worst_per_check(self.comparisons)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -169,10 +165,7 @@ class ParityReport:
         ]
         rows = [_row(c) for c in self.comparisons if c.b == ORACLE]
         lines.append(_table(["check", "backend vs numpy", "error", "bound", "margin", "worst tensor", "result"], rows))
-        worst_pairs: dict[str, Comparison] = {}
-        for c in self.comparisons:
-            if c.b != ORACLE and (c.check not in worst_pairs or c.margin < worst_pairs[c.check].margin):
-                worst_pairs[c.check] = c
+        worst_pairs = _worst_per_check(c for c in self.comparisons if c.b != ORACLE)
         if worst_pairs:
             rows = [_row(c) for c in worst_pairs.values()]
             lines += ["", "pairwise, the worst pair per check (bound: twice the oracle's)"]
@@ -191,6 +184,15 @@ class ParityReport:
         else:
             lines.append(f"\nFAILED: {len(failed)} comparison(s) out of bound, {len(self.errors)} backend error(s)")
         return "\n".join(lines)
+
+
+def _worst_per_check(comparisons: Iterable[Comparison]) -> dict[str, Comparison]:
+    """The comparison with the smallest margin of each check, in the order checks first appear."""
+    out: dict[str, Comparison] = {}
+    for c in comparisons:
+        if c.check not in out or c.margin < out[c.check].margin:
+            out[c.check] = c
+    return out
 
 
 def _row(c: Comparison) -> list[str]:
@@ -261,6 +263,8 @@ def _oracle(config, w0, batches, lr, steps) -> _Oracle:
     results["sgd-step"] = after
     scales["sgd-step"] = {**_max_abs({k: v for k, v in after.items() if k not in g.stats}), **g.stat_scales}
     losses, _ = reference_grad.sgd_steps(config, w0, batches[:steps], lr) if steps else ([], {})
+    if steps:  # the losses as one more check, against the largest oracle loss
+        results["lockstep"], scales["lockstep"] = {"loss": np.array(losses)}, {"loss": float(np.max(np.abs(losses)))}
     return _Oracle(results, scales, losses)
 
 
@@ -332,44 +336,16 @@ def run_parity(
                 per.pop(name, None)
             report.losses.pop(name, None)
 
-    for check, per in results.items():
-        truth, scales = oracle.results[check], oracle.scales[check]
-        for name in per:
-            report.comparisons.append(
-                Comparison(check, name, ORACLE, *_error(per[name], truth, scales), bound(check, dtype))
-            )
-        for a, b in itertools.combinations(per, 2):
-            report.comparisons.append(
-                Comparison(check, a, b, *_error(per[a], per[b], scales), bound(check, dtype, True))
-            )
     if steps:
-        scale = {"loss": float(np.max(np.abs(oracle.losses)))}
-        truth = {"loss": np.array(oracle.losses)}
-        runs = [n for n in report.losses if n != ORACLE]
-        for name in runs:
-            error, _ = _error({"loss": np.array(report.losses[name])}, truth, scale)
-            report.comparisons.append(
-                Comparison(
-                    "lockstep",
-                    name,
-                    ORACLE,
-                    error,
-                    _first_step(report.losses[name], oracle.losses, scale["loss"], bound("lockstep", dtype)),
-                    bound("lockstep", dtype),
-                )
-            )
-        for a, b in itertools.combinations(runs, 2):
-            error, _ = _error({"loss": np.array(report.losses[a])}, {"loss": np.array(report.losses[b])}, scale)
-            report.comparisons.append(
-                Comparison(
-                    "lockstep",
-                    a,
-                    b,
-                    error,
-                    _first_step(report.losses[a], report.losses[b], scale["loss"], bound("lockstep", dtype, True)),
-                    bound("lockstep", dtype, True),
-                )
-            )
+        results["lockstep"] = {n: {"loss": np.array(v)} for n, v in report.losses.items() if n != ORACLE}
+    for check, per in results.items():
+        values = {ORACLE: oracle.results[check], **per}
+        for a, b in [*((name, ORACLE) for name in per), *itertools.combinations(per, 2)]:
+            limit = bound(check, dtype, pairwise=b != ORACLE)
+            error, worst = _error(values[a], values[b], oracle.scales[check])
+            if check == "lockstep":
+                worst = _first_step(values[a]["loss"], values[b]["loss"], oracle.scales[check]["loss"], limit)
+            report.comparisons.append(Comparison(check, a, b, error, worst, limit))
     return report
 
 
@@ -377,7 +353,7 @@ def summarize(reports: list[ParityReport]) -> dict[str, dict[str, Any]]:
     """The worst comparison per check over several reports (seeds, machines, settings)."""
     out: dict[str, dict[str, Any]] = {}
     for report in reports:
-        for c in report.comparisons:
+        for c in report.worst().values():
             if c.check not in out or c.margin < out[c.check]["margin"]:
                 out[c.check] = {
                     "error": c.error,
@@ -388,7 +364,7 @@ def summarize(reports: list[ParityReport]) -> dict[str, dict[str, Any]]:
     return {check: out[check] for check in CHECKS if check in out}
 
 
-def _first_step(a: list[float], b: list[float], scale: float, limit: float) -> str:
+def _first_step(a: np.ndarray, b: np.ndarray, scale: float, limit: float) -> str:
     """Where a lockstep run's losses first leave the bound (or the step of the largest error)."""
     errors = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)) / scale
     bad = np.flatnonzero(~(errors <= limit))
