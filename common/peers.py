@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
 from common.config import CONFIGS, DenseNetConfig, canonical_spec
 from common.errors import WeightFileError
 from common.layout import param_from_native, param_to_native
+from common.safetensors_io import read_weights
 from common.weights import check_weights, format_problems, name_list
 
 FORMATS = ("torchvision", "keras", "gluon")
@@ -300,8 +302,23 @@ __all__ = [
     "gluon_names",
     "infer_config",
     "keras_names",
+    "load_peer",
     "to_gluon",
     "to_keras",
     "to_torchvision",
     "torchvision_names",
 ]
+
+
+def load_peer(
+    path: str | Path, fmt: str, config: DenseNetConfig | None = None
+) -> tuple[DenseNetConfig, dict[str, np.ndarray]]:
+    """A peer's weights saved as ``.safetensors`` or ``.npz`` under the peer's own names, as
+    canonical tensors, with the configuration they show (``infer_config``) or ``config``."""
+    if fmt not in FORMATS:
+        raise WeightFileError(f"unknown peer format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    tensors, _ = read_weights(path)
+    if config is None:
+        config = infer_config(list(tensors), {k: v.shape for k, v in tensors.items()}, fmt)
+    convert = {"torchvision": from_torchvision, "keras": from_keras, "gluon": from_gluon}[fmt]
+    return config, convert(tensors, config)

@@ -1,8 +1,9 @@
-"""Training on Fashion-MNIST, the same loop for every backend (the step itself is each
-framework's own: ``Adapter.train_step``).
+"""Training on Fashion-MNIST, CIFAR-10 or an image folder, the same loop for every backend (the
+step itself is each framework's own: ``Adapter.train_step``).
 
-A run directory holds ``run.json`` (settings, versions and the data files read, with their
-SHA-256), ``metrics.jsonl`` (one line per epoch), ``checkpoint.safetensors`` (canonical weights
+A run directory holds ``run.json`` (settings, versions, the data read with SHA-256s, the starting
+weights), ``metrics.jsonl`` (one line per epoch), ``steps.jsonl`` (one line per training step:
+its loss and learning rate), ``checkpoint.safetensors`` (canonical weights
 after the last finished epoch, written atomically), ``weights.safetensors`` (the final weights,
 loadable by any backend) and ``curves.png``. Nothing is written before the first epoch finishes,
 and a directory that holds a run is never replaced unless asked (``overwrite``).
@@ -29,6 +30,8 @@ from common.errors import DenseNetError, Failed, Interrupted, WeightFileError
 from common.plot import PlotUnavailable, plot_runs
 from common.progress import Progress
 from common.registry import load_backend
+from common.starting_weights import FORMATS as INIT_FORMATS
+from common.starting_weights import starting_weights
 from common.weights import load_canonical, save_weights
 
 
@@ -45,7 +48,7 @@ class TrainingInterrupted(TrainingError, Interrupted):
 
 
 # What a run directory holds; a directory with any of them holds a run.
-RUN_FILES = ("run.json", "metrics.jsonl", "checkpoint.safetensors", "weights.safetensors", "curves.png")
+RUN_FILES = ("run.json", "metrics.jsonl", "steps.jsonl", "checkpoint.safetensors", "weights.safetensors", "curves.png")
 
 
 @dataclass
@@ -63,8 +66,22 @@ class TrainSettings:
     config: DenseNetConfig = field(default_factory=DenseNetConfig)
     # "constant" (the book) or "cosine": lr * (1 + cos(pi * step / total)) / 2, annealed every step.
     lr_schedule: str = "constant"
+    # Data and starting weights: the data set (common.data.DATASETS; an image folder's validation
+    # fraction, None: its default or its val/ folder), random crop and flip (common.data.augment),
+    # and a weight file to start from (its layout: canonical or a peer's; common.starting_weights).
+    dataset: str = "fashion-mnist"
+    val_fraction: float | None = None
+    augment: bool = False
+    init: str | None = None
+    init_format: str = "canonical"
 
     def __post_init__(self) -> None:
+        if self.dataset not in data.DATASETS:
+            raise TrainingError(f"dataset must be one of {', '.join(data.DATASETS)}, got {self.dataset!r}")
+        if self.init_format not in INIT_FORMATS:
+            raise TrainingError(f"init_format must be one of {', '.join(INIT_FORMATS)}, got {self.init_format!r}")
+        if self.init is not None:
+            self.init = os.fspath(self.init)
         if self.lr_schedule not in ("constant", "cosine"):
             raise TrainingError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -128,6 +145,35 @@ def read_metrics_file(path: Path, epochs: int | None = None) -> list[dict[str, A
     return metrics
 
 
+def read_steps_file(path: Path, epochs: int) -> list[dict[str, Any]]:
+    """The per-step records of the first ``epochs`` epochs in ``path`` (none if there is no file:
+    a run written before steps were recorded)."""
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            raise TrainingError(f"{path} line {number} is not valid JSON (a truncated file?): {line[:60]!r}") from None
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] <= epochs:
+            records.append(record)
+    return records
+
+
+def _augment_info(settings: TrainSettings) -> dict[str, Any] | None:
+    if not settings.augment:
+        return None
+    pad = data.padding(settings.resize)
+    return {
+        "order": "scale to [0, 1], channels, resize, zero-pad, random crop, horizontal flip",
+        "padding": pad,
+        "crop": settings.resize,
+        "flip_probability": 0.5,
+        "seeded_by": "(seed, epoch, index of the example)",
+    }
+
+
 def run_files(out: Path) -> list[str]:
     """The run artefacts ``out`` already holds."""
     return [name for name in RUN_FILES if (out / name).exists()]
@@ -178,14 +224,15 @@ def evaluate(
     batch_size: int,
     resize: int,
     progress: Callable[[int, int], None] | None = None,
+    channels: int | None = None,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy in inference mode over a whole split; ``progress(done,
-    total)`` is called before the first batch and after every batch."""
+    """Mean cross-entropy and accuracy in inference mode over a whole split (images converted to
+    ``channels``); ``progress(done, total)`` is called before the first batch and after every batch."""
     total_loss, correct = 0.0, 0
     total = math.ceil(len(split.labels) / batch_size)
     if progress is not None:
         progress(0, total)
-    for done, (X, y) in enumerate(data.batches(split, batch_size, resize, shuffle=False), start=1):
+    for done, (X, y) in enumerate(data.batches(split, batch_size, resize, shuffle=False, channels=channels), start=1):
         logits = adapter.forward(model, X, compiled=adapter.prefers_compiled).astype(np.float64)
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -253,16 +300,38 @@ def train(
     # Everything the user gave is checked before a framework loads (seconds) or a file changes.
     out = check_run_dir(out, resume=resume, overwrite=overwrite)
     config = settings.config
-    if config.in_channels != 1 or config.num_classes != 10:
-        raise TrainingError("Fashion-MNIST needs in_channels=1 and num_classes=10")
     plan(config, settings.resize)  # refuses a resize too small for the network
-    directory = data.find(data_dir)
-    train_split = data.subset(data.load("train", directory), settings.limit)
-    test_split = data.subset(data.load("test", directory), settings.test_limit)
+    dataset = data.open_dataset(
+        settings.dataset,
+        data_dir,
+        channels=config.in_channels,
+        size=settings.resize,
+        val_fraction=settings.val_fraction,
+    )
+    if config.num_classes != dataset.num_classes:
+        shown = ", ".join(dataset.classes[:5]) + (", ..." if dataset.num_classes > 5 else "")
+        raise TrainingError(
+            f"{dataset.name} has {dataset.num_classes} classes ({shown}), the network "
+            f"num_classes={config.num_classes}: pass --num-classes {dataset.num_classes}"
+            + (" (the --init file's head is then replaced)" if settings.init else "")
+        )
+    train_split = data.subset(dataset.train, settings.limit)
+    test_split = data.subset(dataset.test, settings.test_limit)
+    start = (
+        starting_weights(settings.init, settings.init_format, config, settings.seed)
+        if settings.init is not None and not resume
+        else None
+    )
+    for note in (dataset.channel_note(config.in_channels), start.notice if start else None):
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     adapter = load_backend(settings.backend)
 
     model = adapter.build(config, seed=settings.seed)
+    if start is not None:
+        adapter.set_weights(model, start.weights)
     metrics: list[dict[str, Any]] = []
+    step_records: list[dict[str, Any]] = []
     start_epoch = 0
     checkpoint = out / "checkpoint.safetensors"
     run = _Run(out, overwrite)
@@ -279,6 +348,11 @@ def train(
                 f"--resume: {checkpoint} was written with other settings ({', '.join(differs)}); "
                 "resume with the same options or start a new --out"
             )
+        if found.metadata.get("data", dataset.info["sha256"]) != dataset.info["sha256"]:
+            raise TrainingError(
+                f"--resume: the run trained on other {dataset.name} data than {dataset.info['dir']} holds now "
+                "(another directory, or changed files); resume with the same data or start a new --out"
+            )
         start_epoch = int(found.metadata["epoch"])
         try:
             metrics = read_metrics_file(out / "metrics.jsonl", start_epoch)
@@ -287,6 +361,7 @@ def train(
                 f"--resume: {exc}; the checkpoint holds epoch {start_epoch} and its metrics are needed to go on "
                 "(restore the file, or start again with --overwrite)"
             ) from None
+        step_records = read_steps_file(out / "steps.jsonl", start_epoch)
         adapter.set_weights(model, found.weights)
         run.checkpoint_epoch = start_epoch
     try:
@@ -297,8 +372,14 @@ def train(
         "settings": settings.to_dict(),
         "framework": adapter.framework,
         "version": adapter.version(),
-        "data": {"dir": str(directory.resolve()), "files": data.files_used(directory)},
+        "data": {**dataset.info, "evaluated_on": dataset.test_name, "augment": _augment_info(settings)},
+        "init": start.record if start is not None else None,
     }
+    if resume:  # the starting weights are the first run's: keep its record of them
+        try:
+            run_info["init"] = json.loads((out / "run.json").read_text()).get("init")
+        except (OSError, ValueError, AttributeError):
+            pass
 
     steps = math.ceil(len(train_split.labels) / settings.batch_size)
     bar = Progress(adapter.name, settings.epochs, steps, start_epoch=start_epoch, quiet=not progress, live=live)
@@ -309,7 +390,15 @@ def train(
             bar.start_epoch(epoch)
             started, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
             steady_images, steady_s, compile_s = 0, 0.0, 0.0
-            batches = data.batches(train_split, settings.batch_size, settings.resize, seed=settings.seed, epoch=epoch)
+            batches = data.batches(
+                train_split,
+                settings.batch_size,
+                settings.resize,
+                seed=settings.seed,
+                epoch=epoch,
+                augment=settings.augment,
+                channels=config.in_channels,
+            )
             for step, (X, y) in enumerate(batches):
                 lr = settings.lr_at(epoch * steps + step, settings.epochs * steps)
                 compiling = ("train", len(y)) not in shapes
@@ -320,6 +409,7 @@ def train(
                 seconds = time.perf_counter() - t0
                 if not math.isfinite(loss):
                     raise Diverged(_diverged(loss, epoch, step, lr, run))
+                step_records.append({"epoch": epoch + 1, "step": step + 1, "loss": loss, "lr": lr})
                 seen += len(y)
                 loss_sum += loss * len(y)
                 correct += int((logits.argmax(axis=1) == y).sum())
@@ -329,7 +419,9 @@ def train(
                     steady_images, steady_s = steady_images + len(y), steady_s + seconds
                 bar.after_step(len(y), seconds, compiling, loss_sum / seen, correct / seen)
             t0 = time.perf_counter()
-            test_loss, test_acc = evaluate(adapter, model, test_split, 256, settings.resize, bar.evaluating)
+            test_loss, test_acc = evaluate(
+                adapter, model, test_split, 256, settings.resize, bar.evaluating, channels=config.in_channels
+            )
             bar.evaluated(time.perf_counter() - t0)
             if not math.isfinite(test_loss):
                 raise Diverged(_diverged(test_loss, epoch, step, lr, run, shown_by="test loss"))
@@ -353,19 +445,24 @@ def train(
             )
             run.first_write(run_info)
             _write_atomic(out / "metrics.jsonl", metrics_text(metrics))
+            _write_atomic(out / "steps.jsonl", metrics_text(step_records))
             save_weights(
                 checkpoint,
                 weights,
                 config,
                 source=adapter.name,
-                extra_metadata={"epoch": str(epoch + 1), "settings": json.dumps(settings.to_dict())},
+                extra_metadata={
+                    "epoch": str(epoch + 1),
+                    "settings": json.dumps(settings.to_dict()),
+                    "data": str(dataset.info["sha256"]),
+                },
             )
             run.checkpoint_epoch = epoch + 1
             m = metrics[-1]
             compiling = f"compiling took {compile_s:.0f} s" if compile_s >= 1 else ""
             bar.epoch_line(
                 f"{adapter.name} epoch {epoch + 1}/{settings.epochs}: train loss {m['train_loss']:.4f} "
-                f"acc {m['train_acc']:.4f}, test loss {test_loss:.4f} acc {test_acc:.4f}, "
+                f"acc {m['train_acc']:.4f}, {dataset.test_name} loss {test_loss:.4f} acc {test_acc:.4f}, "
                 + speed(m["images_per_s"], compiling)
             )
     except KeyboardInterrupt:

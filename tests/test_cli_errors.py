@@ -73,9 +73,16 @@ def world(tmp_path: Path) -> dict[str, Path]:
     truncated.mkdir()
     line = {"epoch": 1, "train_loss": 1.0, "test_loss": 1.0, "test_acc": 0.5}
     (truncated / "metrics.jsonl").write_text(json.dumps(line) + "\n" + json.dumps(line)[:20])
+    pictures = tmp_path / "pictures"  # an image folder with one file that is no image
+    for part in ("train", "val"):
+        for name in ("a", "b"):
+            (pictures / part / name).mkdir(parents=True)
+            (pictures / part / name / "ok.png").write_bytes(_PNG)
+    (pictures / "train" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but no image")
     return {
         "tmp": tmp_path,
         "data": dataset,
+        "pictures": pictures,
         "partial": partial,
         "empty": tmp_path / "empty",
         "missing": tmp_path / "does-not-exist",
@@ -88,7 +95,15 @@ def world(tmp_path: Path) -> dict[str, Path]:
     }
 
 
+# A 1x1 grey PNG (written by Pillow), so the table needs no image library to build its world.
+_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000010000000108000000003a7e9b55"
+    "0000000a49444154789c636800000082008177cd72b60000000049454e44ae426082"
+)
+
+
 # (argv with {placeholders} from `world`, exit status, a fragment of the message)
+NEW_RUN = ["train", "--backend", "torch", "--out", "{tmp}/new"]
 BAD_ARGUMENTS = [
     (["list", "--bogus"], 2, "unrecognized arguments"),
     (["compare", "--seed", "-1"], 2, "expected a seed from 0 to 4294967295, got -1"),
@@ -147,7 +162,24 @@ BAD_ARGUMENTS = [
     (["train", "--backend", "torch", "--out", "{tmp}/new", "--data-dir", "{partial}"], 2, "t10k-images-idx3"),
     (["train", "--backend", "torch", "--out", "{tmp}/new", "--data-dir", "{file}"], 2, "is not a directory"),
     (["train", "--backend", "torch", "--out", "{tmp}/new", "--resize", "4"], 2, "too small"),
-    (["train", "--backend", "torch", "--out", "{tmp}/new", "--in-channels", "3"], 2, "in_channels=1"),
+    (["train", "--backend", "torch", "--out", "{tmp}/new", "--num-classes", "5"], 2, "pass --num-classes 10"),
+    ([*NEW_RUN, "--init", "{missing}.safetensors"], 2, "file not found"),
+    (
+        [*NEW_RUN, "--init", "{weights}", "--arch", "2,2,2", "--data-dir", "{data}"],
+        2,
+        "arch: file has 2,2, network has",
+    ),
+    ([*NEW_RUN, "--init", "{weights}", "--in-channels", "3", "--data-dir", "{data}"], 2, "in_channels: file has 1"),
+    ([*NEW_RUN, "--init", "{weights}", "--init-format", "caffe"], 2, "argument --init-format"),
+    ([*NEW_RUN, "--init", "{weights}", "--init-format", "keras"], 2, "do not look like keras DenseNet weights"),
+    ([*NEW_RUN, "--dataset", "cifar10"], 2, "needs --data-dir"),
+    ([*NEW_RUN, "--dataset", "cifar10", "--data-dir", "{empty}"], 2, "lacks 6 of the 6 CIFAR-10 binary files"),
+    ([*NEW_RUN, "--dataset", "imagenet"], 2, "argument --dataset: invalid choice"),
+    ([*NEW_RUN, "--dataset", "folder", "--data-dir", "{missing}"], 2, "does not exist"),
+    ([*NEW_RUN, "--dataset", "folder", "--data-dir", "{empty}"], 2, "holds no class folders"),
+    ([*NEW_RUN, "--dataset", "folder", "--data-dir", "{pictures}"], 2, "broken.png (not an image Pillow recognises)"),
+    ([*NEW_RUN, "--val-fraction", "1.5"], 2, "argument --val-fraction"),
+    ([*NEW_RUN, "--val-fraction", "0.2"], 2, "--val-fraction splits an image folder"),
     (["train", "--backend", "torch", "--out", "{tmp}/new", "--batch-size", "100000000"], 2, "this machine has"),
     (["evaluate", "--backend", "torch"], 2, "--weights"),
     (["evaluate", "--weights", "{missing}.safetensors", "--backend", "torch"], 2, "file not found"),
@@ -397,8 +429,9 @@ def test_weights_of_another_network_are_summarised() -> None:
 
 
 def test_base_install_is_enough_for_the_cli() -> None:
-    """The framework-neutral core imports only the base dependencies (numpy, safetensors), and
-    matplotlib only where curves are drawn, which degrades with a message without it."""
+    """The framework-neutral core imports only the base dependencies (numpy, safetensors),
+    matplotlib only where curves are drawn, which degrades with a message without it, and Pillow
+    only where an image folder is read (inside the function: the CLI starts without it)."""
     import ast
 
     import tomllib
@@ -426,6 +459,15 @@ def test_base_install_is_enough_for_the_cli() -> None:
     # exercises train with the backends; each of those is imported inside the function that needs it.
     teaching = {k for k, files in third_party.items() if all(f.startswith("common/teach/") for f in files)}
     assert teaching <= {"pygments", "torch", "tensorflow", "densenet_torch", "densenet_tf", "matplotlib"}, teaching
-    assert set(third_party) - teaching <= base | {"matplotlib"}, third_party
+    assert set(third_party) - teaching <= base | {"matplotlib", "PIL"}, third_party
     outside = {f for f in third_party.get("matplotlib", set()) if not f.startswith("common/teach/")}
     assert outside <= {"common/plot.py"}
+    assert third_party.get("PIL", set()) <= {"common/data/folder.py"}
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, common.cli; common.cli.build_parser(); print('PIL' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert loaded.stdout.strip() == "False", loaded.stderr

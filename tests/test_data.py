@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from common import data
+from common.data import fashion_mnist
 
 
 def write_idx(path: Path, array: np.ndarray, magic: bytes | None = None, extra: bytes = b"", cut: int = 0) -> None:
@@ -87,7 +88,7 @@ def test_search_order(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert data.find(dataset, download=False) == dataset  # --data-dir first
     assert data.find(None, download=False) == other  # then the environment variable
     monkeypatch.delenv(data.ENV_VAR)
-    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "none")
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "none")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     with pytest.raises(data.DataError, match="Fashion-MNIST not found"):
         data.find(None, download=False)
@@ -96,10 +97,10 @@ def test_search_order(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_download_verifies_checksums(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file:// mirror stands in for the official server (no network in tests)."""
     md5 = {name: hashlib.md5((dataset / name).read_bytes()).hexdigest() for name in data.FILES.values()}
-    monkeypatch.setattr(data, "MD5", md5)
+    monkeypatch.setattr(fashion_mnist, "MD5", md5)
     target = data.fetch(tmp_path / "cache", url=dataset.as_uri() + "/")
     assert all((target / name).read_bytes() == (dataset / name).read_bytes() for name in data.FILES.values())
-    monkeypatch.setattr(data, "MD5", {**md5, "t10k-images-idx3-ubyte.gz": "0" * 32})
+    monkeypatch.setattr(fashion_mnist, "MD5", {**md5, "t10k-images-idx3-ubyte.gz": "0" * 32})
     with pytest.raises(data.DataError, match="fails its checksum"):
         data.fetch(tmp_path / "cache2", url=dataset.as_uri() + "/")
     assert not (tmp_path / "cache2" / "t10k-images-idx3-ubyte.gz").exists()

@@ -58,6 +58,14 @@ def test_resume_reaches_the_uninterrupted_result(dataset: Path, tmp_path: Path) 
     resumed = train(settings("torch"), tmp_path / "split", data_dir=dataset, resume=True, progress=False)
     assert [m["epoch"] for m in resumed] == [1, 2]
     assert resumed[-1]["train_loss"] == pytest.approx(whole[-1]["train_loss"], abs=1e-6)
+    # steps.jsonl: every step of both epochs, the first epoch's kept from the interrupted call.
+    steps = [
+        [json.loads(line) for line in (tmp_path / d / "steps.jsonl").read_text().splitlines()]
+        for d in ("whole", "split")
+    ]
+    assert [(s["epoch"], s["step"]) for s in steps[1]] == [(s["epoch"], s["step"]) for s in steps[0]]
+    assert len(steps[0]) == 2 * 256 // 32
+    np.testing.assert_allclose([s["loss"] for s in steps[1]], [s["loss"] for s in steps[0]], rtol=0, atol=1e-6)
     a = load_weights(tmp_path / "whole" / "weights.safetensors")[1]
     b = load_weights(tmp_path / "split" / "weights.safetensors")[1]
     for k in a:

@@ -13,15 +13,19 @@ from common.cli.options import (
     add_config_options,
     config_from_args,
     config_options_given,
+    fraction,
     positive_float,
     positive_int,
     seed,
 )
+from common.data.folder import DEFAULT_VAL_FRACTION as DEFAULT_VAL
 from common.errors import DenseNetError, Failed
 from common.limits import check_memory
 from common.plot import plot_runs
 from common.progress import Progress
 from common.registry import BACKENDS, canonical_name, load_backend
+from common.starting_weights import FORMATS as INIT_FORMATS
+from common.starting_weights import read_init
 from common.train import TrainSettings, evaluate, speed, train
 from common.weights import load_canonical
 
@@ -39,6 +43,14 @@ __all__ = [
 EVAL_BATCH = 256
 
 
+def _train_config(args: argparse.Namespace):
+    """The network to train: the options on top of ``--config`` (d2l by default), or, with
+    ``--init``, on top of the configuration the file holds (``--num-classes`` replaces its head)."""
+    if args.init is None or args.config:
+        return config_from_args(args)
+    return config_from_args(args, default=read_init(args.init, args.init_format).config)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     settings = TrainSettings(
         backend=canonical_name(args.backend),
@@ -49,8 +61,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         limit=args.limit,
         test_limit=args.test_limit,
         seed=args.seed,
-        config=config_from_args(args),
+        config=_train_config(args),
         lr_schedule=args.lr_schedule,
+        dataset=args.dataset,
+        val_fraction=args.val_fraction,
+        augment=args.augment,
+        init=args.init,
+        init_format=args.init_format,
     )
     check_memory(settings.config, settings.resize, max(settings.batch_size, EVAL_BATCH))
     out = args.out or f"runs/{settings.backend}"
@@ -58,9 +75,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings, out, data_dir=args.data_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet
     )
     last = metrics[-1]
+    on = "val" if settings.dataset == "folder" else "test"
     print(
-        f"{settings.backend}: {len(metrics)} epoch(s), test accuracy {last['test_acc']:.4f}, "
-        f"test loss {last['test_loss']:.4f}, {speed(last['images_per_s'])}; run in {out}"
+        f"{settings.backend}: {len(metrics)} epoch(s), {on} accuracy {last['test_acc']:.4f}, "
+        f"{on} loss {last['test_loss']:.4f}, {speed(last['images_per_s'])}; run in {out}"
     )
     return 0
 
@@ -142,9 +160,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train on Fashion-MNIST (the book's recipe by default)",
-        description="Train on Fashion-MNIST. A quick try: --limit 512 --test-limit 512 --resize 32 --epochs 1. "
-        "A live progress line on a terminal, one line per epoch in a log.",
+        help="train on Fashion-MNIST, CIFAR-10 or your own image folder (the book's recipe by default)",
+        description="Train on Fashion-MNIST (or --dataset cifar10/folder). A quick try: --limit 512 --test-limit 512 "
+        "--resize 32 --epochs 1. A live progress line on a terminal, one line per epoch in a log.",
     )
     p.add_argument("--backend", required=True, help=", ".join(BACKENDS))
     add_config_options(p)
@@ -172,7 +190,35 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     files.add_argument("--out", help="run directory (default runs/BACKEND); refused if it holds a run, see below")
     files.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     files.add_argument("--overwrite", action="store_true", help="replace the run --out holds")
-    files.add_argument("--data-dir", help="directory with the four Fashion-MNIST .gz files (used as it is, or refused)")
+    files.add_argument(
+        "--data-dir",
+        help="the data set's directory, used as it is or refused: the four Fashion-MNIST .gz files (default: "
+        "found or downloaded), CIFAR-10's .bin files, or an image folder",
+    )
+    start = p.add_argument_group("data and starting weights (docs/training.md)")
+    start.add_argument(
+        "--dataset",
+        choices=data.DATASETS,
+        default="fashion-mnist",
+        help="cifar10: the binary version in --data-dir; folder: one folder of PNG/JPEG images per class "
+        "(or train/ and val/ folders of them) in --data-dir",
+    )
+    start.add_argument(
+        "--val-fraction",
+        type=fraction,
+        help=f"--dataset folder without val/: share of each class held out for validation (default {DEFAULT_VAL})",
+    )
+    start.add_argument(
+        "--augment", action="store_true", help="random crop (zero padding of resize/8) and horizontal flip, seeded"
+    )
+    start.add_argument(
+        "--init",
+        metavar="FILE",
+        help="start from this weight file; a --num-classes other than the file's replaces its head",
+    )
+    start.add_argument(
+        "--init-format", choices=INIT_FORMATS, default="canonical", help="layout of --init (peers via the converters)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress and no per-epoch lines")
     p.set_defaults(func=cmd_train)
 

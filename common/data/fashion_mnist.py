@@ -1,9 +1,5 @@
-"""Fashion-MNIST: finding, validating and reading the IDX files, and one input pipeline for all
-four backends (scale to [0, 1], bilinear resize, seeded per-epoch shuffle, batches).
-
-The same seed gives the same batches, in the same order, whichever backend consumes them.
-Nothing here imports a framework.
-"""
+"""Fashion-MNIST: finding, validating, reading (and, when no copy is found, downloading with a
+checksum) the four gzipped IDX files."""
 
 from __future__ import annotations
 
@@ -14,13 +10,11 @@ import shutil
 import struct
 import tempfile
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from common.errors import DenseNetError
+from common.data.pipeline import DataError, Split, file_record
 
 FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -39,10 +33,6 @@ COUNTS = {"train": 60_000, "test": 10_000}
 URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "DENSENET_DATA_DIR"
-
-
-class DataError(DenseNetError, ValueError):
-    """A missing, truncated or malformed data file."""
 
 
 class DownloadError(DataError):
@@ -120,16 +110,7 @@ def find(data_dir: str | os.PathLike | None = None, download: bool = True) -> Pa
 
 def files_used(directory: str | os.PathLike) -> dict[str, dict[str, object]]:
     """What a run read, for its ``run.json``: each file's path, size and SHA-256."""
-    directory = Path(directory)
-    out: dict[str, dict[str, object]] = {}
-    for key, name in FILES.items():
-        path = (directory / name).resolve()
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        out[key] = {"path": str(path), "bytes": path.stat().st_size, "sha256": h.hexdigest()}
-    return out
+    return {key: file_record(Path(directory) / name) for key, name in FILES.items()}
 
 
 def fetch(directory: Path, url: str = URL, timeout: float = 30.0) -> Path:
@@ -193,12 +174,6 @@ def read_idx(path: str | os.PathLike, expected_ndim: int, expected_count: int | 
     return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
 
 
-@dataclass(frozen=True)
-class Split:
-    images: np.ndarray  # (N, 28, 28) uint8
-    labels: np.ndarray  # (N,) int64
-
-
 def load(split: str, data_dir: str | os.PathLike | None = None, download: bool = True, strict_counts: bool = False):
     """The ``train`` or ``test`` split as uint8 images and int64 labels.
 
@@ -216,51 +191,3 @@ def load(split: str, data_dir: str | os.PathLike | None = None, download: bool =
     if labels.size and labels.max() > 9:
         raise DataError(f"{directory}: {split} labels must be 0-9, found {labels.max()}")
     return Split(images, labels.astype(np.int64))
-
-
-def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) weights of half-pixel-centred bilinear resizing along one axis (as
-    torchvision's Resize and tf.image.resize do, without antialiasing)."""
-    scale = n_in / n_out
-    x = (np.arange(n_out) + 0.5) * scale - 0.5
-    x = np.clip(x, 0, n_in - 1)
-    lo = np.floor(x).astype(int)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = x - lo
-    m = np.zeros((n_out, n_in))
-    m[np.arange(n_out), lo] += 1 - frac
-    m[np.arange(n_out), hi] += frac
-    return m
-
-
-def preprocess(images: np.ndarray, size: int | None) -> np.ndarray:
-    """uint8 (N, 28, 28) -> float32 (N, 1, size, size) in [0, 1], bilinearly resized."""
-    X = images.astype(np.float32) / 255.0
-    if size is not None and size != images.shape[-1]:
-        rows = _bilinear_matrix(images.shape[1], size).astype(np.float32)
-        cols = _bilinear_matrix(images.shape[2], size).astype(np.float32)
-        X = rows @ X @ cols.T  # two small matmuls per image, batched
-    return X[:, None]
-
-
-def batches(
-    split: Split, batch_size: int, size: int | None, *, seed: int = 0, epoch: int = 0, shuffle: bool = True
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """NCHW float32 batches and labels; the order depends only on ``(seed, epoch)``."""
-    if batch_size < 1:
-        raise DataError(f"batch size must be positive, got {batch_size}")
-    order = np.arange(len(split.labels))
-    if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(order)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        yield preprocess(split.images[idx], size), split.labels[idx]
-
-
-def subset(split: Split, limit: int | None) -> Split:
-    """The first ``limit`` examples (all when None)."""
-    if limit is None:
-        return split
-    if limit < 1:
-        raise DataError(f"--limit must be positive, got {limit}")
-    return Split(split.images[:limit], split.labels[:limit])
