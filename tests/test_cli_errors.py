@@ -187,7 +187,7 @@ BAD_ARGUMENTS = [
     (["evaluate", "--weights", "{negative}", "--backend", "torch"], 2, "dense1.conv2.bn.running_var"),
     (["evaluate", "--weights", "{weights}", "--backend", "caffe"], 2, "unknown backend"),
     (["evaluate", "--weights", "{weights}", "--backend", "torch", "--growth-rate", "8"], 2, "growth_rate"),
-    (["evaluate", "--weights", "{classes3}", "--backend", "torch"], 2, "needs in_channels=1 and num_classes=10"),
+    (["evaluate", "--weights", "{classes3}", "--backend", "torch"], 2, "needs num_classes=10 and in_channels=1"),
     (["evaluate", "--weights", "{weights}", "--backend", "torch", "--resize", "0"], 2, "argument --resize"),
     (["evaluate", "--weights", "{weights}", "--backend", "torch", "--data-dir", "{partial}"], 2, "lacks 1 of"),
     (["data-speed", "--data-dir", "{missing}"], 2, "does not exist"),

@@ -161,3 +161,23 @@ def test_four_backends_train_in_lockstep_from_one_file_with_augmentation(
         for b in names[i + 1 :]:
             error = np.max(np.abs(losses[a] - losses[b])) / scale
             assert error <= bound("lockstep", "float32", pairwise=True), (a, b, error)
+
+
+@pytest.mark.torch
+def test_evaluate_feeds_a_colour_network_grey_images_repeated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
+) -> None:
+    """A network fine-tuned on Fashion-MNIST from a 3-channel file evaluates on it too."""
+    from tests.helpers import get_adapter
+    from tests.test_data import make_dataset
+
+    get_adapter("torch", request.config)
+    dataset = make_dataset(tmp_path / "fmnist", n_train=16, n_test=16)
+    colour = PARITY_CASE.replace(in_channels=3)
+    path = tmp_path / "colour.safetensors"
+    save_weights(path, init_canonical(colour, 0), colour)
+    code, out, err = cli(
+        capsys, "evaluate", "--weights", path, "--backend", "torch", "--data-dir", dataset, "--resize", 32, "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["images"] == 16 and json.loads(out)["config"]["in_channels"] == 3

@@ -98,10 +98,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     expected = config_from_args(args) if config_options_given(args) else None
     found = load_canonical(args.weights, expected)
     config = found.config
-    if config.in_channels != 1 or config.num_classes != 10:
+    if config.in_channels not in (1, 3) or config.num_classes != 10:
         raise DenseNetError(
             f"{args.weights} holds DenseNet {config.describe()}; evaluating on Fashion-MNIST needs "
-            "in_channels=1 and num_classes=10"
+            "num_classes=10 and in_channels=1 (or 3: the grey images repeated)"
         )
     recorded = _recorded_resize(found.metadata)
     if args.resize is not None:
@@ -118,7 +118,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     bar = Progress(f"{adapter.name} evaluate", 0, 0, quiet=args.json)
     start = time.perf_counter()
     try:
-        loss, acc = evaluate(adapter, model, split, args.batch_size, resize, bar.evaluating)
+        loss, acc = evaluate(adapter, model, split, args.batch_size, resize, bar.evaluating, config.in_channels)
     finally:
         bar.close()
     if not math.isfinite(loss):
