@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.distributed.sharding import shard_batches
 from common.errors import DenseNetError
 
 FILES = {
@@ -244,16 +245,29 @@ def preprocess(images: np.ndarray, size: int | None) -> np.ndarray:
 
 
 def batches(
-    split: Split, batch_size: int, size: int | None, *, seed: int = 0, epoch: int = 0, shuffle: bool = True
+    split: Split,
+    batch_size: int,
+    size: int | None,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """NCHW float32 batches and labels; the order depends only on ``(seed, epoch)``."""
+    """NCHW float32 batches and labels; the order depends only on ``(seed, epoch)``.
+
+    ``shard=(rank, world)``: only worker ``rank``'s share of every batch of ``batch_size``
+    (``common.distributed.sharding.shard_batches``)."""
     if batch_size < 1:
         raise DataError(f"batch size must be positive, got {batch_size}")
     order = np.arange(len(split.labels))
     if shuffle:
         order = np.random.default_rng([seed, epoch]).permutation(order)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    if shard is not None:
+        chunks = shard_batches(order, batch_size, *shard)
+    else:
+        chunks = (order[start : start + batch_size] for start in range(0, len(order), batch_size))
+    for idx in chunks:
         yield preprocess(split.images[idx], size), split.labels[idx]
 
 

@@ -115,10 +115,13 @@ class JaxGroup(Group):
 
     def _replicated(self, model: Model, tree):
         sharding = NamedSharding(self.mesh, P())
+
+        def replicate(leaf) -> jax.Array:
+            host = np.asarray(leaf)
+            return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
         with _x64(model):
-            return jax.tree_util.tree_map(
-                lambda a: jax.make_array_from_callback(np.shape(a), sharding, lambda i, a=np.asarray(a): a[i]), tree
-            )
+            return jax.tree_util.tree_map(replicate, tree)
 
     def _sharded(self, model: Model, local: np.ndarray) -> jax.Array:
         with _x64(model):

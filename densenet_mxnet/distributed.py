@@ -3,8 +3,8 @@
 ps-lite's scheduler, one server and the workers are started by MXNet's ``tools/launch.py`` or by
 ``common.distributed.launch`` (the ``DMLC_*`` variables); ``python -m densenet_mxnet.distributed``
 with ``DMLC_ROLE=scheduler`` or ``server`` is such a process (importing MXNet runs the role).
-Each worker's Gluon ``Trainer`` (``update_on_kvstore=False``) pushes its gradients, pulls their
-sum and steps identical weights; BatchNorm normalises with the worker's own batch statistics,
+Each worker pushes its gradients to the kvstore, pulls their sum and steps identical weights with
+a local Gluon ``Trainer``; BatchNorm normalises with the worker's own batch statistics,
 and the running statistics are averaged through the same kvstore after each step.
 
 ``--sync-bn`` is refused: ``gluon.contrib.nn.SyncBatchNorm`` synchronises the GPUs of one
@@ -31,13 +31,18 @@ gluon = mx.gluon
 _FIRST_KEY = 1_000_000
 
 
-def optimizer(model: Model, kvstore) -> gluon.Trainer:
-    """The optimiser every distributed step uses (the one place it is made): plain SGD in a
-    Trainer that all-reduces the gradients through ``kvstore`` and updates locally."""
+def optimizer(model: Model) -> gluon.Trainer:
+    """The optimiser every distributed step uses (the one place it is made): plain SGD in a local
+    Trainer, fed the gradients the kvstore summed.
+
+    Not the Trainer's own kvstore path (``kvstore=kv, update_on_kvstore=False``): its first step
+    pulls the initial weights from the kvstore while the same step pushes the gradients, with
+    nothing ordering the two, and in one of a few test runs here a worker got the summed gradients
+    back as its weights."""
     trainer = model.runtime.trainer
     if trainer is None:
         trainer = model.runtime.trainer = gluon.Trainer(
-            model.net.collect_params(), "sgd", {"learning_rate": 0.01}, kvstore=kvstore, update_on_kvstore=False
+            model.net.collect_params(), "sgd", {"learning_rate": 0.01}, kvstore=None
         )
     return trainer
 
@@ -86,16 +91,15 @@ class MXNetGroup(Group):
 
     def train_step(self, adapter, model, X, y, lr):
         model.net.hybridize(True)
-        trainer = optimizer(model, self.kv)
+        trainer = optimizer(model)
         loss, logits = adapter._loss_backward(model, adapter.prepare(model, X), y)
-        # This worker's running statistics, taken before the Trainer's first step, which pulls every
-        # parameter's value from the kvstore (worker 0's) when it initialises its keys.
-        stats = {name: p for name, p in adapter._tensors(model).items() if p.grad_req == "null"}
-        local = {name: p.data().copy() for name, p in stats.items()}
+        for name, p in adapter._tensors(model).items():
+            if p.grad_req == "null":  # running statistics: the mean of the workers' updates
+                p.set_data(self._allreduce(name, p.data()) / self.world)
+            else:  # gradients: the sum of the workers' mean-loss gradients
+                p.grad()[:] = self._allreduce(f"{name}.grad", p.grad())
         trainer.set_learning_rate(lr)
-        trainer.step(self.world)  # push, pull the sum of the workers' mean-loss gradients, / world
-        for name, p in stats.items():
-            p.set_data(self._allreduce(name, local[name]) / self.world)
+        trainer.step(self.world)  # rescaled by 1/world: the mean of the workers' gradients
         total = self._allreduce("loss", mx.nd.array([loss], dtype="float64"))
         return float(total.asscalar()) / self.world, logits.asnumpy()
 
@@ -111,6 +115,9 @@ class MXNetGroup(Group):
     def sum(self, values: np.ndarray) -> np.ndarray:
         values = np.asarray(values, np.float64)
         return self._allreduce(("sum", values.shape), mx.nd.array(values, dtype="float64")).asnumpy()
+
+    def close(self) -> None:
+        pass  # the kvstore ends with the process (ps-lite's finalisation tells the scheduler)
 
 
 def connect(timeout_s: float = 120.0) -> MXNetGroup:

@@ -124,6 +124,9 @@ class TFGroup(Group):
         per = self.strategy.run(lambda v: tf.distribute.get_replica_context().all_reduce("sum", v), args=(value,))
         return self.strategy.experimental_local_results(per)[0].numpy()
 
+    def close(self) -> None:
+        pass  # MultiWorkerMirroredStrategy has no shutdown; the collectives end with the process
+
 
 def connect(timeout_s: float = 120.0) -> TFGroup:
     """Join the cluster ``TF_CONFIG`` describes; must run before any other TensorFlow work."""

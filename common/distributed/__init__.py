@@ -16,8 +16,9 @@ from common.distributed.group import (
     check_sync_bn,
     connect,
     in_worker,
+    job_timeout_s,
 )
-from common.distributed.launch import ENGINES, free_ports, launch, worker_env
+from common.distributed.launch import ENGINES, free_ports, launch, without_option, worker_env
 from common.distributed.sharding import check_divisible, shard_batches, shard_range
 
 __all__ = [
@@ -30,8 +31,10 @@ __all__ = [
     "connect",
     "free_ports",
     "in_worker",
+    "job_timeout_s",
     "launch",
     "shard_batches",
     "shard_range",
+    "without_option",
     "worker_env",
 ]

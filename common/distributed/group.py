@@ -49,6 +49,21 @@ def timeout_s() -> float:
     return seconds
 
 
+# A bound on a whole local job (seconds), for tests and batch systems; unset: none.
+JOB_TIMEOUT_ENV = "DENSENET_DIST_JOB_TIMEOUT"
+
+
+def job_timeout_s() -> float | None:
+    """``$DENSENET_DIST_JOB_TIMEOUT`` in seconds, or None (a training run may take days)."""
+    value = os.environ.get(JOB_TIMEOUT_ENV)
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise DistributedError(f"${JOB_TIMEOUT_ENV} must be a number of seconds, got {value!r}") from None
+
+
 def in_worker() -> bool:
     """Whether this process was started by :func:`common.distributed.launch`."""
     return os.environ.get(WORKER_ENV) == "1"
@@ -107,6 +122,7 @@ class Group(ABC):
         """Element-wise sum of a small float64 vector over the workers, with the engine's own
         collective (evaluation counts, accuracy)."""
 
+    @abstractmethod
     def close(self) -> None:
         """Leave the group (best effort; the process is about to end)."""
 

@@ -60,7 +60,13 @@ MXNET_SYNC_BN = (
 
 
 ENGINES: dict[str, Engine] = {
-    "torch": Engine("torch.distributed + DistributedDataParallel (gloo)", 0, False, "torchrun --nnodes/--rdzv-endpoint", TORCH_SYNC_BN),
+    "torch": Engine(
+        "torch.distributed + DistributedDataParallel (gloo)",
+        0,
+        False,
+        "torchrun --nnodes/--rdzv-endpoint",
+        TORCH_SYNC_BN,
+    ),
     "jax": Engine("jax.distributed + jit over a device Mesh", 1, False, "coordinator address, process id and count"),
     "tf": Engine("tf.distribute.MultiWorkerMirroredStrategy", -1, True, "TF_CONFIG per worker"),
     "mxnet": Engine("MXNet kvstore dist_sync (ps-lite)", 1, False, "tools/launch.py with a host file", MXNET_SYNC_BN),
@@ -82,9 +88,15 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+def _pythonpath() -> str:
+    """The workers import this copy of the suite, wherever they start (it comes first)."""
+    root = str(Path(__file__).resolve().parents[2])
+    return os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 def worker_env(backend: str, rank: int, world: int, ports: list[int], workdir: Path) -> dict[str, str]:
     """The environment of local worker ``rank`` of ``world``: what the engine's launcher sets."""
-    env = {WORKER_ENV: "1"}
+    env = {WORKER_ENV: "1", "PYTHONPATH": _pythonpath()}
     if backend == "torch":
         # A FileStore instead of torchrun's TCPStore (whose server binds every interface).
         env |= {
@@ -119,6 +131,19 @@ def _mxnet_env(role: str, world: int, ports: list[int]) -> dict[str, str]:
         "DMLC_NUM_WORKER": str(world),
         "DMLC_NODE_HOST": LOOPBACK,  # every ps-lite socket binds this address
     }
+
+
+def without_option(argv: Sequence[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and its value (``--workers 2`` or ``--workers=2``)."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == option:
+            skip = True
+        elif not token.startswith(option + "="):
+            out.append(token)
+    return out
 
 
 def namespace_available() -> bool:
@@ -190,7 +215,8 @@ def launch(
             if timeout_s is not None:
                 inner += ["--timeout", str(timeout_s)]
             wrapped = ["unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *inner, "--", *command]
-            return _supervise([wrapped], [dict(os.environ)], [], [], timeout_s, say, names=["namespace"])
+            env = os.environ | {"PYTHONPATH": _pythonpath()}
+            return _supervise([wrapped], [env], [], [], timeout_s, say, names=["namespace"])
     ports = free_ports(workers if backend == "tf" else ENGINES[backend].ports)
     with tempfile.TemporaryDirectory(prefix="densenet-dist-") as workdir:
         envs = [os.environ | worker_env(backend, r, workers, ports, Path(workdir)) for r in range(workers)]
@@ -198,7 +224,9 @@ def launch(
         if backend == "mxnet":  # ps-lite's scheduler and one server: `import mxnet` with a role
             for role in ("scheduler", "server"):
                 roles.append([sys.executable, "-m", "densenet_mxnet.distributed"])
-                role_envs.append(os.environ | {WORKER_ENV: "1"} | _mxnet_env(role, workers, ports))
+                role_envs.append(
+                    os.environ | {WORKER_ENV: "1", "PYTHONPATH": _pythonpath()} | _mxnet_env(role, workers, ports)
+                )
         commands = [list(command)] * workers
         return _supervise(commands, envs, roles, role_envs, timeout_s, say)
 
@@ -225,8 +253,10 @@ def _supervise(commands, envs, roles, role_envs, timeout_s, say, names=None) -> 
                 return 0
             dead_helper = next((h for h in helpers if h.poll() not in (None, 0)), None)
             if dead_helper is not None:
-                say(f"the MXNet {'scheduler' if dead_helper is helpers[0] else 'server'} exited with status "
-                    f"{dead_helper.returncode}; stopping the workers")
+                say(
+                    f"the MXNet {'scheduler' if dead_helper is helpers[0] else 'server'} exited with status "
+                    f"{dead_helper.returncode}; stopping the workers"
+                )
                 return 1
             if deadline is not None and time.monotonic() > deadline:
                 say(f"the workers did not finish within {timeout_s:g} s; stopping them")
@@ -257,4 +287,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     return launch(args.backend, command, args.workers, timeout_s=args.timeout, namespace=False)
-
