@@ -83,10 +83,12 @@ def test_the_workers_shards_make_up_the_single_process_batches():
 
 
 def test_one_failing_worker_stops_the_others_and_nothing_is_left(tmp_path: Path):
-    # Worker 0 fails at once; worker 1 would sleep a minute and write its pid first.
+    # Worker 1 writes its pid and would sleep a minute; worker 0 fails once that pid is there.
     code = (
         "import os, sys, time; from pathlib import Path; r = int(os.environ['RANK']); "
-        f"Path(r'{tmp_path}', f'pid{{r}}').write_text(str(os.getpid())); "
+        f"d = Path(r'{tmp_path}'); (d / 'pid.tmp').write_text(str(os.getpid())) if r else None; "
+        "os.replace(d / 'pid.tmp', d / 'pid1') if r else None; "
+        "[time.sleep(0.05) for _ in range(400) if not (d / 'pid1').exists()] if r == 0 else None; "
         "sys.exit(3) if r == 0 else time.sleep(60)"
     )
     started = time.monotonic()
