@@ -26,6 +26,8 @@ import numpy as np
 from common import data
 from common.adapter import Adapter, Model
 from common.config import DenseNetConfig, plan
+from common.distributed.group import Group
+from common.distributed.sharding import check_divisible, shard_range
 from common.errors import DenseNetError, Failed, Interrupted, WeightFileError
 from common.plot import PlotUnavailable, plot_runs
 from common.progress import Progress
@@ -74,6 +76,10 @@ class TrainSettings:
     augment: bool = False
     init: str | None = None
     init_format: str = "canonical"
+    # Data-parallel workers (common.distributed): batch_size stays the global batch.
+    workers: int = 1
+    # BatchNorm statistics over the global batch (the engines that have it) instead of per worker.
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         if self.dataset not in data.DATASETS:
@@ -97,8 +103,11 @@ class TrainSettings:
         d["config"] = self.config.to_dict()
         return d
 
-    # Settings a resumed run must share with the run it continues (epochs may grow).
-    RESUMABLE_DIFFERENCES = ("epochs",)
+    # Settings a resumed run must share with the run it continues (epochs may grow; the workers
+    # may change, since the global batches are the same for any number of them).
+    RESUMABLE_DIFFERENCES = ("epochs", "workers")
+    # What runs recorded before a setting existed had, in effect.
+    DEFAULTS_OF_OLDER_RUNS = {"workers": 1, "sync_bn": False}
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -225,22 +234,34 @@ def evaluate(
     resize: int,
     progress: Callable[[int, int], None] | None = None,
     channels: int | None = None,
+    group: Group | None = None,
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy in inference mode over a whole split (images converted to
-    ``channels``); ``progress(done, total)`` is called before the first batch and after every batch."""
+    ``channels``); ``progress(done, total)`` is called before the first batch and after every batch.
+    With a ``group``, each worker evaluates its share of the split and the sums are added up over
+    the workers."""
+    count = len(split.labels)
+    if group is not None:
+        start, stop = shard_range(count, group.rank, group.world)
+        split = data.Split(split.images[start:stop], split.labels[start:stop])
     total_loss, correct = 0.0, 0
     total = math.ceil(len(split.labels) / batch_size)
     if progress is not None:
         progress(0, total)
     for done, (X, y) in enumerate(data.batches(split, batch_size, resize, shuffle=False, channels=channels), start=1):
-        logits = adapter.forward(model, X, compiled=adapter.prefers_compiled).astype(np.float64)
+        if group is not None:
+            logits = group.forward(adapter, model, X).astype(np.float64)
+        else:
+            logits = adapter.forward(model, X, compiled=adapter.prefers_compiled).astype(np.float64)
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         total_loss += float(-log_p[np.arange(len(y)), y].sum())
         correct += int((logits.argmax(axis=1) == y).sum())
         if progress is not None:
             progress(done, total)
-    return total_loss / len(split.labels), correct / len(split.labels)
+    if group is not None:
+        total_loss, correct = group.sum(np.array([total_loss, correct], np.float64))
+    return total_loss / count, correct / count
 
 
 class _Run:
@@ -289,6 +310,7 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     live: bool | None = None,
+    group: Group | None = None,
 ) -> list[dict[str, Any]]:
     """Train (or continue) a run; returns the metrics of every epoch.
 
@@ -296,6 +318,9 @@ def train(
     ``progress`` prints a live line on a terminal (``live``: force either way) and one line per
     epoch elsewhere. A NaN or infinite loss stops the run (:class:`Diverged`); Ctrl-C stops it
     (:class:`TrainingInterrupted`); both say what was kept.
+
+    ``group``: this process is one worker of a data-parallel run (``common.distributed``); the
+    workers step together on their shards of every global batch, and worker 0 alone writes.
     """
     # Everything the user gave is checked before a framework loads (seconds) or a file changes.
     out = check_run_dir(out, resume=resume, overwrite=overwrite)
@@ -326,22 +351,31 @@ def train(
         if note:
             print(f"note: {note}", file=sys.stderr)
     adapter = load_backend(settings.backend)
-
-    model = adapter.build(config, seed=settings.seed)
+    writer = group is None or group.writer
+    if group is not None:
+        check_divisible(settings.batch_size, group.replicas)
+        model = group.build(adapter, config, seed=settings.seed, sync_bn=settings.sync_bn)
+    else:
+        model = adapter.build(config, seed=settings.seed)
     if start is not None:
-        adapter.set_weights(model, start.weights)
+        if group is not None:
+            group.set_weights(adapter, model, start.weights)
+        else:
+            adapter.set_weights(model, start.weights)
     metrics: list[dict[str, Any]] = []
     step_records: list[dict[str, Any]] = []
     start_epoch = 0
     checkpoint = out / "checkpoint.safetensors"
     run = _Run(out, overwrite)
+    run.created_dir = run.created_dir and writer  # only worker 0 makes, writes or removes the directory
     if resume:
         found = load_canonical(checkpoint, config)
         saved = json.loads(found.metadata.get("settings", "{}"))
         differs = [
             k
             for k, v in settings.to_dict().items()
-            if k not in TrainSettings.RESUMABLE_DIFFERENCES and saved.get(k) != v
+            if k not in TrainSettings.RESUMABLE_DIFFERENCES
+            and saved.get(k, TrainSettings.DEFAULTS_OF_OLDER_RUNS.get(k)) != v
         ]
         if differs:
             raise TrainingError(
@@ -362,10 +396,14 @@ def train(
                 "(restore the file, or start again with --overwrite)"
             ) from None
         step_records = read_steps_file(out / "steps.jsonl", start_epoch)
-        adapter.set_weights(model, found.weights)
+        if group is not None:
+            group.set_weights(adapter, model, found.weights)
+        else:
+            adapter.set_weights(model, found.weights)
         run.checkpoint_epoch = start_epoch
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if writer:
+            out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise TrainingError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
     run_info = {
@@ -381,8 +419,16 @@ def train(
         except (OSError, ValueError, AttributeError):
             pass
 
-    steps = math.ceil(len(train_split.labels) / settings.batch_size)
-    bar = Progress(adapter.name, settings.epochs, steps, start_epoch=start_epoch, quiet=not progress, live=live)
+    world = group.world if group is not None else 1
+    shard = (group.rank, group.world) if group is not None else None
+    # Steps in an epoch: global batches with at least one image per worker (data.batches' shard).
+    steps = sum(
+        1
+        for first in range(0, len(train_split.labels), settings.batch_size)
+        if min(settings.batch_size, len(train_split.labels) - first) >= (group.replicas if group else 1)
+    )
+    quiet = not (progress and writer)
+    bar = Progress(adapter.name, settings.epochs, steps, start_epoch=start_epoch, quiet=quiet, live=live)
     shapes: set[tuple[str, int]] = set()  # (phase, batch size) seen: a new one compiles
     epoch, step, lr = start_epoch, 0, settings.lr
     try:
@@ -398,6 +444,7 @@ def train(
                 epoch=epoch,
                 augment=settings.augment,
                 channels=config.in_channels,
+                shard=shard,
             )
             for step, (X, y) in enumerate(batches):
                 lr = settings.lr_at(epoch * steps + step, settings.epochs * steps)
@@ -405,7 +452,10 @@ def train(
                 shapes.add(("train", len(y)))
                 bar.before_step(compiling)
                 t0 = time.perf_counter()
-                loss, logits = adapter.train_step(model, X, y, lr, compiled=adapter.prefers_compiled)
+                if group is not None:  # the loss of the whole global batch, the same on every worker
+                    loss, logits = group.train_step(adapter, model, X, y, lr)
+                else:
+                    loss, logits = adapter.train_step(model, X, y, lr, compiled=adapter.prefers_compiled)
                 seconds = time.perf_counter() - t0
                 if not math.isfinite(loss):
                     raise Diverged(_diverged(loss, epoch, step, lr, run))
@@ -418,15 +468,26 @@ def train(
                 else:
                     steady_images, steady_s = steady_images + len(y), steady_s + seconds
                 bar.after_step(len(y), seconds, compiling, loss_sum / seen, correct / seen)
+            if group is not None:  # this worker's accuracy so far -> the whole run's
+                correct = int(group.sum(np.array([correct], np.float64))[0])
+                seen, steady_images = seen * world, steady_images * world
+                loss_sum *= world
             t0 = time.perf_counter()
             test_loss, test_acc = evaluate(
-                adapter, model, test_split, 256, settings.resize, bar.evaluating, channels=config.in_channels
+                adapter,
+                model,
+                test_split,
+                256,
+                settings.resize,
+                bar.evaluating,
+                channels=config.in_channels,
+                group=group,
             )
             bar.evaluated(time.perf_counter() - t0)
             if not math.isfinite(test_loss):
                 raise Diverged(_diverged(test_loss, epoch, step, lr, run, shown_by="test loss"))
             try:
-                weights = adapter.get_weights(model)
+                weights = group.get_weights(adapter, model) if group is not None else adapter.get_weights(model)
             except WeightFileError:  # non-finite weights: the last updates diverged
                 raise Diverged(_diverged("non-finite", epoch, step, lr, run, shown_by="weights")) from None
             metrics.append(
@@ -443,20 +504,21 @@ def train(
                     "seconds": time.perf_counter() - started,
                 }
             )
-            run.first_write(run_info)
-            _write_atomic(out / "metrics.jsonl", metrics_text(metrics))
-            _write_atomic(out / "steps.jsonl", metrics_text(step_records))
-            save_weights(
-                checkpoint,
-                weights,
-                config,
-                source=adapter.name,
-                extra_metadata={
-                    "epoch": str(epoch + 1),
-                    "settings": json.dumps(settings.to_dict()),
-                    "data": str(dataset.info["sha256"]),
-                },
-            )
+            if writer:
+                run.first_write(run_info)
+                _write_atomic(out / "metrics.jsonl", metrics_text(metrics))
+                _write_atomic(out / "steps.jsonl", metrics_text(step_records))
+                save_weights(
+                    checkpoint,
+                    weights,
+                    config,
+                    source=adapter.name,
+                    extra_metadata={
+                        "epoch": str(epoch + 1),
+                        "settings": json.dumps(settings.to_dict()),
+                        "data": str(dataset.info["sha256"]),
+                    },
+                )
             run.checkpoint_epoch = epoch + 1
             m = metrics[-1]
             compiling = f"compiling took {compile_s:.0f} s" if compile_s >= 1 else ""
@@ -479,9 +541,12 @@ def train(
         run.discard()
         raise
     bar.close()
+    final = group.get_weights(adapter, model) if group is not None else adapter.get_weights(model)
+    if not writer:
+        return metrics
     save_weights(
         out / "weights.safetensors",
-        adapter.get_weights(model),
+        final,
         config,
         source=adapter.name,
         extra_metadata={"epoch": str(len(metrics)), "settings": json.dumps(settings.to_dict())},

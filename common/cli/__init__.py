@@ -87,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; errors are printed as one line on stderr and become the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher re-runs in each worker
     name = f"densenet {args.command}"
     try:
         return args.func(args)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
-from common import data
+from common import data, distributed
 from common.cli.options import (
     add_config_options,
     config_from_args,
@@ -19,14 +20,14 @@ from common.cli.options import (
     seed,
 )
 from common.data.folder import DEFAULT_VAL_FRACTION as DEFAULT_VAL
-from common.errors import DenseNetError, Failed
+from common.errors import DenseNetError, Failed, Interrupted
 from common.limits import check_memory
 from common.plot import plot_runs
 from common.progress import Progress
 from common.registry import BACKENDS, canonical_name, load_backend
 from common.starting_weights import FORMATS as INIT_FORMATS
 from common.starting_weights import read_init
-from common.train import TrainSettings, evaluate, speed, train
+from common.train import TrainSettings, check_run_dir, evaluate, speed, train
 from common.weights import load_canonical
 
 __all__ = [
@@ -68,18 +69,62 @@ def cmd_train(args: argparse.Namespace) -> int:
         augment=args.augment,
         init=args.init,
         init_format=args.init_format,
+        workers=args.workers,
+        sync_bn=args.sync_bn,
     )
     check_memory(settings.config, settings.resize, max(settings.batch_size, EVAL_BATCH))
     out = args.out or f"runs/{settings.backend}"
-    metrics = train(
-        settings, out, data_dir=args.data_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet
-    )
+    group = None
+    if args.distributed:  # one worker of a group an engine's launcher (or ours) started
+        group = distributed.connect(settings.backend)
+        settings.workers = group.world
+    elif args.workers > 1:
+        return _launch_workers(args, settings, out)
+    try:
+        metrics = train(
+            settings,
+            out,
+            data_dir=args.data_dir,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+            group=group,
+        )
+    finally:
+        if group is not None:
+            group.close()
+    if group is not None and not group.writer:
+        return 0
     last = metrics[-1]
     on = "val" if settings.dataset == "folder" else "test"
     print(
         f"{settings.backend}: {len(metrics)} epoch(s), {on} accuracy {last['test_acc']:.4f}, "
         f"{on} loss {last['test_loss']:.4f}, {speed(last['images_per_s'])}; run in {out}"
     )
+    return 0
+
+
+def _launch_workers(args: argparse.Namespace, settings: TrainSettings, out: str) -> int:
+    """``--workers N``: N worker processes of the backend's engine on this machine, each running
+    this command with ``--distributed`` (common.distributed.launch)."""
+    if distributed.in_worker():
+        raise DenseNetError("--workers inside a distributed worker: a worker runs with --distributed")
+    # What can be refused is refused here, before any process or framework starts.
+    if settings.sync_bn:
+        distributed.check_sync_bn(settings.backend)
+    distributed.check_divisible(settings.batch_size, settings.workers)
+    check_run_dir(out, resume=args.resume, overwrite=args.overwrite)
+    argv = distributed.without_option(args.argv, "--workers")
+    code = distributed.launch(
+        settings.backend,
+        [sys.executable, "-m", "common", *argv, "--distributed"],
+        args.workers,
+        timeout_s=distributed.job_timeout_s(),
+    )
+    if code == 130:
+        raise Interrupted("interrupted (Ctrl-C); every worker was stopped (see above for what was kept)")
+    if code:
+        raise Failed(f"the {args.workers}-worker run failed (exit status {code}); every worker was stopped")
     return 0
 
 
@@ -186,6 +231,24 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         help="evaluate after each epoch on the first N test images (default: all 10,000)",
     )
     run.add_argument("--seed", type=seed, default=0, help="seed of the weights and the shuffle")
+    dist = p.add_argument_group("data-parallel training (docs/distributed.md)")
+    dist.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="worker processes on this machine, on the backend's distributed engine (--batch-size is the global batch)",
+    )
+    dist.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="BatchNorm statistics over the global batch (jax, tf; refused where the engine has none across processes)",
+    )
+    dist.add_argument(
+        "--distributed",
+        action="store_true",
+        help="run as one worker of a group the engine's launcher started (torchrun, TF_CONFIG, tools/launch.py, "
+        "DENSENET_JAX_*)",
+    )
     files = p.add_argument_group("files")
     files.add_argument("--out", help="run directory (default runs/BACKEND); refused if it holds a run, see below")
     files.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")

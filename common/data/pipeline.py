@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from common.data.augment import augment_batch, draw
+from common.distributed.sharding import shard_batches
 from common.errors import DenseNetError
 
 # ITU-R BT.601 luma, the weights Pillow's ``convert("L")`` uses: colour -> one channel.
@@ -104,10 +105,14 @@ def batches(
     shuffle: bool = True,
     augment: bool = False,
     channels: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """NCHW float32 batches and labels; the order depends only on ``(seed, epoch)``, and with
     ``augment`` (:mod:`common.data.augment`) each image's crop and flip only on ``(seed, epoch,
-    its index in the split)``."""
+    its index in the split)``.
+
+    ``shard=(rank, world)``: only worker ``rank``'s share of every batch of ``batch_size``
+    (``common.distributed.sharding.shard_batches``)."""
     if batch_size < 1:
         raise DataError(f"batch size must be positive, got {batch_size}")
     order = np.arange(len(split.labels))
@@ -116,8 +121,11 @@ def batches(
     draws = None
     if augment:
         draws = draw(len(split.labels), size if size is not None else split.images.shape[-1], seed, epoch)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    if shard is not None:
+        chunks = shard_batches(order, batch_size, *shard)
+    else:
+        chunks = (order[start : start + batch_size] for start in range(0, len(order), batch_size))
+    for idx in chunks:
         X = preprocess(split.images[idx], size, channels)
         if draws is not None:
             X = augment_batch(X, draws, idx)

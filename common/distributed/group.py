@@ -1,0 +1,145 @@
+"""The interface every backend's ``distributed.py`` implements, and how a worker joins its group.
+
+A worker process is started by an engine's launcher (``torchrun``, ``tools/launch.py``, a
+``TF_CONFIG`` per machine, the JAX coordinator variables) or by :func:`common.distributed.launch`,
+which sets the same environment on one machine. ``connect(backend)`` reads that environment in
+the backend's own module and returns a :class:`Group`: this worker's rank, the number of workers,
+and the engine's data-parallel training step.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from common.adapter import Adapter, Model
+from common.config import DenseNetConfig
+from common.errors import DenseNetError, Failed
+from common.registry import BACKENDS, load_backend
+
+# Every rendezvous and collective waits at most this long (seconds) for the other workers; a
+# worker that died or never started turns into an error instead of a hang.
+TIMEOUT_ENV = "DENSENET_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 120.0
+# Set by common.distributed.launch in every process it starts (the CLI refuses --workers there).
+WORKER_ENV = "DENSENET_DIST_WORKER"
+
+
+class DistributedError(Failed):
+    """A distributed run that cannot start or go on (an engine refusing, a worker missing)."""
+
+
+class SyncBatchNormUnavailable(DenseNetError, ValueError):
+    """``--sync-bn`` where the engine has no BatchNorm that synchronises across processes."""
+
+
+def timeout_s() -> float:
+    """The rendezvous/collective timeout in seconds (``$DENSENET_DIST_TIMEOUT``, default 120)."""
+    value = os.environ.get(TIMEOUT_ENV)
+    try:
+        seconds = float(value) if value else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise DistributedError(f"${TIMEOUT_ENV} must be a number of seconds, got {value!r}") from None
+    if not seconds > 0:
+        raise DistributedError(f"${TIMEOUT_ENV} must be above 0, got {value!r}")
+    return seconds
+
+
+# A bound on a whole local job (seconds), for tests and batch systems; unset: none.
+JOB_TIMEOUT_ENV = "DENSENET_DIST_JOB_TIMEOUT"
+
+
+def job_timeout_s() -> float | None:
+    """``$DENSENET_DIST_JOB_TIMEOUT`` in seconds, or None (a training run may take days)."""
+    value = os.environ.get(JOB_TIMEOUT_ENV)
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise DistributedError(f"${JOB_TIMEOUT_ENV} must be a number of seconds, got {value!r}") from None
+
+
+def in_worker() -> bool:
+    """Whether this process was started by :func:`common.distributed.launch`."""
+    return os.environ.get(WORKER_ENV) == "1"
+
+
+class Group(ABC):
+    """This worker's view of its data-parallel group, on one framework's distributed engine.
+
+    ``rank`` and ``world`` count processes (worker 0 writes every file); ``replicas`` counts the
+    data shards a step is cut into, which is ``world`` except where one process drives several
+    devices (JAX's host devices). Arrays in and out are numpy, images NCHW, as in the adapters.
+    """
+
+    backend: str
+    rank: int
+    world: int
+    replicas: int
+
+    @property
+    def writer(self) -> bool:
+        """Whether this worker writes the run's files (worker 0 only)."""
+        return self.rank == 0
+
+    @abstractmethod
+    def build(
+        self, adapter: Adapter, config: DenseNetConfig, seed: int = 0, dtype: str = "float32", sync_bn: bool = False
+    ) -> Model:
+        """The network, built as the engine needs it (in the strategy's scope, wrapped for
+        gradient averaging, with synchronised BatchNorm when ``sync_bn``); the same seeded
+        weights on every worker. ``sync_bn`` where the engine has none across processes is a
+        :class:`SyncBatchNormUnavailable`."""
+
+    @abstractmethod
+    def train_step(
+        self, adapter: Adapter, model: Model, X: np.ndarray, y: np.ndarray, lr: float
+    ) -> tuple[float, np.ndarray]:
+        """One data-parallel plain SGD step on this worker's shard ``X`` (NCHW), ``y``:
+        ``(mean loss over the whole global batch, this shard's logits)``. Gradients are averaged
+        over the workers by the engine; each running statistic becomes the mean over the workers
+        of their updates (identical on all of them with ``sync_bn``), in the canonical convention."""
+
+    @abstractmethod
+    def set_weights(self, adapter: Adapter, model: Model, weights: dict[str, np.ndarray]) -> None:
+        """Load canonical weights into a model :meth:`build` made (identical on every worker)."""
+
+    @abstractmethod
+    def get_weights(self, adapter: Adapter, model: Model) -> dict[str, np.ndarray]:
+        """The canonical weights (identical on every worker)."""
+
+    @abstractmethod
+    def forward(self, adapter: Adapter, model: Model, X: np.ndarray) -> np.ndarray:
+        """Inference-mode logits of this worker's own images (no communication)."""
+
+    @abstractmethod
+    def sum(self, values: np.ndarray) -> np.ndarray:
+        """Element-wise sum of a small float64 vector over the workers, with the engine's own
+        collective (evaluation counts, accuracy)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Leave the group (best effort; the process is about to end)."""
+
+
+def connect(backend: str) -> Group:
+    """Join the group the environment describes, with ``backend``'s engine (its
+    ``distributed.connect``); imports the framework."""
+    adapter = load_backend(backend)
+    module: Any = importlib.import_module(f"{BACKENDS[adapter.name].package}.distributed")
+    return module.connect(timeout_s=timeout_s())
+
+
+def check_sync_bn(backend: str) -> None:
+    """Refuse ``--sync-bn`` for an engine without a BatchNorm synchronised across processes,
+    before anything starts (no framework imported)."""
+    from common.distributed.launch import ENGINES  # launch imports this module
+
+    reason = ENGINES[backend].sync_bn_refusal
+    if reason:
+        raise SyncBatchNormUnavailable(f"--sync-bn with --backend {backend}: {reason}")
