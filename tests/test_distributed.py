@@ -190,7 +190,7 @@ def test_a_two_worker_run_writes_one_run_that_any_backend_evaluates(
     code, _, err = run_cli(capsys, *argv)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == [
-        "checkpoint.safetensors", "curves.png", "metrics.jsonl", "run.json", "weights.safetensors",
+        "checkpoint.safetensors", "curves.png", "metrics.jsonl", "run.json", "steps.jsonl", "weights.safetensors",
     ]  # fmt: skip
     assert not [p for p in tmp_path.iterdir() if p != out]  # no stray files beside it
     settings = json.loads((out / "run.json").read_text())["settings"]
