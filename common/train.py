@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from common import data
 from common.adapter import Adapter, Model
 from common.config import DenseNetConfig, plan
 from common.errors import DenseNetError, Failed, Interrupted, WeightFileError
+from common.optim import SGD, LRSchedule, OptimizerError
 from common.plot import PlotUnavailable, plot_runs
 from common.progress import Progress
 from common.registry import load_backend
@@ -61,24 +62,51 @@ class TrainSettings:
     test_limit: int | None = None
     seed: int = 0
     config: DenseNetConfig = field(default_factory=DenseNetConfig)
-    # "constant" (the book) or "cosine": lr * (1 + cos(pi * step / total)) / 2, annealed every step.
+    # The optimiser and the schedule (common.optim, docs/training.md "The optimiser"): SGD in
+    # PyTorch's meaning; "constant" (the book), "cosine" (annealed every step) or "step" (times
+    # lr_gamma at each of lr_milestones, epochs), after a linear warm-up of warmup_epochs.
     lr_schedule: str = "constant"
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    lr_milestones: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
+    warmup_epochs: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise TrainingError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise TrainingError(f"the learning rate must be a finite number above 0, got {self.lr}")
+        self.lr_milestones = tuple(self.lr_milestones)
+        try:
+            self.sgd  # noqa: B018  (validates)
+            self.schedule.check(self.epochs)
+        except OptimizerError as exc:
+            raise TrainingError(str(exc)) from None
+
+    @property
+    def sgd(self) -> SGD:
+        return SGD(self.momentum, self.nesterov, self.weight_decay)
+
+    @property
+    def schedule(self) -> LRSchedule:
+        return LRSchedule(self.lr_schedule, self.lr_milestones, self.lr_gamma, self.warmup_epochs)
 
     def lr_at(self, step: int, total: int) -> float:
-        if self.lr_schedule == "cosine":
-            return self.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-        return self.lr
+        """The rate of step ``step`` of ``total`` (``epochs`` epochs of equal length)."""
+        return self.schedule.lr_at(self.lr, step, max(total // self.epochs, 1), self.epochs)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["config"] = self.config.to_dict()
+        d["lr_milestones"] = list(self.lr_milestones)
         return d
+
+    @classmethod
+    def default_of(cls, name: str) -> Any:
+        """A field's default as ``to_dict`` writes it (for checkpoints written before the field)."""
+        f = next(f for f in fields(cls) if f.name == name)
+        value = f.default_factory() if f.default_factory is not MISSING else f.default
+        return list(value) if isinstance(value, tuple) else value
 
     # Settings a resumed run must share with the run it continues (epochs may grow).
     RESUMABLE_DIFFERENCES = ("epochs",)
@@ -272,7 +300,7 @@ def train(
         differs = [
             k
             for k, v in settings.to_dict().items()
-            if k not in TrainSettings.RESUMABLE_DIFFERENCES and saved.get(k) != v
+            if k not in TrainSettings.RESUMABLE_DIFFERENCES and saved.get(k, TrainSettings.default_of(k)) != v
         ]
         if differs:
             raise TrainingError(
@@ -280,6 +308,7 @@ def train(
                 "resume with the same options or start a new --out"
             )
         start_epoch = int(found.metadata["epoch"])
+        velocities = found.optimizer_state
         try:
             metrics = read_metrics_file(out / "metrics.jsonl", start_epoch)
         except TrainingError as exc:
@@ -288,6 +317,7 @@ def train(
                 "(restore the file, or start again with --overwrite)"
             ) from None
         adapter.set_weights(model, found.weights)
+        recorded_step = found.metadata.get("step")  # absent from checkpoints before the optimiser options
         run.checkpoint_epoch = start_epoch
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -301,6 +331,20 @@ def train(
     }
 
     steps = math.ceil(len(train_split.labels) / settings.batch_size)
+    adapter.configure_optimizer(model, settings.sgd)
+    if resume:
+        # The schedule goes on from the step the checkpoint records; the velocities go on as saved.
+        resumed_step = int(recorded_step) if recorded_step is not None else start_epoch * steps
+        if resumed_step != start_epoch * steps:
+            raise TrainingError(
+                f"--resume: {checkpoint} stopped at step {resumed_step}, but epoch {start_epoch} of this data ends at "
+                f"step {start_epoch * steps}; resume with the same data and options or start a new --out"
+            )
+        if settings.sgd.has_state and not velocities:
+            raise TrainingError(
+                f"--resume: {checkpoint} holds no momentum velocities to continue {settings.sgd.describe()}"
+            )
+        adapter.set_optimizer_state(model, velocities)
     bar = Progress(adapter.name, settings.epochs, steps, start_epoch=start_epoch, quiet=not progress, live=live)
     shapes: set[tuple[str, int]] = set()  # (phase, batch size) seen: a new one compiles
     epoch, step, lr = start_epoch, 0, settings.lr
@@ -358,7 +402,12 @@ def train(
                 weights,
                 config,
                 source=adapter.name,
-                extra_metadata={"epoch": str(epoch + 1), "settings": json.dumps(settings.to_dict())},
+                extra_metadata={
+                    "epoch": str(epoch + 1),
+                    "step": str((epoch + 1) * steps),  # where the schedule goes on from
+                    "settings": json.dumps(settings.to_dict()),
+                },
+                optimizer_state=adapter.get_optimizer_state(model),
             )
             run.checkpoint_epoch = epoch + 1
             m = metrics[-1]
