@@ -258,6 +258,7 @@ def save_weights(
     check_weights(spec, arrays, source="weights to save (as float32)")
     if optimizer_state:
         state_spec = _optimizer_spec(spec, optimizer_state)
+        _raise("optimizer state to save", weight_problems(state_spec, optimizer_state))
         with np.errstate(over="ignore"):
             state = {k: np.ascontiguousarray(optimizer_state[k], dtype=DTYPE) for k in state_spec}
         _raise("optimizer state to save (as float32)", weight_problems(state_spec, state))

@@ -195,3 +195,26 @@ def test_train_refuses_meaningless_optimiser_options(
     code, _, err = run_cli(capsys, "train", "--backend", "torch", "--out", tmp_path / "run", *args)
     assert_one_clear_error(code, err, 2, message)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_file_carries_the_velocities_apart_from_the_weights(tmp_path) -> None:
+    from common.errors import WeightFileError
+    from common.weights import init_canonical, load_canonical, save_weights
+
+    w = init_canonical(PARITY_CASE, 0)
+    spec = state_spec(PARITY_CASE, SGD(momentum=0.9))
+    rng = np.random.default_rng(1)
+    state = {k: rng.standard_normal(shape).astype(np.float32) for k, shape in spec.items()}
+    save_weights(tmp_path / "c.safetensors", w, PARITY_CASE, optimizer_state=state)
+    found = load_canonical(tmp_path / "c.safetensors", PARITY_CASE)
+    assert list(found.weights) == list(w) and list(found.optimizer_state) == list(spec)
+    for k, v in state.items():
+        np.testing.assert_array_equal(found.optimizer_state[k], v)
+    assert load_canonical(tmp_path / "c.safetensors").optimizer_state  # any reader of weights ignores them
+    save_weights(tmp_path / "plain.safetensors", w, PARITY_CASE)
+    assert load_canonical(tmp_path / "plain.safetensors").optimizer_state == {}
+    partial = dict(state)
+    partial.pop("head.fc.weight.momentum_buffer")
+    with pytest.raises(WeightFileError, match=r"missing 1 tensor\(s\): head.fc.weight.momentum_buffer"):
+        save_weights(tmp_path / "bad.safetensors", w, PARITY_CASE, optimizer_state=partial)
+    assert not (tmp_path / "bad.safetensors").exists()

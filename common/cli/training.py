@@ -178,10 +178,16 @@ def add_optimizer_options(p: argparse.ArgumentParser) -> None:
     """SGD's momentum, Nesterov and weight decay, and the schedule (common.optim; PyTorch's meaning
     in every backend, docs/training.md). The defaults are the book's: plain SGD, constant rate."""
     opt = p.add_argument_group("optimiser (PyTorch's SGD in every backend; docs/training.md)")
-    opt.add_argument("--momentum", type=float, default=0.0, help="momentum in [0, 1), e.g. 0.9 (default 0: plain SGD)")
+    opt.add_argument(
+        "--momentum", type=float, default=0.0, metavar="M", help="momentum in [0, 1), e.g. 0.9 (default 0: plain SGD)"
+    )
     opt.add_argument("--nesterov", action="store_true", help="Nesterov momentum (needs --momentum)")
     opt.add_argument(
-        "--weight-decay", type=float, default=0.0, help="L2 weight decay added to the gradient, e.g. 1e-4 (default 0)"
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        metavar="WD",
+        help="L2 weight decay added to the gradient, e.g. 1e-4 (default 0)",
     )
     opt.add_argument(
         "--lr-schedule",
@@ -190,11 +196,17 @@ def add_optimizer_options(p: argparse.ArgumentParser) -> None:
         help="constant (the book), cosine annealing to 0 over the run, or step (times --lr-gamma at each milestone)",
     )
     opt.add_argument(
-        "--lr-milestones", type=positive_int_list, default=(), metavar="E1,E2", help="epochs where step drops the rate"
+        "--lr-milestones", type=positive_int_list, metavar="E1,E2", help="epochs where step drops the rate"
     )
-    opt.add_argument("--lr-gamma", type=float, default=0.1, help="step schedule's factor at each milestone")
     opt.add_argument(
-        "--warmup-epochs", type=float, default=0.0, help="linear warm-up to lr over the first epochs (default 0)"
+        "--lr-gamma", type=float, default=0.1, metavar="G", help="step schedule's factor at each milestone"
+    )
+    opt.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=0.0,
+        metavar="E",
+        help="linear warm-up to lr over the first epochs (default 0)",
     )
 
 
@@ -205,7 +217,7 @@ def optimizer_settings(args: argparse.Namespace) -> dict[str, object]:
         "nesterov": args.nesterov,
         "weight_decay": args.weight_decay,
         "lr_schedule": args.lr_schedule,
-        "lr_milestones": tuple(args.lr_milestones),
+        "lr_milestones": tuple(args.lr_milestones or ()),
         "lr_gamma": args.lr_gamma,
         "warmup_epochs": args.warmup_epochs,
     }
