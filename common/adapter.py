@@ -8,7 +8,7 @@ NCHW, and reads and writes the weights in the canonical format (``common.weights
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
@@ -25,6 +25,7 @@ from common.config import (
     stage_names,
 )
 from common.layout import from_layout, param_from_native, param_to_native, to_layout
+from common.optim import MOMENTUM_BUFFER, SGD, check_state, state_spec
 from common.weights import check_weights
 
 RuntimeT = TypeVar("RuntimeT")
@@ -55,6 +56,9 @@ class Model(Generic[RuntimeT]):
     variables: dict[str, Any] | None = None
     """Flax's variable collections (``{"params": ..., "batch_stats": ...}``, nested dicts of
     arrays); ``None`` in the other frameworks, which keep their weights inside ``net``."""
+    sgd: SGD = field(default_factory=SGD)
+    """What ``train_step`` computes (``common.optim.SGD``; plain SGD unless
+    ``Adapter.configure_optimizer`` says otherwise); the framework's optimizer is in ``runtime``."""
 
 
 DTYPES = ("float32", "float64")
@@ -165,9 +169,60 @@ class Adapter(ABC, Generic[RuntimeT]):
     def train_step(
         self, model: Model[RuntimeT], X: np.ndarray, y: np.ndarray, lr: float, compiled: bool = False
     ) -> tuple[float, np.ndarray]:
-        """One plain SGD step in training mode (BatchNorm statistics updated):
-        ``(loss before the step, logits (N, num_classes))``. ``compiled`` runs the framework's
-        compiled step (hybridize, jit, tf.function), as training does."""
+        """One step of ``model.sgd`` at rate ``lr`` in training mode (BatchNorm statistics updated),
+        by the framework's own optimizer: ``(loss before the step, logits (N, num_classes))``.
+        ``compiled`` runs the framework's compiled step (hybridize, jit, tf.function), as training does."""
+
+    @abstractmethod
+    def _reset_optimizer(self, model: Model[RuntimeT]) -> None:
+        """Forget the framework's optimizer (and any compiled step holding it): the next
+        ``train_step`` makes one for ``model.sgd``, its velocities zero."""
+
+    @abstractmethod
+    def _read_velocities(self, model: Model[RuntimeT]) -> dict[str, np.ndarray]:
+        """The framework optimizer's velocity by canonical parameter name, in native layout; a
+        parameter without one yet (before its first step) may be left out: it is zero."""
+
+    @abstractmethod
+    def _write_velocities(self, model: Model[RuntimeT], velocities: dict[str, np.ndarray]) -> None:
+        """Set every parameter's velocity (canonical parameter names, native layout, model dtype)."""
+
+    # --- the optimiser (common.optim) ---------------------------------------------------------
+
+    def configure_optimizer(self, model: Model[RuntimeT], sgd: SGD) -> None:
+        """Train ``model`` with ``sgd`` from its next step on, velocities starting at zero."""
+        if not isinstance(sgd, SGD):
+            raise TypeError(f"expected a common.optim.SGD, got {type(sgd).__name__}")
+        model.sgd = sgd
+        self._reset_optimizer(model)
+
+    def get_optimizer_state(self, model: Model[RuntimeT]) -> dict[str, np.ndarray]:
+        """Every velocity as ``<param>.momentum_buffer`` in canonical layout and the model's dtype,
+        forward order (zeros before the first step); empty without momentum."""
+        spec = state_spec(model.config, model.sgd)
+        native = self._read_velocities(model) if spec else {}
+        out = {}
+        for name, shape in spec.items():
+            param = name[: -len(MOMENTUM_BUFFER)]
+            v = native.get(param)
+            value = np.zeros(shape) if v is None else self.canonical_param(param, v)
+            out[name] = np.array(value, model.dtype)
+        return out
+
+    def set_optimizer_state(self, model: Model[RuntimeT], state: dict[str, np.ndarray]) -> None:
+        """Load velocities from :meth:`get_optimizer_state` (of any backend); checks every name and
+        shape first and loads nothing on error (``common.optim.OptimizerError``)."""
+        check_state(model.config, model.sgd, state)
+        if state:
+            self._write_velocities(
+                model,
+                {
+                    k[: -len(MOMENTUM_BUFFER)]: np.ascontiguousarray(
+                        param_to_native(np.asarray(v, model.dtype), self.layout)
+                    )
+                    for k, v in state.items()
+                },
+            )
 
     def running_stat_factors(self, model: Model[RuntimeT], X_shape: tuple[int, ...]) -> dict[str, float]:
         """The running statistics this framework's training step leaves in a non-canonical

@@ -10,7 +10,12 @@ also compared pairwise. Checks, each starting again from the same initial weight
 4. ``running-stats``: BatchNorm running statistics after one training step, in the canonical
    (unbiased) convention every adapter keeps;
 5. ``sgd-step``: every tensor after one plain SGD step; ``lockstep``: the loss over ``steps`` SGD
-   steps on the same batches in the same order.
+   steps on the same batches in the same order;
+6. ``momentum-step`` / ``nesterov-step``: every tensor and every velocity after one step of SGD
+   with momentum (Nesterov) and weight decay (``PARITY_MOMENTUM``, ``PARITY_NESTEROV``) from the
+   same seeded velocities; ``momentum-lockstep``: the loss over ``steps`` Nesterov steps at a rate
+   that changes every step (``PARITY_SCHEDULE``: warm-up, then cosine), where the frameworks' own
+   conventions for the learning rate in the velocity would part (``common.optim``).
 
 The error model (docs/parity.md): a check's error is the largest ``|a - b|`` of a tensor divided by
 that tensor's *scale*, and it must stay below ``C * u``, with ``u`` the unit roundoff of the dtype
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,6 +41,7 @@ from common.arch import bn_counts  # re-exported: tests and callers import it fr
 from common.config import DenseNetConfig, plan
 from common.errors import BackendUnavailable
 from common.harness import seeded_batches
+from common.optim import DECOUPLED_WEIGHT_DECAY, FOLDED_LR, SGD, Convention, LRSchedule, sgd_update
 from common.registry import BACKENDS, canonical_name, load_backend
 from common.weights import init_canonical
 
@@ -55,7 +61,34 @@ ERROR_MODEL: dict[str, float] = {
     "running-stats": 256,  # 32 u
     "sgd-step": 256,  # 32 u (the running statistics after the step)
     "lockstep": 4096,  # 586 u after 20 steps
+    "momentum-step": 512,  # 86 u (stem.conv.bias.momentum_buffer: the gradient's rounding, as grad-params)
+    "nesterov-step": 512,  # 86 u (the same velocity)
+    "momentum-lockstep": 4096,  # 542 u after 20 Nesterov steps at a changing rate
 }
+
+# The optimisers of the momentum checks: the DenseNet paper's (momentum 0.9, weight decay 1e-4),
+# heavy-ball and Nesterov, and the rate of each lockstep step: a linear warm-up over the first
+# quarter, then cosine annealing (common.optim.LRSchedule over one "epoch" of `steps` steps).
+PARITY_MOMENTUM = SGD(momentum=0.9, weight_decay=1e-4)
+PARITY_NESTEROV = SGD(momentum=0.9, nesterov=True, weight_decay=1e-4)
+PARITY_SCHEDULE = LRSchedule("cosine", warmup_epochs=0.25)
+MOMENTUM_STEPS = (("momentum-step", PARITY_MOMENTUM), ("nesterov-step", PARITY_NESTEROV))
+
+
+def parity_lrs(lr: float, steps: int) -> list[float]:
+    """The rate of each momentum-lockstep step (``PARITY_SCHEDULE`` from ``lr``)."""
+    return [PARITY_SCHEDULE.lr_at(lr, t, steps, 1) for t in range(steps)]
+
+
+def parity_velocity(config: DenseNetConfig, grads: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """The seeded velocities the one-step momentum checks start from (``<param>.momentum_buffer``):
+    normal noise the size of each parameter's gradient ``grads``, so the velocity term weighs in."""
+    rng = np.random.default_rng([seed, 1])
+    return {
+        f"{k}.momentum_buffer": (rng.standard_normal(g.shape) * np.max(np.abs(g))).astype(np.float32)
+        for k, g in grads.items()
+    }
+
 
 # The strict claim of a float64 run: every figure, lockstep included, at or below this.
 FLOAT64_CLAIM = 1e-9
@@ -121,6 +154,7 @@ class ParityReport:
     comparisons: list[Comparison] = field(default_factory=list)
     losses: dict[str, list[float]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    momentum_losses: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -144,15 +178,24 @@ class ParityReport:
             "participants": self.participants,
             "comparisons": [c.to_dict() for c in self.comparisons],
             "losses": self.losses,
+            "momentum_losses": self.momentum_losses,
+            "momentum": {"one step": [asdict(PARITY_MOMENTUM), asdict(PARITY_NESTEROV)], "lrs": self.lrs()},
             "errors": self.errors,
             "ok": self.ok,
         }
+
+    def lrs(self) -> list[float]:
+        """The rate of each momentum-lockstep step."""
+        return parity_lrs(self.lr, self.steps) if self.steps else []
 
     def to_text(self) -> str:
         h, w = self.input_size
         lines = [
             f"DenseNet {self.config.describe()}; input {self.batch}x{self.config.in_channels}x{h}x{w}, "
             f"seed {self.seed}, {self.dtype}, lr {self.lr:g}, {self.steps} lockstep steps",
+            f"momentum checks: {PARITY_MOMENTUM.describe()} and {PARITY_NESTEROV.describe()} from seeded "
+            f"velocities; momentum-lockstep: Nesterov, lr {self.lr:g} with a {PARITY_SCHEDULE.warmup_epochs:g} "
+            "warm-up then cosine (changes every step)",
             f"identical canonical weights in: {', '.join(self.participants)} "
             "(numpy = common.reference, float64, the stand-in for exact arithmetic)",
             "error = max |a - b| / scale of the tensor; bound = "
@@ -175,6 +218,8 @@ class ParityReport:
                 "",
                 "lockstep losses (first, last): "
                 + "; ".join(f"{n} {v[0]:.6f} -> {v[-1]:.6f}" for n, v in self.losses.items() if v),
+                "momentum-lockstep losses (first, last): "
+                + "; ".join(f"{n} {v[0]:.6f} -> {v[-1]:.6f}" for n, v in self.momentum_losses.items() if v),
             ]
         for name, error in self.errors.items():
             lines.append(f"{name}: ERROR {error}")
@@ -244,9 +289,11 @@ class _Oracle:
     results: dict[str, dict[str, np.ndarray]]
     scales: dict[str, dict[str, float]]
     losses: list[float]
+    velocity: dict[str, np.ndarray]  # where the one-step momentum checks start
+    momentum_losses: list[float]
 
 
-def _oracle(config, w0, batches, lr, steps) -> _Oracle:
+def _oracle(config, w0, batches, lr, steps, seed, momentum: bool = True) -> _Oracle:
     X, y = batches[0]
     results: dict[str, dict[str, np.ndarray]] = {}
     scales: dict[str, dict[str, float]] = {}
@@ -265,7 +312,19 @@ def _oracle(config, w0, batches, lr, steps) -> _Oracle:
     losses, _ = reference_grad.sgd_steps(config, w0, batches[:steps], lr) if steps else ([], {})
     if steps:  # the losses as one more check, against the largest oracle loss
         results["lockstep"], scales["lockstep"] = {"loss": np.array(losses)}, {"loss": float(np.max(np.abs(losses)))}
-    return _Oracle(results, scales, losses)
+    velocity = parity_velocity(config, g.params, seed)
+    for check, sgd in MOMENTUM_STEPS if momentum else ():
+        run = reference_grad.optimizer_steps(config, w0, batches[:1], [lr], sgd, velocity=velocity)
+        results[check] = {**run.weights, **run.velocity}
+        scales[check] = {**scales["sgd-step"], **_max_abs(run.velocity), **run.velocity_scales}
+        scales[check].update(_max_abs({k: v for k, v in run.weights.items() if k in g.params}))
+    momentum_losses: list[float] = []
+    if steps and momentum:
+        run = reference_grad.optimizer_steps(config, w0, batches[:steps], parity_lrs(lr, steps), PARITY_NESTEROV)
+        momentum_losses = run.losses
+        results["momentum-lockstep"] = {"loss": np.array(momentum_losses)}
+        scales["momentum-lockstep"] = {"loss": float(np.max(np.abs(momentum_losses)))}
+    return _Oracle(results, scales, losses, velocity, momentum_losses)
 
 
 def run_parity(
@@ -278,8 +337,10 @@ def run_parity(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     dtype: str = "float32",
+    momentum: bool = True,
 ) -> ParityReport:
-    """Run every check on every backend against the oracle and pairwise (module docstring)."""
+    """Run every check on every backend against the oracle and pairwise (module docstring);
+    without ``momentum``, the plain-SGD checks only (the momentum checks cost about a third more)."""
     dtype = check_dtype(dtype)
     config = config or PARITY_CASE
     input_size = plan(config, input_size).input_size
@@ -299,8 +360,10 @@ def run_parity(
     batches = seeded_batches(config, input_size, batch, max(steps, 1), seed)
     X, y = batches[0]
     say("numpy: the float64 oracle (forward, gradients, lockstep steps)")
-    oracle = _oracle(config, w0, batches, lr, steps)
+    oracle = _oracle(config, w0, batches, lr, steps, seed, momentum)
     report.losses[ORACLE] = oracle.losses
+    if momentum:
+        report.momentum_losses[ORACLE] = oracle.momentum_losses
 
     # results[check][participant] = {tensor name: array}
     results: dict[str, dict[str, dict[str, np.ndarray]]] = {k: {} for k in oracle.results}
@@ -330,20 +393,40 @@ def run_parity(
             results["sgd-step"][name] = adapter.get_weights(model)
             adapter.set_weights(model, w0)
             report.losses[name] = [adapter.train_step(model, Xb, yb, lr)[0] for Xb, yb in batches[:steps]]
+
+            if not momentum:
+                continue
+            say(f"{name}: momentum steps (its own optimizer, configured to the suite's SGD)")
+            for check, sgd in MOMENTUM_STEPS:
+                adapter.set_weights(model, w0)
+                adapter.configure_optimizer(model, sgd)
+                adapter.set_optimizer_state(model, oracle.velocity)
+                adapter.train_step(model, X, y, lr)
+                results[check][name] = {**adapter.get_weights(model), **adapter.get_optimizer_state(model)}
+            adapter.set_weights(model, w0)
+            adapter.configure_optimizer(model, PARITY_NESTEROV)
+            report.momentum_losses[name] = [
+                adapter.train_step(model, Xb, yb, rate)[0] for (Xb, yb), rate in zip(batches[:steps], report.lrs())
+            ]
         except Exception as exc:  # one backend failing is a result, not a crash
             report.errors[name] = f"{type(exc).__name__}: {exc}"
             for per in results.values():
                 per.pop(name, None)
             report.losses.pop(name, None)
+            report.momentum_losses.pop(name, None)
 
     if steps:
         results["lockstep"] = {n: {"loss": np.array(v)} for n, v in report.losses.items() if n != ORACLE}
+        if momentum:
+            results["momentum-lockstep"] = {
+                n: {"loss": np.array(v)} for n, v in report.momentum_losses.items() if n != ORACLE
+            }
     for check, per in results.items():
         values = {ORACLE: oracle.results[check], **per}
         for a, b in [*((name, ORACLE) for name in per), *itertools.combinations(per, 2)]:
             limit = bound(check, dtype, pairwise=b != ORACLE)
             error, worst = _error(values[a], values[b], oracle.scales[check])
-            if check == "lockstep":
+            if check in ("lockstep", "momentum-lockstep"):
                 worst = _first_step(values[a]["loss"], values[b]["loss"], oracle.scales[check]["loss"], limit)
             report.comparisons.append(Comparison(check, a, b, error, worst, limit))
     return report
@@ -406,13 +489,17 @@ class NaiveRow:
 
 
 def run_naive(
-    config: DenseNetConfig | None = None, input_size: int | tuple[int, int] = 32, batch: int = 8, seed: int = 0
+    config: DenseNetConfig | None = None,
+    input_size: int | tuple[int, int] = 32,
+    batch: int = 8,
+    seed: int = 0,
+    backends: list[str] | None = None,
 ) -> list[NaiveRow]:
     """The cost of each framework default the suite aligns away, on the same weights and input.
 
     Each row compares the oracle with the aligned conventions against the oracle with one
     framework's default (``common.reference.Conventions``), so it measures the default itself,
-    not a framework's rounding.
+    not a framework's rounding. The optimiser rows also run the stock optimizers of ``backends``.
     """
     config = config or DenseNetConfig()
     input_size = plan(config, input_size).input_size
@@ -468,6 +555,70 @@ def run_naive(
             {"logits": run(aligned, False, weights=after)[0]["logits"]},
             {"logits": run(aligned, False, weights=after_other)[0]["logits"]},
         )
+    rows += _naive_optimizer_rows(config, input_size, batch, seed, backends or [])
+    return rows
+
+
+def _naive_optimizer_rows(
+    config: DenseNetConfig, input_size: tuple[int, int], batch: int, seed: int, backends: list[str], steps: int = 20
+) -> list[NaiveRow]:
+    """The frameworks' own readings of momentum and weight decay against the suite's (PyTorch's).
+
+    With the oracle: ``steps`` Nesterov steps of the momentum-lockstep recipe trained under each
+    convention (``common.optim.Convention``). With each installed framework's stock optimizer
+    (``densenet_<fw>.optim.apply_steps``): the oracle's gradients of those steps, in turn, fed to the
+    stock optimizer and to the suite's definition, on ``head.fc.weight``, in float64.
+    """
+    import importlib
+
+    w = init_canonical(config, seed)
+    batches = seeded_batches(config, input_size, batch, steps, seed)
+    lrs = parity_lrs(0.01, steps)
+    constant = [0.01] * steps
+    heavy = PARITY_MOMENTUM
+    suite = reference_grad.optimizer_steps(config, w, batches, lrs, heavy)
+    rows = []
+    after = f"weights after {steps} steps, lr changing every step"
+    for default, frameworks, conv, rates, affects in (
+        ("learning rate folded into the velocity", "MXNet sgd/nag, Keras SGD", FOLDED_LR, lrs, after),
+        (
+            "learning rate folded into the velocity",
+            "MXNet sgd/nag, Keras SGD",
+            FOLDED_LR,
+            constant,
+            f"weights after {steps} steps, constant lr (no change expected)",
+        ),
+        ("decoupled weight decay", "Keras 3 weight_decay", Convention(decoupled_weight_decay=True), lrs, after),
+        ("both: folded rate, decoupled decay", "Keras SGD(weight_decay=)", DECOUPLED_WEIGHT_DECAY, lrs, after),
+    ):
+        base = suite if rates is lrs else reference_grad.optimizer_steps(config, w, batches, rates, heavy)
+        other = reference_grad.optimizer_steps(config, w, batches, rates, heavy, convention=conv)
+        rows.append(
+            NaiveRow(f"{default} ({heavy.describe()})", frameworks, affects, *_diff(base.weights, other.weights)[:2])
+        )
+    # The real stock optimizers, open loop: the gradients of the suite's run, one tensor.
+    grads: list[np.ndarray] = []
+    wk, vk = {k: np.asarray(v, np.float64) for k, v in w.items()}, {}
+    for (X, y), lr in zip(batches, lrs):
+        g = reference_grad.loss_and_grads(config, wk, X, y)
+        grads.append(g.params["head.fc.weight"])
+        for k, grad in g.params.items():
+            wk[k], vk[k] = sgd_update(wk[k], grad, vk.get(k), lr, heavy)
+        wk.update(g.stats)
+    w0 = np.asarray(w["head.fc.weight"], np.float64)
+    for name in backends:
+        optim = importlib.import_module(f"{BACKENDS[name].package}.optim")
+        for sgd in (heavy, PARITY_NESTEROV):
+            ours = optim.apply_steps(w0, grads, lrs, sgd)
+            stock = optim.apply_steps(w0, grads, lrs, sgd, stock=True)
+            rows.append(
+                NaiveRow(
+                    f"{name} stock optimizer ({optim.STOCK}), {sgd.describe()}",
+                    name,
+                    f"head.fc.weight after {steps} given gradients, lr changing",
+                    *_diff({"w": ours}, {"w": stock})[:2],
+                )
+            )
     return rows
 
 

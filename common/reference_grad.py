@@ -34,8 +34,9 @@ from common.config import (
     plan,
 )
 from common.errors import InputError
+from common.optim import SGD, SUITE, Convention, sgd_update
 from common.reference import _windows, cross_entropy
-from common.weights import check_weights
+from common.weights import MOMENTUM_BUFFER, check_weights
 
 Weights = Mapping[str, np.ndarray]
 
@@ -410,12 +411,59 @@ def sgd_steps(
     dtype: np.dtype | type = np.float64,
 ) -> tuple[list[float], dict[str, np.ndarray]]:
     """Plain SGD in training mode, one step per batch: ``(loss before each step, final weights)``."""
+    run = optimizer_steps(config, weights, batches, [lr] * len(batches), SGD(), dtype=dtype)
+    return run.losses, run.weights
+
+
+@dataclass
+class OptimizerRun:
+    """What :func:`optimizer_steps` leaves: the loss before each step, the weights after the last
+    (canonical names), the velocities (``<param>.momentum_buffer``; empty without momentum) and,
+    per velocity, the error model's scale (sum of the absolute terms it adds up)."""
+
+    losses: list[float]
+    weights: dict[str, np.ndarray]
+    velocity: dict[str, np.ndarray]
+    velocity_scales: dict[str, float] = field(default_factory=dict)
+
+
+def optimizer_steps(
+    config: DenseNetConfig,
+    weights: Weights,
+    batches: list[tuple[np.ndarray, np.ndarray]],
+    lrs: list[float],
+    sgd: SGD,
+    *,
+    velocity: Mapping[str, np.ndarray] | None = None,
+    convention: Convention = SUITE,
+    dtype: np.dtype | type = np.float64,
+) -> OptimizerRun:
+    """``sgd`` (``common.optim.sgd_update``) in training mode, one step per batch at rate
+    ``lrs[i]``, from ``velocity`` (``<param>.momentum_buffer``; zero when not given).
+    ``convention`` computes a framework's stock reading of the same words instead (``--naive``)."""
+    if len(lrs) != len(batches):
+        raise InputError(f"one learning rate per batch: {len(lrs)} rates for {len(batches)} batches")
     w = {k: np.asarray(v, dtype=dtype) for k, v in weights.items()}
-    losses = []
-    for X, y in batches:
+    v = {k[: -len(MOMENTUM_BUFFER)]: np.asarray(b, dtype=dtype) for k, b in (velocity or {}).items()}
+    losses, scales = [], {}
+    for (X, y), lr in zip(batches, lrs):
         g = loss_and_grads(config, w, X, y, dtype=dtype)
         losses.append(g.loss)
         for k, grad in g.params.items():
-            w[k] = w[k] - lr * grad
+            old = v.get(k)
+            # The velocity is a sum of momentum * old, the gradient and the decay term.
+            scales[k] = float(
+                sgd.momentum * (np.max(np.abs(old)) if old is not None else 0.0)
+                + g.param_scales[k]
+                + sgd.weight_decay * np.max(np.abs(w[k]))
+            )
+            w[k], new = sgd_update(w[k], grad, old, lr, sgd, convention)
+            if new is not None:
+                v[k] = new
         w.update(g.stats)
-    return losses, w
+    return OptimizerRun(
+        losses,
+        w,
+        {k + MOMENTUM_BUFFER: b for k, b in v.items()},
+        {k + MOMENTUM_BUFFER: s for k, s in scales.items() if k in v},
+    )

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from common.config import DenseNetConfig, plan
 from common.distributed.group import Group
 from common.distributed.sharding import check_divisible, shard_range
 from common.errors import DenseNetError, Failed, Interrupted, WeightFileError
+from common.optim import SGD, LRSchedule, OptimizerError
 from common.plot import PlotUnavailable, plot_runs
 from common.progress import Progress
 from common.registry import load_backend
@@ -66,8 +67,17 @@ class TrainSettings:
     test_limit: int | None = None
     seed: int = 0
     config: DenseNetConfig = field(default_factory=DenseNetConfig)
-    # "constant" (the book) or "cosine": lr * (1 + cos(pi * step / total)) / 2, annealed every step.
+    # The optimiser and the schedule (common.optim, docs/training.md "The optimiser"): SGD in
+    # PyTorch's meaning; "constant" (the book), "cosine" (annealed every step) or "step" (times
+    # lr_gamma at each of lr_milestones, epochs), after a linear warm-up of warmup_epochs.
     lr_schedule: str = "constant"
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    lr_milestones: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
+    warmup_epochs: float = 0.0
+
     # Data and starting weights: the data set (common.data.DATASETS; an image folder's validation
     # fraction, None: its default or its val/ folder), random crop and flip (common.data.augment),
     # and a weight file to start from (its layout: canonical or a peer's; common.starting_weights).
@@ -88,26 +98,48 @@ class TrainSettings:
             raise TrainingError(f"init_format must be one of {', '.join(INIT_FORMATS)}, got {self.init_format!r}")
         if self.init is not None:
             self.init = os.fspath(self.init)
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise TrainingError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise TrainingError(f"the learning rate must be a finite number above 0, got {self.lr}")
+        self.lr_milestones = tuple(self.lr_milestones)
+        try:
+            self.sgd  # noqa: B018  (validates)
+            self.schedule.check(self.epochs)
+        except OptimizerError as exc:
+            raise TrainingError(str(exc)) from None
+        if self.workers > 1 and (self.sgd.has_state or self.sgd.weight_decay):
+            raise TrainingError(
+                f"--workers {self.workers}: the distributed steps run plain SGD; {self.sgd.describe()} "
+                "runs in one process only (drop --momentum/--nesterov/--weight-decay, or --workers)"
+            )
+
+    @property
+    def sgd(self) -> SGD:
+        return SGD(self.momentum, self.nesterov, self.weight_decay)
+
+    @property
+    def schedule(self) -> LRSchedule:
+        return LRSchedule(self.lr_schedule, self.lr_milestones, self.lr_gamma, self.warmup_epochs)
 
     def lr_at(self, step: int, total: int) -> float:
-        if self.lr_schedule == "cosine":
-            return self.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-        return self.lr
+        """The rate of step ``step`` of ``total`` (``epochs`` epochs of equal length)."""
+        return self.schedule.lr_at(self.lr, step, max(total // self.epochs, 1), self.epochs)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["config"] = self.config.to_dict()
+        d["lr_milestones"] = list(self.lr_milestones)
         return d
+
+    @classmethod
+    def default_of(cls, name: str) -> Any:
+        """A field's default as ``to_dict`` writes it (for checkpoints written before the field)."""
+        f = next(f for f in fields(cls) if f.name == name)
+        value = f.default_factory() if f.default_factory is not MISSING else f.default
+        return list(value) if isinstance(value, tuple) else value
 
     # Settings a resumed run must share with the run it continues (epochs may grow; the workers
     # may change, since the global batches are the same for any number of them).
     RESUMABLE_DIFFERENCES = ("epochs", "workers")
-    # What runs recorded before a setting existed had, in effect.
-    DEFAULTS_OF_OLDER_RUNS = {"workers": 1, "sync_bn": False}
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -374,8 +406,7 @@ def train(
         differs = [
             k
             for k, v in settings.to_dict().items()
-            if k not in TrainSettings.RESUMABLE_DIFFERENCES
-            and saved.get(k, TrainSettings.DEFAULTS_OF_OLDER_RUNS.get(k)) != v
+            if k not in TrainSettings.RESUMABLE_DIFFERENCES and saved.get(k, TrainSettings.default_of(k)) != v
         ]
         if differs:
             raise TrainingError(
@@ -388,6 +419,7 @@ def train(
                 "(another directory, or changed files); resume with the same data or start a new --out"
             )
         start_epoch = int(found.metadata["epoch"])
+        velocities = found.optimizer_state
         try:
             metrics = read_metrics_file(out / "metrics.jsonl", start_epoch)
         except TrainingError as exc:
@@ -400,6 +432,7 @@ def train(
             group.set_weights(adapter, model, found.weights)
         else:
             adapter.set_weights(model, found.weights)
+        recorded_step = found.metadata.get("step")  # absent from checkpoints before the optimiser options
         run.checkpoint_epoch = start_epoch
     try:
         if writer:
@@ -427,6 +460,20 @@ def train(
         for first in range(0, len(train_split.labels), settings.batch_size)
         if min(settings.batch_size, len(train_split.labels) - first) >= (group.replicas if group else 1)
     )
+    adapter.configure_optimizer(model, settings.sgd)
+    if resume:
+        # The schedule goes on from the step the checkpoint records; the velocities go on as saved.
+        resumed_step = int(recorded_step) if recorded_step is not None else start_epoch * steps
+        if resumed_step != start_epoch * steps:
+            raise TrainingError(
+                f"--resume: {checkpoint} stopped at step {resumed_step}, but epoch {start_epoch} of this data ends at "
+                f"step {start_epoch * steps}; resume with the same data and options or start a new --out"
+            )
+        if settings.sgd.has_state and not velocities:
+            raise TrainingError(
+                f"--resume: {checkpoint} holds no momentum velocities to continue {settings.sgd.describe()}"
+            )
+        adapter.set_optimizer_state(model, velocities)
     quiet = not (progress and writer)
     bar = Progress(adapter.name, settings.epochs, steps, start_epoch=start_epoch, quiet=quiet, live=live)
     shapes: set[tuple[str, int]] = set()  # (phase, batch size) seen: a new one compiles
@@ -515,9 +562,11 @@ def train(
                     source=adapter.name,
                     extra_metadata={
                         "epoch": str(epoch + 1),
+                        "step": str((epoch + 1) * steps),  # where the schedule goes on from
                         "settings": json.dumps(settings.to_dict()),
                         "data": str(dataset.info["sha256"]),
                     },
+                    optimizer_state=adapter.get_optimizer_state(model),
                 )
             run.checkpoint_epoch = epoch + 1
             m = metrics[-1]

@@ -26,13 +26,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from common.config import BN_LEAVES, DenseNetConfig, canonical_spec
+from common.config import BN_LEAVES, DenseNetConfig, canonical_spec, is_state
 from common.errors import ConfigError, WeightFileError
 from common.safetensors_io import PathLike, read_weights, write_weights
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "MOMENTUM_BUFFER",
     "CanonicalFile",
     "check_weights",
     "config_differences",
@@ -72,6 +73,10 @@ STRUCTURAL_FIELDS = (
     "compression",
     "conv_bias",
 )
+
+# A training checkpoint also carries the optimiser's velocity of every parameter under
+# "<param>.momentum_buffer" (PyTorch's state key; canonical layout; common.optim.state_spec).
+MOMENTUM_BUFFER = ".momentum_buffer"
 
 _TORCH_LEAVES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -229,6 +234,7 @@ def save_weights(
     source: str | None = None,
     extra_metadata: Mapping[str, str] | None = None,
     running_var: str = RUNNING_VAR,
+    optimizer_state: Mapping[str, np.ndarray] | None = None,
 ) -> None:
     """Write canonical ``weights`` for ``config`` to ``path`` (``.safetensors`` or ``.npz``), atomically.
 
@@ -237,6 +243,8 @@ def save_weights(
     tensors come from (a backend name, ``"numpy-init"``); ``"unknown"`` when not given.
     ``extra_metadata`` adds string entries (a training checkpoint's epoch and settings).
     ``running_var`` states how the running variances were accumulated (``RUNNING_VAR``).
+    ``optimizer_state`` (a checkpoint's velocities, ``<param>.momentum_buffer``) is stored after
+    the weights, as float32 too; :func:`load_canonical` returns it apart from the weights.
     """
     if running_var not in RUNNING_VAR_CONVENTIONS:
         raise ValueError(f"running_var must be one of {RUNNING_VAR_CONVENTIONS}, got {running_var!r}")
@@ -248,6 +256,13 @@ def save_weights(
         arrays = {k: np.ascontiguousarray(weights[k], dtype=DTYPE) for k in spec}
     # Finite float64 values can overflow float32; refuse rather than store infinities.
     check_weights(spec, arrays, source="weights to save (as float32)")
+    if optimizer_state:
+        state_spec = _optimizer_spec(spec, optimizer_state)
+        _raise("optimizer state to save", weight_problems(state_spec, optimizer_state))
+        with np.errstate(over="ignore"):
+            state = {k: np.ascontiguousarray(optimizer_state[k], dtype=DTYPE) for k in state_spec}
+        _raise("optimizer state to save (as float32)", weight_problems(state_spec, state))
+        arrays.update(state)
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -263,11 +278,20 @@ def save_weights(
 
 
 class CanonicalFile(NamedTuple):
-    """A canonical weight file's contents: its configuration, tensors (canonical order) and metadata."""
+    """A canonical weight file's contents: its configuration, tensors (canonical order) and metadata,
+    and the optimiser state a training checkpoint carries (empty otherwise)."""
 
     config: DenseNetConfig
     weights: dict[str, np.ndarray]
     metadata: dict[str, str]
+    optimizer_state: dict[str, np.ndarray] = {}
+
+
+def _optimizer_spec(spec: Mapping[str, tuple[int, ...]], state: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """The names and shapes ``state`` must have: a velocity for every parameter it has one for,
+    all of them or none (``common.optim.state_spec``)."""
+    expected = {k + MOMENTUM_BUFFER: shape for k, shape in spec.items() if not is_state(k)}
+    return expected if state else {}
 
 
 def load_weights(
@@ -310,7 +334,9 @@ def load_canonical(path: PathLike, expected_config: DenseNetConfig | None = None
         if differences:
             raise WeightFileError(f"{path}: weights are for a different network:\n  " + "\n  ".join(differences))
     spec = canonical_spec(config)
-    problems = weight_problems(spec, tensors)
+    optimizer_state = {k: v for k, v in tensors.items() if k.endswith(MOMENTUM_BUFFER)}
+    tensors = {k: v for k, v in tensors.items() if k not in optimizer_state}
+    problems = weight_problems(spec, tensors) + weight_problems(_optimizer_spec(spec, optimizer_state), optimizer_state)
     for k in spec:
         # Shape, float and finiteness problems are already listed; the format stores float32 only.
         if k in tensors and tuple(tensors[k].shape) == spec[k] and tensors[k].dtype.kind == "f":
@@ -323,7 +349,7 @@ def load_canonical(path: PathLike, expected_config: DenseNetConfig | None = None
     if convention not in RUNNING_VAR_CONVENTIONS:
         problems.append(f"metadata running_var is {convention!r}, expected one of {', '.join(RUNNING_VAR_CONVENTIONS)}")
     _raise(f"{path}: tensors", problems)
-    return CanonicalFile(config, {k: tensors[k] for k in spec}, dict(metadata))
+    return CanonicalFile(config, {k: tensors[k] for k in spec}, dict(metadata), optimizer_state)
 
 
 def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> DenseNetConfig:

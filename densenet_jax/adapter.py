@@ -21,7 +21,9 @@ from jax.experimental import enable_x64
 
 from common.adapter import Adapter, Model, check_dtype
 from common.config import BN_MOMENTUM, DenseNetConfig, min_input_size
+from common.optim import SGD
 from densenet_jax.model import DenseBlock, DenseNet, transition_block
+from densenet_jax.optim import make_optimizer, velocities, with_velocities
 
 # canonical BN leaf -> (collection, Flax name)
 _BN_LEAVES = {
@@ -54,14 +56,13 @@ def _loss_and_grads(net: DenseNet, params, batch_stats, X, y, key, unbias):
     return loss, batch_stats, dparams, dX
 
 
-@partial(jax.jit, static_argnums=0)
-def _sgd_step(net: DenseNet, params, batch_stats, X, y, lr, key, unbias):
+@partial(jax.jit, static_argnums=(0, 5))
+def _sgd_step(net: DenseNet, params, batch_stats, X, y, sgd: SGD, lr, opt_state, key, unbias):
     (loss, (batch_stats, logits)), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(
         net, params, batch_stats, X, y, key, unbias
     )
-    tx = optax.sgd(lr)  # plain SGD keeps no optimizer state
-    updates, _ = tx.update(grads, tx.init(params), params)
-    return loss, optax.apply_updates(params, updates), batch_stats, logits
+    updates, opt_state = make_optimizer(sgd, lr).update(grads, opt_state, params)
+    return loss, optax.apply_updates(params, updates), batch_stats, opt_state, logits
 
 
 # Flax variable collections, or a tree shaped like one of them: nested dicts with arrays
@@ -85,6 +86,8 @@ class JaxRuntime:
     unbias: dict[tuple[int, ...], Tree] = field(default_factory=dict)
     """Per NCHW batch shape, the ``batch_stats``-shaped tree of running-variance corrections
     (``JaxAdapter._unbias_tree``)."""
+    opt_state: Any = None
+    """The optax state of ``Model.sgd`` (``densenet_jax.optim.make_optimizer``), made on first use."""
 
 
 JaxModel = Model[JaxRuntime]
@@ -273,7 +276,34 @@ class JaxAdapter(Adapter[JaxRuntime]):
         model.variables = {"params": v["params"], "batch_stats": batch_stats}
         return float(loss), self.canonical_activation(np.asarray(dX)), self._grad_tree_to_canonical(model, dparams)
 
+    def _opt_state(self, model: JaxModel):
+        if model.runtime.opt_state is None:
+            with _x64(model):  # velocities in the parameters' dtype
+                model.runtime.opt_state = make_optimizer(model.sgd, 0.0).init(model.variables["params"])
+        return model.runtime.opt_state
+
+    def _reset_optimizer(self, model: JaxModel) -> None:
+        model.runtime.opt_state = None
+
+    def _read_velocities(self, model: JaxModel) -> dict[str, np.ndarray]:
+        trace = velocities(self._opt_state(model))
+        if trace is None:
+            return {}
+        return {k: np.array(self._get(trace, p[1:])) for k, p in self._tensors(model).items() if p[0] == "params"}
+
+    def _write_velocities(self, model: JaxModel, values: dict[str, np.ndarray]) -> None:
+        state = self._opt_state(model)
+        trace = jax.tree_util.tree_map(lambda a: a, velocities(state))  # new containers
+        with _x64(model):
+            for k, path in self._tensors(model).items():
+                if path[0] == "params":
+                    self._get(trace, path[1:-1])[path[-1]] = jnp.asarray(values[k])
+        model.runtime.opt_state = with_velocities(state, trace)
+
     def train_step(self, model, X, y, lr, compiled=False):  # always jitted: eager Flax takes minutes
-        loss, params, batch_stats, logits = self._training_call(model, X, y, _sgd_step, lr)
+        loss, params, batch_stats, opt_state, logits = self._training_call(
+            model, X, y, _sgd_step, model.sgd, lr, self._opt_state(model)
+        )
         model.variables = {"params": params, "batch_stats": batch_stats}
+        model.runtime.opt_state = opt_state
         return float(loss), np.asarray(logits)

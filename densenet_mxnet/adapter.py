@@ -10,6 +10,7 @@ from common.adapter import Adapter, Model, check_dtype
 from common.config import BN_MOMENTUM, DenseNetConfig, min_input_size
 from densenet_mxnet._compat import mxnet as mx
 from densenet_mxnet.model import DenseBlock, DenseNet, transition_block
+from densenet_mxnet.optim import SuiteSGD
 from densenet_mxnet.peers import zoo_param_names
 
 autograd, gluon = mx.autograd, mx.gluon
@@ -22,8 +23,8 @@ class MXNetRuntime:
     """What the MXNet adapter keeps beside a network."""
 
     trainer: gluon.Trainer | None = None
-    """The plain-SGD ``Trainer`` ``train_step`` steps, made on first use (its learning rate is
-    set on every call)."""
+    """The ``Trainer`` ``train_step`` steps, with a ``SuiteSGD`` for ``Model.sgd`` (made on first
+    use; its learning rate is set on every call)."""
 
 
 MXNetModel = Model[MXNetRuntime]
@@ -131,20 +132,41 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
         grads = {k: p.grad().asnumpy() for k, p in self._tensors(model).items() if p.grad_req != "null"}
         return loss, X.grad.asnumpy(), grads
 
+    def _trainer(self, model: MXNetModel) -> gluon.Trainer:
+        if model.runtime.trainer is None:
+            s = model.sgd
+            # kvstore=None: the updates run in this process's Updater, whose states we read and write.
+            model.runtime.trainer = gluon.Trainer(
+                model.net.collect_params(),
+                SuiteSGD(momentum=s.momentum, nesterov=s.nesterov, wd=s.weight_decay),
+                kvstore=None,
+            )
+        return model.runtime.trainer
+
+    def _reset_optimizer(self, model: MXNetModel) -> None:
+        model.runtime.trainer = None
+
+    def _velocity_slots(self, model: MXNetModel) -> tuple[dict, dict[str, int]]:
+        """The Trainer's updater states (index -> velocity) and each canonical parameter's index."""
+        trainer = self._trainer(model)
+        index = {k: trainer._param2idx[p.name] for k, p in self._tensors(model).items() if p.grad_req != "null"}
+        return trainer._updaters[0], index
+
+    def _read_velocities(self, model: MXNetModel) -> dict[str, np.ndarray]:
+        updater, index = self._velocity_slots(model)
+        return {k: updater.states[i].asnumpy() for k, i in index.items() if updater.states.get(i) is not None}
+
+    def _write_velocities(self, model: MXNetModel, velocities: dict[str, np.ndarray]) -> None:
+        updater, index = self._velocity_slots(model)
+        for k, i in index.items():
+            updater.states[i] = mx.nd.array(velocities[k], dtype=velocities[k].dtype)
+            updater.states_synced[i] = True
+
     def train_step(self, model, X, y, lr, compiled=False):
         model.net.hybridize(compiled)
-        trainer = model.runtime.trainer
-        if trainer is None:
-            trainer = model.runtime.trainer = gluon.Trainer(model.net.collect_params(), "sgd", {"learning_rate": lr})
+        trainer = self._trainer(model)
         loss, logits = self._loss_backward(model, self.prepare(model, X), y)
-        if model.dtype == "float64":
-            # Gluon's optimizer ops take the learning rate as a float32 parameter (0.01 becomes
-            # 0.0099999998): apply it to the gradients in float64 and step with exactly 1.
-            trainer.set_learning_rate(1.0)
-            for p in model.net.collect_params().values():
-                if p.grad_req != "null":
-                    p.grad()[:] *= lr
-        else:
-            trainer.set_learning_rate(lr)
+        # SuiteSGD applies the rate with NDArray arithmetic, in the model's dtype (float64 stays exact).
+        trainer.set_learning_rate(lr)
         trainer.step(1)  # the loss is already a batch mean
         return loss, logits.asnumpy()

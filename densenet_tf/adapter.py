@@ -12,6 +12,7 @@ import tensorflow as tf
 from common.adapter import Adapter, Model, check_dtype
 from common.config import DenseNetConfig, min_input_size
 from densenet_tf.model import DenseBlock, DenseNet, transition_block
+from densenet_tf.optim import SuiteSGD, make_optimizer
 
 _BN_LEAVES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
 
@@ -22,9 +23,10 @@ class TFRuntime:
 
     compiled: Callable[[tf.Tensor, bool], tf.Tensor] | None = None
     """``tf.function`` of the forward pass ``(X, training) -> logits``."""
-    sgd: tf.keras.optimizers.SGD | None = None
-    """The optimizer ``train_step`` steps, its learning rate a variable in the model's dtype
-    (assigned on every call)."""
+    sgd: SuiteSGD | None = None
+    """The optimizer ``train_step`` steps, for ``Model.sgd``: a ``keras.optimizers.SGD`` computing
+    the suite's update (``densenet_tf.optim``), its learning rate a variable in the model's dtype
+    (assigned on every call), built on the trainable variables in canonical order."""
     train_step: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None = None
     """``tf.function`` of one step ``(X, y) -> (loss, logits)``, for ``train_step(..., compiled=True)``."""
 
@@ -131,17 +133,32 @@ class TFAdapter(Adapter[TFRuntime]):
         canonical = {k: self.canonical_param(k, g.numpy()) for k, g in grads.items()}
         return float(loss), self.canonical_activation(dX.numpy()), canonical
 
+    def _optimizer(self, model: TFModel) -> SuiteSGD:
+        if model.runtime.sgd is None:
+            opt = make_optimizer(model.sgd, model.dtype)
+            opt.build([v for v in self._tensors(model).values() if v.trainable])  # the velocities, now
+            model.runtime.sgd = opt
+        return model.runtime.sgd
+
+    def _reset_optimizer(self, model: TFModel) -> None:
+        model.runtime.sgd = None
+        model.runtime.train_step = None  # a traced step holds the old optimizer's variables
+
+    def _velocity_variables(self, model: TFModel) -> dict[str, tf.Variable]:
+        opt = self._optimizer(model)
+        if not opt.momentums:
+            return {}
+        return {k: opt.momentums[opt._get_variable_index(v)] for k, v in self._tensors(model).items() if v.trainable}
+
+    def _read_velocities(self, model: TFModel) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in self._velocity_variables(model).items()}
+
+    def _write_velocities(self, model: TFModel, velocities: dict[str, np.ndarray]) -> None:
+        for k, v in self._velocity_variables(model).items():
+            v.assign(velocities[k])
+
     def train_step(self, model, X, y, lr, compiled=False):
-        opt = model.runtime.sgd
-        if opt is None:
-            # The optimizer keeps its learning rate in a variable of the float type set when it is
-            # created; float32 would round it (0.01 -> 0.0099999998) in a float64 model.
-            previous = keras.config.floatx()
-            keras.config.set_floatx(model.dtype)
-            try:
-                opt = model.runtime.sgd = tf.keras.optimizers.SGD(learning_rate=lr)
-            finally:
-                keras.config.set_floatx(previous)
+        opt = self._optimizer(model)
         opt.learning_rate.assign(lr)
         X = self.prepare(model, X)
         y = self.check_labels(X, y, model.config.num_classes)

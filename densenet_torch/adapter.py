@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from common.adapter import Adapter, Model, check_dtype
 from common.config import DenseNetConfig, min_input_size
 from densenet_torch.model import DenseBlock, DenseNet, transition_block
+from densenet_torch.optim import make_optimizer
 
 # PyTorch has no environment switch for oneDNN; `densenet parity-sweep` measures rounding with it
 # off as well (common.parity.sweep_environment).
@@ -27,7 +28,7 @@ class TorchRuntime:
     compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
     """``torch.compile(net)``, for ``forward(..., compiled=True)``."""
     sgd: torch.optim.SGD | None = None
-    """The optimizer ``train_step`` steps (its learning rate is set on every call)."""
+    """The optimizer ``train_step`` steps, for ``Model.sgd`` (its learning rate is set on every call)."""
 
 
 TorchModel = Model[TorchRuntime]
@@ -119,11 +120,32 @@ class TorchAdapter(Adapter[TorchRuntime]):
         model.net.zero_grad(set_to_none=True)
         return float(loss.detach()), X.grad.numpy().copy(), grads
 
+    def _optimizer(self, model: TorchModel) -> torch.optim.SGD:
+        if model.runtime.sgd is None:
+            model.runtime.sgd = make_optimizer(model.net.parameters(), model.sgd)
+        return model.runtime.sgd
+
+    def _reset_optimizer(self, model: TorchModel) -> None:
+        model.runtime.sgd = None
+
+    def _read_velocities(self, model: TorchModel) -> dict[str, np.ndarray]:
+        state = self._optimizer(model).state
+        out = {}
+        for k, t in self._tensors(model).items():
+            buf = state[t].get("momentum_buffer") if t in state else None
+            if buf is not None:
+                out[k] = buf.detach().numpy().copy()
+        return out
+
+    def _write_velocities(self, model: TorchModel, velocities: dict[str, np.ndarray]) -> None:
+        state = self._optimizer(model).state
+        for k, t in self._tensors(model).items():
+            if k in velocities:
+                state[t]["momentum_buffer"] = torch.from_numpy(velocities[k].copy())
+
     def train_step(self, model, X, y, lr, compiled=False):
         # Eager even when compiled: see prefers_compiled.
-        opt = model.runtime.sgd
-        if opt is None:
-            opt = model.runtime.sgd = torch.optim.SGD(model.net.parameters(), lr=lr)
+        opt = self._optimizer(model)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)

@@ -100,9 +100,10 @@ def test_a_perturbed_weight_is_caught(adapter, monkeypatch: pytest.MonkeyPatch) 
         original(self, model, weights)
 
     monkeypatch.setattr(type(adapter), "set_weights", perturbed)
-    bad = run_parity([adapter.name], SMALL, input_size=32, batch=4, steps=2, lr=0.01)
+    bad = run_parity([adapter.name], SMALL, input_size=32, batch=4, steps=2, lr=0.01, momentum=False)
     failed = {c.check for c in bad.comparisons if not c.passed}
     assert {"inference", "train-forward", "grad-params"} <= failed and not bad.ok
+    assert not {c.check for c in bad.comparisons} & {"momentum-step", "momentum-lockstep"}
 
 
 def test_canonical_running_stat_is_pytorch_convention(adapter) -> None:
@@ -135,6 +136,14 @@ def test_naive_defaults_each_cost_something() -> None:
     small = rows[("fast variance E[x^2]-E[x]^2, float32, input mean 0.5", "training-mode logits and stages")]
     large = rows[("fast variance E[x^2]-E[x]^2, float32, input mean 100.5", "training-mode logits and stages")]
     assert small.max_abs < large.max_abs
+    # The optimiser: folding the rate into the velocity matters only when the rate changes, far
+    # beyond what the momentum checks allow; decoupled weight decay matters with momentum.
+    folded = "learning rate folded into the velocity (SGD, momentum 0.9, weight decay 0.0001)"
+    changing = rows[(folded, "weights after 20 steps, lr changing every step")]
+    constant = rows[(folded, "weights after 20 steps, constant lr (no change expected)")]
+    assert changing.max_rel > 100 * bound("momentum-step", "float32") and constant.max_rel < 1e-12
+    decoupled = rows[("decoupled weight decay (SGD, momentum 0.9, weight decay 0.0001)", changing.affects)]
+    assert decoupled.max_abs > 1e-9
 
 
 def test_same_padding_is_symmetric_on_odd_sizes() -> None:
@@ -173,6 +182,21 @@ def test_parity_cli_naive_json(capsys: pytest.CaptureFixture[str], request: pyte
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["ok"]
     assert {r["frameworks"] for r in report["naive"]} >= {"Keras", "Flax", "TF, Flax (the book)"}
+    # torch.optim.SGD is the definition: its stock optimizer changes nothing.
+    stock = [r for r in report["naive"] if r["default"].startswith("torch stock optimizer")]
+    assert len(stock) == 2 and all(r["max_abs"] < 1e-15 for r in stock)
+
+
+@pytest.mark.torch
+def test_momentum_checks_catch_a_velocity_that_is_not_loaded(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The momentum checks can fail: a backend that ignores the velocities it is given is reported."""
+    adapter = get_adapter("torch", request.config)
+    monkeypatch.setattr(type(adapter), "set_optimizer_state", lambda self, model, state: None)
+    bad = run_parity(["torch"], SMALL, input_size=32, batch=4, steps=2, lr=0.01)
+    failed = {c.check for c in bad.comparisons if not c.passed}
+    assert {"momentum-step", "nesterov-step"} <= failed and "momentum-lockstep" not in failed
 
 
 def test_float64_proves_the_same_function(request: pytest.FixtureRequest) -> None:
@@ -210,8 +234,17 @@ def test_float64_claim_on_real_networks(
     from common.config import CONFIGS
 
     config = CONFIGS[config_name]
+    # The momentum checks on the book's network; DenseNet-121 (9 minutes) checks plain SGD only.
     report = run_parity(
-        participating_backends(request.config), config, input_size, batch, steps=steps, lr=0.01, seed=0, dtype="float64"
+        participating_backends(request.config),
+        config,
+        input_size,
+        batch,
+        steps=steps,
+        lr=0.01,
+        seed=0,
+        dtype="float64",
+        momentum=config_name == "d2l",
     )
     assert not report.errors, report.errors
     assert report.ok, _failures(report)

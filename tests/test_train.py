@@ -72,6 +72,32 @@ def test_resume_reaches_the_uninterrupted_result(dataset: Path, tmp_path: Path) 
         np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
 
 
+def test_resume_continues_a_momentum_run_exactly(backend_name: str, adapter, dataset: Path, tmp_path: Path) -> None:
+    """Nesterov momentum, weight decay, warm-up then cosine: 2 epochs straight and 1 + resume 1 give
+    the same weights and velocities bit for bit. The checkpoint holds the float32 weights and
+    velocities the model trains in and the step where the schedule goes on, and the batches are a
+    function of (seed, epoch), so the resumed run repeats the same operations on the same numbers."""
+    recipe = dict(
+        momentum=0.9, nesterov=True, weight_decay=1e-4, lr_schedule="cosine", warmup_epochs=0.5, limit=64, test_limit=32
+    )
+    whole = train(settings(backend_name, **recipe), tmp_path / "whole", data_dir=dataset, progress=False)
+    train(settings(backend_name, epochs=1, **recipe), tmp_path / "split", data_dir=dataset, progress=False)
+    first = load_canonical(tmp_path / "split" / "checkpoint.safetensors")
+    assert first.metadata["step"] == "2" and len(first.optimizer_state) == len(
+        [k for k in first.weights if not k.endswith(("running_mean", "running_var"))]
+    )
+    assert any(v.any() for v in first.optimizer_state.values())
+    resumed = train(settings(backend_name, **recipe), tmp_path / "split", data_dir=dataset, resume=True, progress=False)
+    assert resumed[-1]["train_loss"] == whole[-1]["train_loss"]
+    a = load_canonical(tmp_path / "whole" / "checkpoint.safetensors")
+    b = load_canonical(tmp_path / "split" / "checkpoint.safetensors")
+    assert a.metadata["step"] == b.metadata["step"] == "4"
+    for k in a.weights:
+        np.testing.assert_array_equal(b.weights[k], a.weights[k], err_msg=k)
+    for k in a.optimizer_state:
+        np.testing.assert_array_equal(b.optimizer_state[k], a.optimizer_state[k], err_msg=k)
+
+
 @pytest.mark.torch
 def test_resume_refuses_other_settings(dataset: Path, tmp_path: Path) -> None:
     train(settings("torch", epochs=1), tmp_path / "run", data_dir=dataset, progress=False)
@@ -217,8 +243,12 @@ def test_learning_rate_schedules() -> None:
     assert cosine.lr_at(0, 100) == pytest.approx(0.1)
     assert cosine.lr_at(50, 100) == pytest.approx(0.05)
     assert cosine.lr_at(100, 100) == pytest.approx(0.0, abs=1e-12)
-    with pytest.raises(TrainingError, match="lr_schedule"):
+    with pytest.raises(TrainingError, match="lr_schedule must be one of"):
+        settings("torch", lr_schedule="linear")
+    with pytest.raises(TrainingError, match="step schedule needs milestones"):
         settings("torch", lr_schedule="step")
+    step = settings("torch", epochs=4, lr_schedule="step", lr_milestones=(2,), warmup_epochs=1)
+    assert [step.lr_at(t, 40) for t in (0, 9, 10, 19, 20)] == pytest.approx([0.01, 0.1, 0.1, 0.1, 0.01])
     for lr in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(TrainingError, match="learning rate must be a finite number above 0"):
             settings("torch", lr=lr)

@@ -47,7 +47,8 @@ def cmd_parity(args: argparse.Namespace) -> int:
         )
         for seed in seeds
     ]
-    naive = run_naive(config, args.input_size, args.batch_size, args.seed) if args.naive else []
+    backends_run = [n for n in reports[0].participants if n != "numpy" and n not in reports[0].errors]
+    naive = run_naive(config, args.input_size, args.batch_size, args.seed, backends_run) if args.naive else []
     ok = all(r.ok for r in reports)
     if args.json:
         out = reports[0].to_dict() if len(reports) == 1 else {"seeds": seeds, "reports": [r.to_dict() for r in reports]}

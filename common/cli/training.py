@@ -17,11 +17,13 @@ from common.cli.options import (
     fraction,
     positive_float,
     positive_int,
+    positive_int_list,
     seed,
 )
 from common.data.folder import DEFAULT_VAL_FRACTION as DEFAULT_VAL
 from common.errors import DenseNetError, Failed, Interrupted
 from common.limits import check_memory
+from common.optim import SCHEDULES
 from common.plot import plot_runs
 from common.progress import Progress
 from common.registry import BACKENDS, canonical_name, load_backend
@@ -63,7 +65,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         test_limit=args.test_limit,
         seed=args.seed,
         config=_train_config(args),
-        lr_schedule=args.lr_schedule,
         dataset=args.dataset,
         val_fraction=args.val_fraction,
         augment=args.augment,
@@ -71,6 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         init_format=args.init_format,
         workers=args.workers,
         sync_bn=args.sync_bn,
+        **optimizer_settings(args),
     )
     check_memory(settings.config, settings.resize, max(settings.batch_size, EVAL_BATCH))
     out = args.out or f"runs/{settings.backend}"
@@ -214,13 +216,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     run = p.add_argument_group("training")
     run.add_argument("--epochs", type=positive_int, default=10, help="epochs to train")
     run.add_argument("--batch-size", type=positive_int, default=128, help="images per SGD step")
-    run.add_argument("--lr", type=positive_float, default=0.01, help="plain SGD learning rate")
-    run.add_argument(
-        "--lr-schedule",
-        choices=("constant", "cosine"),
-        default="constant",
-        help="constant (the book) or cosine annealing to 0 over the run",
-    )
+    run.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate (the schedule's base)")
+    add_optimizer_options(p)
     run.add_argument("--resize", type=positive_int, default=96, help="image side after bilinear resizing")
     run.add_argument(
         "--limit", type=positive_int, help="train on the first N training images (see --test-limit for the test set)"
@@ -284,6 +281,55 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress and no per-epoch lines")
     p.set_defaults(func=cmd_train)
+
+
+def add_optimizer_options(p: argparse.ArgumentParser) -> None:
+    """SGD's momentum, Nesterov and weight decay, and the schedule (common.optim; PyTorch's meaning
+    in every backend, docs/training.md). The defaults are the book's: plain SGD, constant rate."""
+    opt = p.add_argument_group("optimiser (PyTorch's SGD in every backend; docs/training.md)")
+    opt.add_argument(
+        "--momentum", type=float, default=0.0, metavar="M", help="momentum in [0, 1), e.g. 0.9 (default 0: plain SGD)"
+    )
+    opt.add_argument("--nesterov", action="store_true", help="Nesterov momentum (needs --momentum)")
+    opt.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        metavar="WD",
+        help="L2 weight decay added to the gradient, e.g. 1e-4 (default 0)",
+    )
+    opt.add_argument(
+        "--lr-schedule",
+        choices=SCHEDULES,
+        default="constant",
+        help="constant (the book), cosine annealing to 0 over the run, or step (times --lr-gamma at each milestone)",
+    )
+    opt.add_argument(
+        "--lr-milestones", type=positive_int_list, metavar="E1,E2", help="epochs where step drops the rate"
+    )
+    opt.add_argument(
+        "--lr-gamma", type=float, default=0.1, metavar="G", help="step schedule's factor at each milestone"
+    )
+    opt.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=0.0,
+        metavar="E",
+        help="linear warm-up to lr over the first epochs (default 0)",
+    )
+
+
+def optimizer_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The TrainSettings fields of :func:`add_optimizer_options` (TrainSettings checks them)."""
+    return {
+        "momentum": args.momentum,
+        "nesterov": args.nesterov,
+        "weight_decay": args.weight_decay,
+        "lr_schedule": args.lr_schedule,
+        "lr_milestones": tuple(args.lr_milestones or ()),
+        "lr_gamma": args.lr_gamma,
+        "warmup_epochs": args.warmup_epochs,
+    }
 
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
