@@ -106,11 +106,6 @@ class TrainSettings:
             self.schedule.check(self.epochs)
         except OptimizerError as exc:
             raise TrainingError(str(exc)) from None
-        if self.workers > 1 and (self.sgd.has_state or self.sgd.weight_decay):
-            raise TrainingError(
-                f"--workers {self.workers}: the distributed steps run plain SGD; {self.sgd.describe()} "
-                "runs in one process only (drop --momentum/--nesterov/--weight-decay, or --workers)"
-            )
 
     @property
     def sgd(self) -> SGD:
@@ -473,7 +468,10 @@ def train(
             raise TrainingError(
                 f"--resume: {checkpoint} holds no momentum velocities to continue {settings.sgd.describe()}"
             )
-        adapter.set_optimizer_state(model, velocities)
+        if group is not None:  # every worker loads the same velocities
+            group.set_optimizer_state(adapter, model, velocities)
+        else:
+            adapter.set_optimizer_state(model, velocities)
     quiet = not (progress and writer)
     bar = Progress(adapter.name, settings.epochs, steps, start_epoch=start_epoch, quiet=quiet, live=live)
     shapes: set[tuple[str, int]] = set()  # (phase, batch size) seen: a new one compiles
@@ -566,7 +564,11 @@ def train(
                         "settings": json.dumps(settings.to_dict()),
                         "data": str(dataset.info["sha256"]),
                     },
-                    optimizer_state=adapter.get_optimizer_state(model),
+                    optimizer_state=(
+                        group.get_optimizer_state(adapter, model)
+                        if group is not None
+                        else adapter.get_optimizer_state(model)
+                    ),
                 )
             run.checkpoint_epoch = epoch + 1
             m = metrics[-1]

@@ -1,9 +1,10 @@
 """Data-parallel training with jax.distributed and a jit over a device Mesh (docs/distributed.md).
 
 Every device of every process is one entry of a 1-D ``Mesh`` with axis ``"batch"``; images and
-labels are global arrays sharded on that axis (``NamedSharding(mesh, P("batch"))``), weights are
-replicated. Several processes join through ``jax.distributed.initialize`` (CPU collectives: gloo);
-one process can also drive several host devices (``--xla_force_host_platform_device_count``).
+labels are global arrays sharded on that axis (``NamedSharding(mesh, P("batch"))``), weights and
+the optimiser's velocities are replicated. Several processes join through
+``jax.distributed.initialize`` (CPU collectives: gloo); one process can also drive several host
+devices (``--xla_force_host_platform_device_count``).
 
 ``--sync-bn`` is the plain global-view step: ``jax.jit`` of the single-process step on the sharded
 batch, where XLA computes each BatchNorm's batch mean and variance over the whole global batch
@@ -29,54 +30,60 @@ from common.adapter import Model
 from common.config import DenseNetConfig
 from common.distributed.group import DistributedError, Group
 from common.layout import to_layout
+from common.optim import SGD
 from densenet_jax.adapter import JaxAdapter, JaxRuntime, _loss, _x64
+from densenet_jax.optim import make_optimizer
 
 AXIS = "batch"
 
 
-def optimizer(lr: float) -> optax.GradientTransformation:
-    """The optimiser every distributed step uses (the one place it is made): plain SGD."""
-    return optax.sgd(lr)
+def optimizer(sgd: SGD, lr) -> optax.GradientTransformation:
+    """The optimiser every distributed step uses (the one place it is made): the optax chain for
+    ``model.sgd`` (``densenet_jax.optim.make_optimizer``; ``lr`` traced, one state for every rate).
+    Its state is ``model.runtime.opt_state``, where the adapter reads and writes the velocities,
+    replicated over the mesh; it is updated with the averaged gradients, so it stays replicated."""
+    return make_optimizer(sgd, lr)
 
 
-def _apply(params, grads, lr):
-    tx = optimizer(lr)
-    updates, _ = tx.update(grads, tx.init(params), params)  # plain SGD keeps no state
-    return optax.apply_updates(params, updates)
+def _apply(sgd: SGD, params, grads, lr, opt_state):
+    updates, opt_state = optimizer(sgd, lr).update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
 
 
-@partial(jax.jit, static_argnums=0)
-def _global_step(net, params, batch_stats, X, y, lr, key, unbias):
+@partial(jax.jit, static_argnums=(0, 1))
+def _global_step(net, sgd, params, batch_stats, opt_state, X, y, lr, key, unbias):
     """The single-process step, on global arrays: BatchNorm over the whole (sharded) batch."""
     (loss, (batch_stats, logits)), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(
         net, params, batch_stats, X, y, key, unbias
     )
-    return loss, _apply(params, grads, lr), batch_stats, logits
+    params, opt_state = _apply(sgd, params, grads, lr, opt_state)
+    return loss, params, batch_stats, opt_state, logits
 
 
 def _per_shard_step(mesh: Mesh):
     """The step run per device (BatchNorm on the device's shard), results averaged over the mesh."""
 
-    def step(net, params, batch_stats, X, y, lr, key, unbias):
-        def per_shard(params, batch_stats, X, y, lr, key, unbias):
+    def step(net, sgd, params, batch_stats, opt_state, X, y, lr, key, unbias):
+        def per_shard(params, batch_stats, opt_state, X, y, lr, key, unbias):
             (loss, (stats, logits)), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(
                 net, params, batch_stats, X, y, key, unbias
             )
             loss, grads, stats = jax.lax.pmean((loss, grads, stats), AXIS)
-            return loss, _apply(params, grads, lr), stats, logits
+            params, opt_state = _apply(sgd, params, grads, lr, opt_state)
+            return loss, params, stats, opt_state, logits
 
         rep = P()
         return jax.shard_map(
             per_shard,
             mesh=mesh,
-            in_specs=(rep, rep, P(AXIS), P(AXIS), rep, rep, rep),
-            out_specs=(rep, rep, rep, P(AXIS)),
+            in_specs=(rep, rep, rep, P(AXIS), P(AXIS), rep, rep, rep),
+            out_specs=(rep, rep, rep, rep, P(AXIS)),
             # Without it JAX would already sum the gradients of the replicated weights over the
             # mesh (its varying-axes typing); pmean above is the one reduction, stated once.
             check_vma=False,
-        )(params, batch_stats, X, y, lr, key, unbias)
+        )(params, batch_stats, opt_state, X, y, lr, key, unbias)
 
-    return jax.jit(step, static_argnums=0)
+    return jax.jit(step, static_argnums=(0, 1))
 
 
 class JaxGroup(Group):
@@ -153,14 +160,41 @@ class JaxGroup(Group):
         step = _global_step if sync else self._per_shard
         net = model.net.clone(training=True)
         v = model.variables
+        opt_state = self._opt_state(model)
         with _x64(model):
-            loss, params, batch_stats, logits = step(
-                net, v["params"], v["batch_stats"], self._sharded(model, X), self._sharded(model, y), lr, key, unbias
+            X, y = self._sharded(model, X), self._sharded(model, y)
+            loss, params, batch_stats, opt_state, logits = step(
+                net, model.sgd, v["params"], v["batch_stats"], opt_state, X, y, lr, key, unbias
             )
         model.variables = {"params": params, "batch_stats": batch_stats}
+        model.runtime.opt_state = opt_state
         self._version[id(model)] += 1
         shards = sorted(logits.addressable_shards, key=lambda s: s.index[0].start or 0)
         return float(loss), np.concatenate([np.asarray(s.data) for s in shards])
+
+    def _opt_state(self, model: Model):
+        """``model.runtime.opt_state`` replicated over the mesh: made here (zero velocities) after
+        ``configure_optimizer``, placed again after ``set_optimizer_state`` wrote local arrays."""
+        state = model.runtime.opt_state
+        if state is None:
+            with _x64(model):  # velocities in the parameters' dtype
+                host = jax.tree_util.tree_map(np.asarray, model.variables["params"])
+                state = make_optimizer(model.sgd, 0.0).init(host)
+        replicated = NamedSharding(self.mesh, P())
+        leaves = jax.tree_util.tree_leaves(state)
+        if not all(isinstance(a, jax.Array) and a.sharding.is_equivalent_to(replicated, a.ndim) for a in leaves):
+            state = self._replicated(model, state)
+        model.runtime.opt_state = state
+        return state
+
+    def get_optimizer_state(self, adapter, model):
+        self._opt_state(model)  # not the adapter's: its zeros would not be on the mesh
+        return adapter.get_optimizer_state(model)  # replicated arrays: every process reads its own copy
+
+    def set_optimizer_state(self, adapter, model, state):
+        self._opt_state(model)
+        adapter.set_optimizer_state(model, state)
+        self._opt_state(model)
 
     def forward(self, adapter, model, X):
         local, version = self._local.get(id(model), (None, -1))

@@ -10,7 +10,7 @@ from common.adapter import Adapter, Model, check_dtype
 from common.config import BN_MOMENTUM, DenseNetConfig, min_input_size
 from densenet_mxnet._compat import mxnet as mx
 from densenet_mxnet.model import DenseBlock, DenseNet, transition_block
-from densenet_mxnet.optim import SuiteSGD
+from densenet_mxnet.optim import make_optimizer
 from densenet_mxnet.peers import zoo_param_names
 
 autograd, gluon = mx.autograd, mx.gluon
@@ -134,13 +134,8 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
 
     def _trainer(self, model: MXNetModel) -> gluon.Trainer:
         if model.runtime.trainer is None:
-            s = model.sgd
             # kvstore=None: the updates run in this process's Updater, whose states we read and write.
-            model.runtime.trainer = gluon.Trainer(
-                model.net.collect_params(),
-                SuiteSGD(momentum=s.momentum, nesterov=s.nesterov, wd=s.weight_decay),
-                kvstore=None,
-            )
+            model.runtime.trainer = gluon.Trainer(model.net.collect_params(), make_optimizer(model.sgd), kvstore=None)
         return model.runtime.trainer
 
     def _reset_optimizer(self, model: MXNetModel) -> None:

@@ -3,9 +3,10 @@
 ps-lite's scheduler, one server and the workers are started by MXNet's ``tools/launch.py`` or by
 ``common.distributed.launch`` (the ``DMLC_*`` variables); ``python -m densenet_mxnet.distributed``
 with ``DMLC_ROLE=scheduler`` or ``server`` is such a process (importing MXNet runs the role).
-Each worker pushes its gradients to the kvstore, pulls their sum and steps identical weights with
-a local Gluon ``Trainer``; BatchNorm normalises with the worker's own batch statistics,
-and the running statistics are averaged through the same kvstore after each step.
+Each worker pushes its gradients to the kvstore, pulls their sum and steps identical weights (and
+velocities) with a local Gluon ``Trainer`` running ``model.sgd`` (``SuiteSGD``); BatchNorm
+normalises with the worker's own batch statistics, and the running statistics are averaged
+through the same kvstore after each step.
 
 ``--sync-bn`` is refused: ``gluon.contrib.nn.SyncBatchNorm`` synchronises the GPUs of one
 process through an in-process buffer, never across kvstore processes
@@ -25,6 +26,7 @@ from common.distributed.group import DistributedError, Group, SyncBatchNormUnava
 from common.distributed.launch import MXNET_SYNC_BN
 from densenet_mxnet._compat import mxnet as mx
 from densenet_mxnet.adapter import MXNetAdapter
+from densenet_mxnet.optim import make_optimizer
 
 gluon = mx.gluon
 # Our own kvstore keys (running statistics, sums) start here, far above the Trainer's 0..P-1.
@@ -32,8 +34,10 @@ _FIRST_KEY = 1_000_000
 
 
 def optimizer(model: Model) -> gluon.Trainer:
-    """The optimiser every distributed step uses (the one place it is made): plain SGD in a local
-    Trainer, fed the gradients the kvstore summed.
+    """The optimiser every distributed step uses (the one place it is made): ``SuiteSGD`` for
+    ``model.sgd`` (``densenet_mxnet.optim.make_optimizer``) in a local Trainer, kept where the adapter keeps it
+    (its Updater's states are the velocities ``get_optimizer_state`` reads), fed the gradients the
+    kvstore summed: every worker updates the same velocities with the same gradients.
 
     Not the Trainer's own kvstore path (``kvstore=kv, update_on_kvstore=False``): its first step
     pulls the initial weights from the kvstore while the same step pushes the gradients, with
@@ -42,7 +46,7 @@ def optimizer(model: Model) -> gluon.Trainer:
     trainer = model.runtime.trainer
     if trainer is None:
         trainer = model.runtime.trainer = gluon.Trainer(
-            model.net.collect_params(), "sgd", {"learning_rate": 0.01}, kvstore=None
+            model.net.collect_params(), make_optimizer(model.sgd), kvstore=None
         )
     return trainer
 

@@ -14,7 +14,7 @@ import numpy as np
 from common.optim import FOLDED_LR, SGD, Convention
 from densenet_mxnet._compat import mxnet as mx
 
-__all__ = ["STOCK", "SuiteSGD", "apply_steps", "stock_convention"]
+__all__ = ["STOCK", "SuiteSGD", "apply_steps", "make_optimizer", "stock_convention"]
 
 # What this framework offers for the same words (``apply_steps(..., stock=True)``).
 STOCK = "mx.optimizer.SGD or NAG"
@@ -46,6 +46,11 @@ class SuiteSGD(mx.optimizer.Optimizer):
         weight[:] = weight - lr * g
 
 
+def make_optimizer(sgd: SGD) -> SuiteSGD:
+    """``SuiteSGD`` for ``sgd`` (for a ``gluon.Trainer``; the rate is set before every step)."""
+    return SuiteSGD(momentum=sgd.momentum, nesterov=sgd.nesterov, wd=sgd.weight_decay)
+
+
 def stock_convention(sgd: SGD) -> Convention:
     """How MXNet's stock optimizer for ``sgd`` (``sgd``, or ``nag`` for Nesterov) reads it: the
     learning rate folded into the velocity, the weight decay coupled."""
@@ -62,7 +67,7 @@ def apply_steps(w0: np.ndarray, grads: list[np.ndarray], lrs: list[float], sgd: 
     """``w0`` after one step per gradient at the given rates, by ``SuiteSGD`` or (``stock``)
     MXNet's own optimizer for the same words (in ``w0``'s dtype; the stock ops round the rate
     to float32)."""
-    opt = _stock(sgd) if stock else SuiteSGD(momentum=sgd.momentum, nesterov=sgd.nesterov, wd=sgd.weight_decay)
+    opt = _stock(sgd) if stock else make_optimizer(sgd)
     updater = mx.optimizer.get_updater(opt)
     w = mx.nd.array(w0, dtype=w0.dtype)
     for g, lr in zip(grads, lrs):

@@ -1,14 +1,15 @@
 """Data-parallel training with tf.distribute.MultiWorkerMirroredStrategy (docs/distributed.md).
 
 Each worker is one process with ``TF_CONFIG`` naming the cluster and its own index; the network
-and the optimiser are made in the strategy's scope (mirrored variables), and every step runs the
-replica function with ``strategy.run``. Keras's optimiser all-reduces (sums) the gradients across
-the replicas; each replica's gradient of its shard's mean loss is divided by the number of
-replicas first, so the step uses their mean. BatchNorm normalises with the replica's own batch
-statistics, or with the global batch's (``--sync-bn``: Keras ``BatchNormalization(synchronized=True)``,
-whose moments are all-reduced sums of x and x^2 over the replicas). The running statistics are
-put in the canonical convention with the count their batch variance averaged over, then averaged
-over the replicas (``all_reduce`` in the replica context).
+and the optimiser (``model.sgd``'s ``SuiteSGD``) are made in the strategy's scope (mirrored
+variables, velocities included), and every step runs the replica function with ``strategy.run``.
+Keras's optimiser all-reduces (sums) the gradients across the replicas; each replica's gradient
+of its shard's mean loss is divided by the number of replicas first, so the step uses their mean.
+BatchNorm normalises with the replica's own batch statistics, or with the global batch's
+(``--sync-bn``: Keras ``BatchNormalization(synchronized=True)``, whose moments are all-reduced sums
+of x and x^2 over the replicas). The running statistics are put in the canonical convention with
+the count their batch variance averaged over, then averaged over the replicas (``all_reduce`` in
+the replica context).
 
 TensorFlow's gRPC server binds every interface whatever ``TF_CONFIG`` says (common.distributed.launch).
 """
@@ -26,21 +27,25 @@ from common.adapter import Model
 from common.config import DenseNetConfig
 from common.distributed.group import DistributedError, Group
 from densenet_tf.adapter import TFAdapter
+from densenet_tf.optim import make_optimizer
 
 
-def optimizer(model: Model, strategy: tf.distribute.Strategy, lr: float) -> keras.optimizers.Optimizer:
-    """The optimiser every distributed step uses (the one place it is made): plain SGD, made in
-    the strategy's scope, its learning rate a variable in the model's dtype (see TFAdapter)."""
+def optimizer(
+    adapter: TFAdapter, model: Model, strategy: tf.distribute.Strategy, lr: float | None = None
+) -> keras.optimizers.Optimizer:
+    """The optimiser every distributed step uses (the one place it is made): ``SuiteSGD`` for
+    ``model.sgd`` (``densenet_tf.optim.make_optimizer``, its learning rate a variable in the
+    model's dtype), made and built in the strategy's scope so that its velocities are mirrored
+    variables, and kept where the adapter finds them (``get_optimizer_state``). Keras all-reduces
+    the gradients before ``update_step``: the velocities are the same on every replica."""
     opt = model.runtime.sgd
     if opt is None:
-        previous = keras.config.floatx()
-        keras.config.set_floatx(model.dtype)
-        try:
-            with strategy.scope():
-                opt = model.runtime.sgd = keras.optimizers.SGD(learning_rate=lr)
-        finally:
-            keras.config.set_floatx(previous)
-    opt.learning_rate.assign(lr)
+        with strategy.scope():
+            opt = make_optimizer(model.sgd, model.dtype)
+            opt.build([v for v in adapter._tensors(model).values() if v.trainable])
+        model.runtime.sgd = opt
+    if lr is not None:
+        opt.learning_rate.assign(lr)
     return opt
 
 
@@ -60,7 +65,8 @@ class TFGroup(Group):
         self.strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
         self.replicas = self.strategy.num_replicas_in_sync
         self.world = self.strategy.cluster_resolver.cluster_spec().num_tasks("worker")
-        self._steps: dict[int, tf.types.experimental.GenericFunction] = {}
+        # By id(model): the traced step and the optimiser it holds (a new one after configure_optimizer).
+        self._steps: dict[int, tuple[keras.optimizers.Optimizer, tf.types.experimental.GenericFunction]] = {}
         self._sync: dict[int, bool] = {}
 
     def build(self, adapter: TFAdapter, config: DenseNetConfig, seed=0, dtype="float32", sync_bn=False) -> Model:
@@ -95,20 +101,29 @@ class TFGroup(Group):
         return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, loss), logits
 
     def train_step(self, adapter, model, X, y, lr):
-        opt = optimizer(model, self.strategy, lr)
+        opt = optimizer(adapter, model, self.strategy, lr)
         X = adapter.prepare(model, X)
         y = tf.convert_to_tensor(adapter.check_labels(X, y, model.config.num_classes))
-        if id(model) not in self._steps:
+        traced, step = self._steps.get(id(model), (None, None))
+        if traced is not opt:
 
             @tf.function
             def step(X, y):
                 return self.strategy.run(lambda X, y: self._replica_step(adapter, model, X, y, opt), args=(X, y))
 
-            self._steps[id(model)] = step
-        loss, logits = self._steps[id(model)](X, y)
+            self._steps[id(model)] = opt, step
+        loss, logits = step(X, y)
         loss = self.strategy.experimental_local_results(loss)[0]
         logits = self.strategy.experimental_local_results(logits)[0]
         return float(loss), logits.numpy()
+
+    def get_optimizer_state(self, adapter, model):
+        optimizer(adapter, model, self.strategy)  # not the adapter's: made outside the scope
+        return adapter.get_optimizer_state(model)
+
+    def set_optimizer_state(self, adapter, model, state):
+        optimizer(adapter, model, self.strategy)
+        adapter.set_optimizer_state(model, state)  # assigns every mirrored copy the same values
 
     def set_weights(self, adapter, model, weights):
         adapter.set_weights(model, weights)  # assigns every mirrored copy the same values

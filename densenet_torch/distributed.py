@@ -2,7 +2,8 @@
 
 Gloo on CPU; the same code takes NCCL when the tensors are on GPUs (one process per GPU). Each
 worker computes its shard's loss and DistributedDataParallel averages the gradients during
-``backward``; ``torch.optim.SGD`` then steps identical weights on every worker. BatchNorm
+``backward``; ``torch.optim.SGD``, configured for ``model.sgd``, then steps identical weights
+(and velocities) on every worker. BatchNorm
 normalises with the worker's own batch statistics (what DDP does); the running statistics are
 then averaged over the workers with ``all_reduce`` (instead of DDP's broadcast of worker 0's
 buffers), so that every worker evaluates, and worker 0 saves, the same network.
@@ -28,13 +29,17 @@ from common.config import DenseNetConfig
 from common.distributed.group import DistributedError, Group, SyncBatchNormUnavailable
 from common.distributed.launch import TORCH_SYNC_BN
 from densenet_torch.adapter import TorchAdapter
+from densenet_torch.optim import make_optimizer
 
 
 def optimizer(model: Model, lr: float) -> torch.optim.Optimizer:
-    """The optimiser every distributed step uses (the one place it is made): plain SGD."""
+    """The optimiser every distributed step uses (the one place it is made): ``torch.optim.SGD``
+    for ``model.sgd`` (``densenet_torch.optim.make_optimizer``), kept where the adapter keeps
+    it, so ``get_optimizer_state``/``set_optimizer_state`` read and write its velocities. It
+    steps after DDP averaged the gradients: the velocities are the same on every worker."""
     opt = model.runtime.sgd
     if opt is None:
-        opt = model.runtime.sgd = torch.optim.SGD(model.net.parameters(), lr=lr)
+        opt = model.runtime.sgd = make_optimizer(model.net.parameters(), model.sgd)
     for group in opt.param_groups:
         group["lr"] = lr
     return opt

@@ -1,13 +1,15 @@
 """Data-parallel training on each framework's own engine (docs/distributed.md).
 
 One launch per backend runs 2 workers of ``tests/distributed_worker.py`` (one step per dtype,
-with and without --sync-bn) and a 2-worker ``densenet train``; the assertions share it.
+with and without --sync-bn, then two momentum steps and one restored from saved velocities);
+the assertions share it. A 2-worker ``densenet train`` with momentum is resumed once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,9 +21,11 @@ from common import reference_grad
 from common.distributed import launch, shard_batches, shard_range
 from common.distributed.sharding import ShardingError
 from common.harness import seeded_batches
+from common.optim import FOLDED_LR, MOMENTUM_BUFFER, SGD, SUITE, Convention, sgd_update, state_spec
 from common.parity import bound
-from common.weights import init_canonical
-from tests.distributed_worker import BATCH, CONFIG, LR, SEED, SIZE
+from common.weights import init_canonical, load_canonical
+from tests.distributed_worker import BATCH, CONFIG, LR, LRS, MOMENTUM, SEED, SIZE
+from tests.helpers import get_adapter, run_cli
 
 pytestmark = pytest.mark.distributed
 
@@ -31,31 +35,56 @@ DTYPES = {"torch": "float32,float64", "jax": "float32", "tf": "float32,float64",
 # Engines without a BatchNorm synchronised across processes: --sync-bn is refused, with this text.
 NO_SYNC_BN = {"torch": "SyncBatchNorm runs on GPUs only", "mxnet": "never across dist_sync kvstore processes"}
 TIMEOUT_S = 240
+PLAIN = SGD()
 
 
 def _max_abs(w: dict[str, np.ndarray]) -> dict[str, float]:
     return {k: float(np.max(np.abs(v))) if np.size(v) else 0.0 for k, v in w.items()}
 
 
-def oracle_step(shards: int) -> tuple[dict[str, np.ndarray], dict[str, float], float]:
-    """The float64 numpy step on the seeded global batch, BatchNorm statistics taken per shard
-    (``shards`` equal shards; 1: the single-process step): the weights after it, the scale of each
-    tensor (as common.parity's sgd-step check) and the global mean loss."""
-    X, y = seeded_batches(CONFIG, SIZE, BATCH, 1, SEED)[0]
-    w0 = init_canonical(CONFIG, SEED)
-    parts = [
-        reference_grad.loss_and_grads(CONFIG, w0, X[a:b], y[a:b])
-        for a, b in (shard_range(BATCH, r, shards) for r in range(shards))
-    ]
-    after = {
-        k: np.asarray(v, np.float64) - LR * np.mean([g.params[k] for g in parts], axis=0) if k in parts[0].params else v
-        for k, v in w0.items()
-    }
-    stats = {k: np.mean([g.stats[k] for g in parts], axis=0) for k in parts[0].stats}
-    after.update(stats)
-    scales = {**_max_abs({k: v for k, v in after.items() if k not in stats})}
-    scales.update({k: max(g.stat_scales[k] for g in parts) for k in stats})
-    return after, scales, float(np.mean([g.loss for g in parts]))
+def oracle(
+    shards: int,
+    sgd: SGD = PLAIN,
+    lrs: tuple[float, ...] = (LR,),
+    convention: Convention = SUITE,
+    forget_velocity: bool = False,
+) -> tuple[dict[str, np.ndarray], dict[str, float], list[float]]:
+    """The float64 numpy steps of ``sgd`` (``common.optim.sgd_update``), one per seeded global
+    batch at the rates ``lrs``, BatchNorm statistics taken per shard (``shards`` equal shards; 1:
+    the single-process steps), gradients and running statistics averaged over the shards: the
+    weights and velocities after the last step, the scale of each (as common.parity's step checks)
+    and the global mean loss of each step. ``forget_velocity``: the velocities are dropped before
+    the last step (a resume that lost them)."""
+    batches = seeded_batches(CONFIG, SIZE, BATCH, len(lrs), SEED)
+    w = {k: np.asarray(v, np.float64) for k, v in init_canonical(CONFIG, SEED).items()}
+    velocity: dict[str, np.ndarray] = {}
+    losses, velocity_scales = [], {}
+    for step, ((X, y), lr) in enumerate(zip(batches, lrs)):
+        if forget_velocity and step == len(lrs) - 1:
+            velocity = {}
+        parts = [
+            reference_grad.loss_and_grads(CONFIG, w, X[a:b], y[a:b])
+            for a, b in (shard_range(BATCH, r, shards) for r in range(shards))
+        ]
+        for k in parts[0].params:
+            old = velocity.get(k)
+            # The velocity adds momentum * old, the averaged gradient and the decay term.
+            velocity_scales[k + MOMENTUM_BUFFER] = float(
+                sgd.momentum * (np.max(np.abs(old)) if old is not None else 0.0)
+                + np.mean([g.param_scales[k] for g in parts])
+                + sgd.weight_decay * np.max(np.abs(w[k]))
+            )
+            w[k], new = sgd_update(w[k], np.mean([g.params[k] for g in parts], axis=0), old, lr, sgd, convention)
+            if new is not None:
+                velocity[k] = new
+        stats = {k: np.mean([g.stats[k] for g in parts], axis=0) for k in parts[0].stats}
+        stat_scales = {k: max(g.stat_scales[k] for g in parts) for k in stats}
+        w.update(stats)
+        losses.append(float(np.mean([g.loss for g in parts])))
+    scales = {**_max_abs({k: v for k, v in w.items() if k not in stats}), **stat_scales}
+    if velocity:
+        scales.update(velocity_scales)
+    return {**w, **{k + MOMENTUM_BUFFER: v for k, v in velocity.items()}}, scales, losses
 
 
 def relative_error(a, b, scales) -> tuple[float, str]:
@@ -147,8 +176,8 @@ def test_a_data_parallel_step_equals_the_single_process_step(backend_name, adapt
     notes = json.loads((out / "notes-0.json").read_text())
     assert notes["sum"] == [sum(range(1, notes["world"] + 1)), notes["world"]]
     assert notes["replicas"] == 2
-    per_shard, per_shard_scales, per_shard_loss = oracle_step(2)
-    whole, whole_scales, whole_loss = oracle_step(1)
+    per_shard, per_shard_scales, (per_shard_loss,) = oracle(2)
+    whole, whole_scales, (whole_loss,) = oracle(1)
     ranks = range(notes["world"])
     for dtype in DTYPES[backend_name].split(","):
         limit = bound("sgd-step", dtype)
@@ -171,35 +200,116 @@ def test_a_data_parallel_step_equals_the_single_process_step(backend_name, adapt
         assert relative_error(per_shard, whole, whole_scales)[0] > 1000 * limit
 
 
+def test_data_parallel_momentum_steps_equal_the_oracle_and_resume(backend_name, adapter, steps):
+    """Two steps of Nesterov momentum with weight decay at two rates (tests/distributed_worker.py:
+    MOMENTUM, LRS) on 2 workers: weights, running statistics and velocities on every worker equal
+    the float64 oracle with per-shard BatchNorm statistics, within the ``nesterov-step`` bound;
+    and the last step, taken again by a fresh optimiser given the weights and velocities saved
+    before it (group.set_optimizer_state, as --resume does), lands on the same numbers."""
+    out = steps(backend_name)
+    world = json.loads((out / "notes-0.json").read_text())["world"]
+    expected, scales, losses = oracle(2, MOMENTUM, LRS)
+    assert len(state_spec(CONFIG, MOMENTUM)) == sum(k.endswith(MOMENTUM_BUFFER) for k in expected)
+    dtypes = DTYPES[backend_name].split(",")
+    for dtype in dtypes:
+        limit = bound("nesterov-step", dtype)
+        for rank in range(world):
+            got = dict(np.load(out / f"{rank}-{dtype}-momentum.npz"))
+            assert set(got) == {*expected, "loss"}
+            error, worst = relative_error(got, expected, scales)
+            assert error <= limit, f"{dtype} worker {rank}: {worst} off by {error:.3g} > {limit:.3g}"
+            assert np.allclose(got["loss"], losses, rtol=limit, atol=0)
+    limit = bound("nesterov-step", dtypes[0])
+    for rank in range(world):
+        got = dict(np.load(out / f"{rank}-{dtypes[0]}-restored.npz"))
+        error, worst = relative_error(got, expected, scales)
+        assert error <= limit, f"restored velocities, worker {rank}: {worst} off by {error:.3g} > {limit:.3g}"
+    # The test can tell the suite's SGD from the frameworks' own readings of the same words and
+    # from a resume that lost the velocities or the weight decay.
+    for other in (
+        oracle(2, MOMENTUM, LRS, FOLDED_LR),
+        oracle(2, SGD(MOMENTUM.momentum, MOMENTUM.nesterov), LRS),
+        oracle(2, MOMENTUM, LRS, forget_velocity=True),
+    ):
+        assert relative_error(other[0], expected, scales)[0] > 100 * bound("nesterov-step", "float32")
+
+
 # --- one launch per backend: a 2-worker densenet train ------------------------------------------
 
+# The optimiser of the CLI runs (tests/distributed_worker.py's MOMENTUM).
+MOMENTUM_OPTIONS = ("--momentum", "0.9", "--nesterov", "--weight-decay", "5e-3")
 
-def test_a_two_worker_run_writes_one_run_that_any_backend_evaluates(
-    backend_name, adapter, tmp_path, capsys, monkeypatch
-):
-    from tests.helpers import run_cli
 
-    out = tmp_path / "run"
-    argv = [
-        "train", "--backend", backend_name, "--workers", "2", "--arch", "2,2", "--num-channels", "16",
+def _train_argv(backend: str, out: Path, epochs: int, *extra: str) -> list[str]:
+    return [
+        "train", "--backend", backend, "--workers", "2", "--arch", "2,2", "--num-channels", "16",
         "--growth-rate", "16", "--resize", "16", "--batch-size", "16", "--limit", "256", "--test-limit", "128",
-        "--epochs", "1", "--quiet", "--out", str(out),
+        "--epochs", str(epochs), *MOMENTUM_OPTIONS, "--quiet", "--out", str(out), *extra,
     ]  # fmt: skip
-    monkeypatch.setenv("DENSENET_DIST_TIMEOUT", "120")  # every rendezvous and collective
-    monkeypatch.setenv("DENSENET_DIST_JOB_TIMEOUT", str(TIMEOUT_S))  # the whole job, then killed
-    code, _, err = run_cli(capsys, *argv)
+
+
+def _train(capsys, *argv: str) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DENSENET_DIST_TIMEOUT", "120")  # every rendezvous and collective
+        mp.setenv("DENSENET_DIST_JOB_TIMEOUT", str(TIMEOUT_S))  # the whole job, then killed
+        code, _, err = run_cli(capsys, *argv)
     assert code == 0, err
+
+
+@pytest.fixture(scope="module")
+def one_epoch_runs(tmp_path_factory):
+    """Per backend, the run directory of one 2-worker momentum ``densenet train`` of one epoch."""
+    done: dict[str, Path] = {}
+
+    def run(backend: str, capsys) -> Path:
+        if backend not in done:
+            out = tmp_path_factory.mktemp(f"run-{backend}") / "run"
+            _train(capsys, *_train_argv(backend, out, 1))
+            done[backend] = out
+        return done[backend]
+
+    return run
+
+
+def test_a_two_worker_run_writes_one_run_that_any_backend_evaluates(backend_name, adapter, one_epoch_runs, capsys):
+    out = one_epoch_runs(backend_name, capsys)
     assert sorted(p.name for p in out.iterdir()) == [
         "checkpoint.safetensors", "curves.png", "metrics.jsonl", "run.json", "steps.jsonl", "weights.safetensors",
     ]  # fmt: skip
-    assert not [p for p in tmp_path.iterdir() if p != out]  # no stray files beside it
+    assert not [p for p in out.parent.iterdir() if p != out]  # no stray files beside it
     settings = json.loads((out / "run.json").read_text())["settings"]
     assert settings["workers"] == 2 and settings["batch_size"] == 16
+    assert (settings["momentum"], settings["nesterov"], settings["weight_decay"]) == (0.9, True, 5e-3)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and np.isfinite(metrics[0]["train_loss"])
+    # Worker 0's checkpoint holds every velocity, as a single-process run's does.
+    checkpoint = load_canonical(out / "checkpoint.safetensors")
+    velocities = checkpoint.optimizer_state
+    assert sorted(velocities) == sorted(state_spec(checkpoint.config, MOMENTUM))
+    assert all(np.all(np.isfinite(v)) for v in velocities.values())
+    assert all(np.any(v != 0) for k, v in velocities.items() if not k.startswith("stem.conv.bias"))
     # The weights in PyTorch (any backend loads them): the accuracy worker 0 recorded, evaluated sharded.
     code, text, err = run_cli(
         capsys, "evaluate", "--weights", out / "weights.safetensors", "--backend", "torch", "--limit", "128", "--json"
     )
     assert code == 0, err
     assert abs(json.loads(text)["test_acc"] - metrics[0]["test_acc"]) <= 1 / 128
+
+
+@pytest.mark.mxnet
+def test_a_resumed_two_worker_momentum_run_continues_as_if_uninterrupted(request, one_epoch_runs, tmp_path, capsys):
+    """``--resume`` of a 2-worker momentum run (every worker loads worker 0's velocities) for a
+    second epoch gives the weights and velocities of an uninterrupted 2-epoch run. On MXNet only:
+    the fastest engine to launch; what differs per engine, loading saved velocities into a fresh
+    optimiser on every worker, is checked on all four by the momentum step test."""
+    get_adapter("mxnet", request.config)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(one_epoch_runs("mxnet", capsys), resumed)
+    _train(capsys, *_train_argv("mxnet", resumed, 2, "--resume"))
+    _train(capsys, *_train_argv("mxnet", tmp_path / "whole", 2))
+    a = load_canonical(resumed / "checkpoint.safetensors")
+    b = load_canonical(tmp_path / "whole" / "checkpoint.safetensors")
+    assert a.metadata["epoch"] == b.metadata["epoch"] == "2"
+    for k in {**b.weights, **b.optimizer_state}:
+        x, y = {**a.weights, **a.optimizer_state}[k], {**b.weights, **b.optimizer_state}[k]
+        assert np.array_equal(x, y), f"{k}: resumed differs by {np.max(np.abs(x - y)):.3g}"

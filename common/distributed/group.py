@@ -100,10 +100,22 @@ class Group(ABC):
     def train_step(
         self, adapter: Adapter, model: Model, X: np.ndarray, y: np.ndarray, lr: float
     ) -> tuple[float, np.ndarray]:
-        """One data-parallel plain SGD step on this worker's shard ``X`` (NCHW), ``y``:
+        """One data-parallel step of ``model.sgd`` (``common.optim.SGD``, set by
+        ``adapter.configure_optimizer``) at rate ``lr`` on this worker's shard ``X`` (NCHW), ``y``:
         ``(mean loss over the whole global batch, this shard's logits)``. Gradients are averaged
-        over the workers by the engine; each running statistic becomes the mean over the workers
-        of their updates (identical on all of them with ``sync_bn``), in the canonical convention."""
+        over the workers by the engine before the optimiser sees them, so the velocities stay
+        identical on every worker; each running statistic becomes the mean over the workers of
+        their updates (identical on all of them with ``sync_bn``), in the canonical convention."""
+
+    def get_optimizer_state(self, adapter: Adapter, model: Model) -> dict[str, np.ndarray]:
+        """The velocities as ``adapter.get_optimizer_state`` gives them (identical on every
+        worker; no communication, so worker 0 alone may ask)."""
+        return adapter.get_optimizer_state(model)
+
+    def set_optimizer_state(self, adapter: Adapter, model: Model, state: dict[str, np.ndarray]) -> None:
+        """Load velocities from ``get_optimizer_state`` (of any backend or run); every worker
+        loads the same ones."""
+        adapter.set_optimizer_state(model, state)
 
     @abstractmethod
     def set_weights(self, adapter: Adapter, model: Model, weights: dict[str, np.ndarray]) -> None:
