@@ -95,9 +95,13 @@ class Adapter(ABC, Generic[RuntimeT]):
         """The framework's version string."""
 
     @abstractmethod
-    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> Model[RuntimeT]:
+    def build(
+        self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32", *, memory_efficient: bool = False
+    ) -> Model[RuntimeT]:
         """The network with the framework's own (seeded) initialisation, built for its inputs,
-        with every weight in ``dtype`` (``"float32"`` or ``"float64"``)."""
+        with every weight in ``dtype`` (``"float32"`` or ``"float64"``). ``memory_efficient``
+        builds the same network (same weights for the same seed) whose training recomputes each
+        dense layer's concatenation, BatchNorm and ReLU in the backward pass instead of keeping them."""
 
     @abstractmethod
     def _stages(self, model: Model[RuntimeT], X: Any, training: bool) -> list[Any]:

@@ -106,9 +106,11 @@ class JaxAdapter(Adapter[JaxRuntime]):
 
         return f"{jax.__version__} (Flax {flax.__version__})"
 
-    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> JaxModel:
+    def build(
+        self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32", *, memory_efficient: bool = False
+    ) -> JaxModel:
         dtype = check_dtype(dtype)
-        net = DenseNet.for_config(config)
+        net = DenseNet.for_config(config, memory_efficient=memory_efficient)
         size = min_input_size(config)
         # jit makes initialisation one compiled call instead of hundreds of eager ops.
         variables = jax.jit(net.init)(

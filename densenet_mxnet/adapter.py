@@ -45,10 +45,12 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
         ``gluon`` peer format, whose names only the zoo can produce)."""
         return zoo_param_names(name, num_classes)
 
-    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> MXNetModel:
+    def build(
+        self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32", *, memory_efficient: bool = False
+    ) -> MXNetModel:
         dtype = check_dtype(dtype)
         mx.random.seed(seed)
-        net = DenseNet.for_config(config)
+        net = DenseNet.for_config(config, memory_efficient=memory_efficient)
         net.initialize(mx.init.Xavier())  # the book's initialiser
         size = min_input_size(config)
         net(mx.nd.zeros((1, config.in_channels, size, size)))  # finish the deferred initialisation
@@ -119,6 +121,10 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
             loss = loss_fn(logits, y).mean()
         # MXNet updates BatchNorm's running statistics only here, in the backward pass (CPU).
         loss.backward()
+        if model.net.memory_efficient:
+            # The recomputations' backward passes push their work from the engine's custom-function
+            # thread; nothing may touch their statistics before they are done.
+            mx.nd.waitall()
         for k, factor in factors.items():  # see running_var_unbiased and bn_momentum
             tensors[k].set_data(self.canonical_running_stat(old[k], tensors[k].data(), factor))
         return float(loss.asscalar()), logits

@@ -41,7 +41,9 @@ class TFAdapter(Adapter[TFRuntime]):
     def version(self) -> str:
         return f"{tf.__version__} (Keras {tf.keras.__version__})"
 
-    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> TFModel:
+    def build(
+        self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32", *, memory_efficient: bool = False
+    ) -> TFModel:
         dtype = check_dtype(dtype)
         tf.keras.utils.set_random_seed(seed)
         # Keras layers take their variable and compute dtype from the global dtype policy when
@@ -49,7 +51,7 @@ class TFAdapter(Adapter[TFRuntime]):
         previous = keras.config.dtype_policy()
         keras.config.set_dtype_policy(dtype)
         try:
-            net = DenseNet.for_config(config)
+            net = DenseNet.for_config(config, memory_efficient=memory_efficient)
             size = min_input_size(config)
             net(tf.zeros((1, size, size, config.in_channels), dtype), training=False)  # build the layers
         finally:

@@ -46,10 +46,12 @@ class TorchAdapter(Adapter[TorchRuntime]):
     def version(self) -> str:
         return torch.__version__
 
-    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> TorchModel:
+    def build(
+        self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32", *, memory_efficient: bool = False
+    ) -> TorchModel:
         dtype = check_dtype(dtype)
         torch.manual_seed(seed)
-        net = DenseNet.for_config(config)
+        net = DenseNet.for_config(config, memory_efficient=memory_efficient)
         net.eval()
         size = min_input_size(config)
         with torch.no_grad():  # materialise the lazy modules
