@@ -91,7 +91,9 @@ def _recomputed_head(head: list[layers.Layer]):
     def run(*features: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         X = tf.concat(features, axis=-1)
         mean, variance = keras.ops.moments(X, axes=[0, 1, 2])
-        X = keras.ops.batch_normalization(X, mean, variance, axis=-1, offset=bn.beta, scale=bn.gamma, epsilon=bn.epsilon)
+        X = keras.ops.batch_normalization(
+            X, mean, variance, axis=-1, offset=bn.beta, scale=bn.gamma, epsilon=bn.epsilon
+        )
         for layer in rest:
             X = layer(X, training=True)
         return X, mean, variance

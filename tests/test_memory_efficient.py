@@ -9,8 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from common.config import is_state
 from common import reference_grad
+from common.config import is_state
 from common.parity import PARITY_CASE, bound
 from tests.helpers import images
 
@@ -115,40 +115,38 @@ def _count_calls(obj, method: str, counter: list[int]) -> None:
     setattr(obj, method, counted)
 
 
-def test_the_backward_pass_recomputes(adapter, native, backend_name: str) -> None:
-    """A recomputed BatchNorm runs twice per training pass in memory-efficient mode, once
-    otherwise (TF: the 3x3 conv after it; JAX: the gradient's program normalises once more per
-    dense layer)."""
+def _normalisations(adapter, backend_name: str, efficient: bool, X: np.ndarray, y: np.ndarray) -> int:
+    """How often one training pass evaluates dense block 1's first BatchNorm (TF: the 3x3 conv
+    after it, the BatchNorm not being a layer call there; JAX: every BatchNorm of the gradient's
+    program, counted by its rsqrt)."""
+    model = adapter.build(ONE_BLOCK, seed=0, memory_efficient=efficient)
+    counter = [0]
+    if backend_name == "jax":
+        import jax
+
+        from densenet_jax.adapter import _loss
+
+        v = model.variables
+        unbias = adapter._unbias_tree(model, X.shape)
+        rest = (v["batch_stats"], adapter.prepare(model, X), y, jax.random.PRNGKey(0), unbias)
+        net = model.net.clone(training=True)
+        program = jax.make_jaxpr(jax.grad(lambda p: _loss(net, p, *rest)[0]))(v["params"])
+        return len(re.findall(r"\brsqrt\b", str(program)))
+    if backend_name in ("torch", "mxnet"):  # dense block 1, conv block 1, its BatchNorm
+        model.net.net[1].net[0][0].register_forward_hook(lambda *a: counter.__setitem__(0, counter[0] + 1))
+    else:  # tf: BN, ReLU, ZeroPadding2D, then the 3x3 conv
+        _count_calls(model.net.net.layers[1].net[0].net[3], "call", counter)
+    adapter.loss_and_grads(model, X, y)
+    return counter[0]
+
+
+def test_the_backward_pass_recomputes(adapter, backend_name: str) -> None:
+    """The recomputed part runs twice per training pass in memory-efficient mode, once otherwise
+    (JAX: one more BatchNorm per dense layer in the gradient's program)."""
     rng = np.random.default_rng(4)
     X = images(rng, (2, 1, 32, 32))
     y = rng.integers(0, 10, 2)
-    runs = {}
-    for efficient in (False, True):
-        model = adapter.build(ONE_BLOCK, seed=0, memory_efficient=efficient)
-        counter = [0]
-        if backend_name == "jax":
-            import jax
-
-            from densenet_jax.adapter import _loss
-
-            v = model.variables
-            rest = (
-                v["batch_stats"],
-                adapter.prepare(model, X),
-                y,
-                jax.random.PRNGKey(0),
-                adapter._unbias_tree(model, X.shape),
-            )
-            net = model.net.clone(training=True)
-            program = jax.make_jaxpr(jax.grad(lambda p: _loss(net, p, *rest)[0]))(v["params"])
-            counter[0] = len(re.findall(r"\brsqrt\b", str(program)))  # one per BatchNorm evaluation
-        else:
-            if backend_name in ("torch", "mxnet"):  # dense block 1, conv block 1, its BatchNorm
-                model.net.net[1].net[0][0].register_forward_hook(lambda *a: counter.__setitem__(0, counter[0] + 1))
-            else:  # tf: BN, ReLU, ZeroPadding2D, then the 3x3 conv (the BN is not a layer call here)
-                _count_calls(model.net.net.layers[1].net[0].net[3], "call", counter)
-            adapter.loss_and_grads(model, X, y)
-        runs[efficient] = counter[0]
+    runs = {efficient: _normalisations(adapter, backend_name, efficient, X, y) for efficient in (False, True)}
     if backend_name == "jax":
         assert runs[True] - runs[False] == ONE_BLOCK.arch[0], runs
     else:
