@@ -8,6 +8,7 @@ NCHW, and reads and writes the weights in the canonical format (``common.weights
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -87,6 +88,9 @@ class Adapter(ABC, Generic[RuntimeT]):
     bn_momentum: ClassVar[float] = BN_MOMENTUM
     # Whether training and evaluation should take the compiled path (see densenet_torch).
     prefers_compiled: ClassVar[bool] = True
+    # Execution modes `densenet bench` measures: "eager" and the framework's compiled paths by
+    # their own names; :meth:`bench_step` knows each.
+    bench_modes: ClassVar[tuple[str, ...]] = ("eager", "compiled")
 
     # --- framework specifics -------------------------------------------------------------
 
@@ -198,6 +202,24 @@ class Adapter(ABC, Generic[RuntimeT]):
         if b == m:  # the cheaper form: a small correction added to ``new``
             return new + (new - (1 - m) * old) * (factor - 1)
         return (1 - m) * old + (new - (1 - b) * old) * (m / b * factor)
+
+    def bench_step(
+        self, model: Model[RuntimeT], phase: str, mode: str, X: np.ndarray, y: np.ndarray, lr: float = 0.01
+    ) -> Callable[[], None]:
+        """One timed unit of ``densenet bench``: a training step (``phase="train"``) or a forward
+        pass in inference mode (``"inference"``) in ``mode`` (one of :attr:`bench_modes`); it
+        returns once the framework has finished (results read back as numpy)."""
+        if mode not in self.bench_modes:
+            raise ValueError(f"{self.name} has no mode {mode!r}; its modes are {', '.join(self.bench_modes)}")
+        compiled = mode != "eager"
+
+        def step() -> None:
+            if phase == "train":
+                self.train_step(model, X, y, lr, compiled=compiled)
+            else:
+                self.forward(model, X, compiled=compiled)
+
+        return step
 
     # --- shared -------------------------------------------------------------------------
 

@@ -24,6 +24,9 @@ class MXNetRuntime:
     trainer: gluon.Trainer | None = None
     """The plain-SGD ``Trainer`` ``train_step`` steps, made on first use (its learning rate is
     set on every call)."""
+    hybridized: bool | None = None
+    """Whether the network is hybridized now (None: not yet decided). ``hybridize()`` discards the
+    compiled graph (Gluon's ``clear=True``), so it is called only when this changes."""
 
 
 MXNetModel = Model[MXNetRuntime]
@@ -36,6 +39,7 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
     running_var_unbiased = False
     # Gluon's BatchNorm keeps its momentum parameter as a float32 (0.9 -> 0.89999998).
     bn_momentum = 1 - float(np.float32(1 - BN_MOMENTUM))
+    bench_modes = ("eager", "hybridize")
 
     def version(self) -> str:
         return mx.__version__
@@ -64,8 +68,17 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
     def _to_numpy(self, Y: mx.nd.NDArray) -> np.ndarray:
         return Y.asnumpy()
 
+    @staticmethod
+    def _hybridize(model: MXNetModel, active: bool) -> None:
+        """Compile (or stop compiling) the network, only when that changes: every ``hybridize()``
+        call throws the cached graph away. ``static_alloc`` and ``static_shape`` let the cached
+        graph keep its memory plan and shapes between calls with the same batch shape."""
+        if model.runtime.hybridized is not active:
+            model.net.hybridize(active, static_alloc=active, static_shape=active)
+            model.runtime.hybridized = active
+
     def _forward(self, model: MXNetModel, X, training: bool, compiled: bool):
-        model.net.hybridize(compiled)
+        self._hybridize(model, compiled)
         # train_mode switches BatchNorm to batch statistics without recording a graph.
         if training:
             with autograd.train_mode():
@@ -73,7 +86,7 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
         return model.net(X)
 
     def _stages(self, model: MXNetModel, X, training: bool) -> list:
-        model.net.hybridize(False)
+        self._hybridize(model, False)
         outs = []
         with autograd.train_mode() if training else autograd.predict_mode():
             for i in range(len(model.net.net)):
@@ -132,13 +145,13 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
     def loss_and_grads(self, model, X, y):
         X = self.prepare(model, X)
         X.attach_grad()
-        model.net.hybridize(False)
+        self._hybridize(model, False)
         loss, _ = self._loss_backward(model, X, y)
         grads = {k: p.grad().asnumpy() for k, p in self._tensors(model).items() if p.grad_req != "null"}
         return loss, X.grad.asnumpy(), grads
 
     def train_step(self, model, X, y, lr, compiled=False):
-        model.net.hybridize(compiled)
+        self._hybridize(model, compiled)
         trainer = model.runtime.trainer
         if trainer is None:
             trainer = model.runtime.trainer = gluon.Trainer(model.net.collect_params(), "sgd", {"learning_rate": lr})

@@ -27,6 +27,8 @@ class TFRuntime:
     (assigned on every call)."""
     train_step: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None = None
     """``tf.function`` of one step ``(X, y) -> (loss, logits)``, for ``train_step(..., compiled=True)``."""
+    jit_compile: bool = False
+    """Whether those ``tf.function`` compile with XLA (``jit_compile=True``); set before first use."""
 
 
 TFModel = Model[TFRuntime]
@@ -37,6 +39,7 @@ class TFAdapter(Adapter[TFRuntime]):
     framework = "TensorFlow/Keras"
     layout = "NHWC"
     running_var_unbiased = False
+    bench_modes = ("eager", "function", "xla")
 
     def version(self) -> str:
         return f"{tf.__version__} (Keras {tf.keras.__version__})"
@@ -67,7 +70,9 @@ class TFAdapter(Adapter[TFRuntime]):
     def _forward(self, model: TFModel, X: tf.Tensor, training: bool, compiled: bool) -> tf.Tensor:
         if compiled:
             if model.runtime.compiled is None:
-                model.runtime.compiled = tf.function(lambda X, training: model.net(X, training=training))
+                model.runtime.compiled = tf.function(
+                    lambda X, training: model.net(X, training=training), jit_compile=model.runtime.jit_compile
+                )
             return model.runtime.compiled(X, training)
         return model.net(X, training=training)
 
@@ -133,6 +138,11 @@ class TFAdapter(Adapter[TFRuntime]):
         canonical = {k: self.canonical_param(k, g.numpy()) for k, g in grads.items()}
         return float(loss), self.canonical_activation(dX.numpy()), canonical
 
+    def bench_step(self, model, phase, mode, X, y, lr=0.01):
+        if mode == "xla":
+            model.runtime.jit_compile = True
+        return super().bench_step(model, phase, "eager" if mode == "eager" else "function", X, y, lr)
+
     def train_step(self, model, X, y, lr, compiled=False):
         opt = model.runtime.sgd
         if opt is None:
@@ -149,7 +159,9 @@ class TFAdapter(Adapter[TFRuntime]):
         y = self.check_labels(X, y, model.config.num_classes)
         if compiled:
             if model.runtime.train_step is None:
-                model.runtime.train_step = tf.function(lambda X, y: self._step(model, X, y))
+                model.runtime.train_step = tf.function(
+                    lambda X, y: self._step(model, X, y), jit_compile=model.runtime.jit_compile
+                )
             step = model.runtime.train_step
         else:
 

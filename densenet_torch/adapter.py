@@ -42,6 +42,7 @@ class TorchAdapter(Adapter[TorchRuntime]):
     # took 26 s compiled, 1 s eager), so training and evaluation run eagerly; the compiled path is
     # checked against eager in the tests.
     prefers_compiled = False
+    bench_modes = ("eager", "compile")
 
     def version(self) -> str:
         return torch.__version__
@@ -120,6 +121,22 @@ class TorchAdapter(Adapter[TorchRuntime]):
         grads = {k: t.grad.numpy().copy() for k, t in self._tensors(model).items() if t.requires_grad}
         model.net.zero_grad(set_to_none=True)
         return float(loss.detach()), X.grad.numpy().copy(), grads
+
+    def bench_step(self, model, phase, mode, X, y, lr=0.01):
+        if not (phase == "train" and mode == "compile"):
+            return super().bench_step(model, phase, mode, X, y, lr)
+        # The forward and backward passes compiled together (AOTAutograd); the update stays eager.
+        net = torch.compile(model.net)
+        opt = torch.optim.SGD(model.net.parameters(), lr=lr)
+        X, y = self.prepare(model, X), torch.from_numpy(self.check_labels(X, y, model.config.num_classes))
+
+        def step() -> None:
+            model.net.train(True)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(X), y).backward()
+            opt.step()
+
+        return step
 
     def train_step(self, model, X, y, lr, compiled=False):
         # Eager even when compiled: see prefers_compiled.
