@@ -63,6 +63,9 @@ class TrainSettings:
     config: DenseNetConfig = field(default_factory=DenseNetConfig)
     # "constant" (the book) or "cosine": lr * (1 + cos(pi * step / total)) / 2, annealed every step.
     lr_schedule: str = "constant"
+    # Recompute the dense layers' concatenation, BatchNorm and ReLU in the backward pass
+    # (docs/performance.md): the same training, less memory, more time.
+    memory_efficient: bool = False
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
@@ -81,7 +84,7 @@ class TrainSettings:
         return d
 
     # Settings a resumed run must share with the run it continues (epochs may grow).
-    RESUMABLE_DIFFERENCES = ("epochs",)
+    RESUMABLE_DIFFERENCES = ("epochs", "memory_efficient")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -261,7 +264,7 @@ def train(
     test_split = data.subset(data.load("test", directory), settings.test_limit)
     adapter = load_backend(settings.backend)
 
-    model = adapter.build(config, seed=settings.seed)
+    model = adapter.build(config, seed=settings.seed, memory_efficient=settings.memory_efficient)
     metrics: list[dict[str, Any]] = []
     start_epoch = 0
     checkpoint = out / "checkpoint.safetensors"

@@ -74,7 +74,8 @@ class TorchAdapter(Adapter[TorchRuntime]):
                 model.runtime.compiled = torch.compile(model.net)
             net = model.runtime.compiled
         model.net.train(training)
-        with torch.no_grad():
+        # inference_mode: no autograd bookkeeping at all (no version counters, no views tracked).
+        with torch.inference_mode():
             return net(X)
 
     def _stages(self, model: TorchModel, X: torch.Tensor, training: bool) -> list[torch.Tensor]:

@@ -51,6 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         config=config_from_args(args),
         lr_schedule=args.lr_schedule,
+        memory_efficient=args.memory_efficient,
     )
     check_memory(settings.config, settings.resize, max(settings.batch_size, EVAL_BATCH))
     out = args.out or f"runs/{settings.backend}"
@@ -168,6 +169,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         help="evaluate after each epoch on the first N test images (default: all 10,000)",
     )
     run.add_argument("--seed", type=seed, default=0, help="seed of the weights and the shuffle")
+    run.add_argument(
+        "--memory-efficient",
+        action="store_true",
+        help="recompute each dense layer's concatenation, BatchNorm and ReLU in the backward pass (less memory)",
+    )
     files = p.add_argument_group("files")
     files.add_argument("--out", help="run directory (default runs/BACKEND); refused if it holds a run, see below")
     files.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
