@@ -25,6 +25,7 @@ from common.config import (
     min_input_size,
     stage_names,
 )
+from common.errors import Unsupported
 from common.layout import from_layout, param_from_native, param_to_native, to_layout
 from common.weights import check_weights
 
@@ -210,7 +211,7 @@ class Adapter(ABC, Generic[RuntimeT]):
         pass in inference mode (``"inference"``) in ``mode`` (one of :attr:`bench_modes`); it
         returns once the framework has finished (results read back as numpy)."""
         if mode not in self.bench_modes:
-            raise ValueError(f"{self.name} has no mode {mode!r}; its modes are {', '.join(self.bench_modes)}")
+            raise Unsupported(f"{self.name} has no mode {mode!r}; its modes are {', '.join(self.bench_modes)}")
         compiled = mode != "eager"
 
         def step() -> None:

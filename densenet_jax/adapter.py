@@ -21,6 +21,7 @@ from jax.experimental import enable_x64
 
 from common.adapter import Adapter, Model, check_dtype
 from common.config import BN_MOMENTUM, DenseNetConfig, min_input_size
+from common.errors import Unsupported
 from densenet_jax.model import DenseBlock, DenseNet, transition_block
 
 # canonical BN leaf -> (collection, Flax name)
@@ -160,7 +161,7 @@ class JaxAdapter(Adapter[JaxRuntime]):
 
     def bench_step(self, model, phase, mode, X, y, lr=0.01):
         if phase == "train" and mode == "eager":
-            raise ValueError("JAX's training step is always jitted here (op-by-op Flax would take minutes a step)")
+            raise Unsupported("JAX's training step is always jitted here (op-by-op Flax would take minutes a step)")
         return super().bench_step(model, phase, mode, X, y, lr)
 
     def _forward(self, model: JaxModel, X, training: bool, compiled: bool):

@@ -224,7 +224,7 @@ class BenchReport:
         body = []
         for r in self.rows:
             if "error" in r:
-                body.append([r["backend"], r["mode"], r["phase"], "-", "-", "-", "-", "-", f"FAILED: {r['error']}"])
+                body.append([r["backend"], r["mode"], r["phase"], *["-"] * 6, f"FAILED: {r['error']}"])
                 continue
             body.append(
                 [
@@ -242,7 +242,7 @@ class BenchReport:
         headers = ["backend", "mode", "phase", "median ms", "IQR ms", "min-max ms", "img/s", "first step s", "peak MiB"]
         if any("error" in r for r in self.rows):
             headers.append("")
-            body = [row + [""] if len(row) == 9 else row for row in body]
+            body = [row if len(row) == 10 else [*row, ""] for row in body]
         return head + "\n" + format_table(headers, body)
 
 
