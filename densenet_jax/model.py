@@ -55,7 +55,7 @@ class ConvBlock(nn.Module):
 
     @nn.compact
     def __call__(self, X: jnp.ndarray | Sequence[jnp.ndarray]) -> jnp.ndarray:
-        if not isinstance(X, jnp.ndarray):  # the memory-efficient dense block hands over the pieces
+        if isinstance(X, (list, tuple)):  # the memory-efficient dense block hands over the pieces
             X = jnp.concatenate(X, axis=-1)
         if self.bn_size is not None:
             X = nn.relu(_batch_norm(self.training)(X))
