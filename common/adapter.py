@@ -8,6 +8,7 @@ NCHW, and reads and writes the weights in the canonical format (``common.weights
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -24,6 +25,7 @@ from common.config import (
     min_input_size,
     stage_names,
 )
+from common.errors import Unsupported
 from common.layout import from_layout, param_from_native, param_to_native, to_layout
 from common.optim import MOMENTUM_BUFFER, SGD, check_state, state_spec
 from common.weights import check_weights
@@ -91,6 +93,9 @@ class Adapter(ABC, Generic[RuntimeT]):
     bn_momentum: ClassVar[float] = BN_MOMENTUM
     # Whether training and evaluation should take the compiled path (see densenet_torch).
     prefers_compiled: ClassVar[bool] = True
+    # Execution modes `densenet bench` measures: "eager" and the framework's compiled paths by
+    # their own names; :meth:`bench_step` knows each.
+    bench_modes: ClassVar[tuple[str, ...]] = ("eager", "compiled")
 
     # --- framework specifics -------------------------------------------------------------
 
@@ -99,9 +104,13 @@ class Adapter(ABC, Generic[RuntimeT]):
         """The framework's version string."""
 
     @abstractmethod
-    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> Model[RuntimeT]:
+    def build(
+        self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32", *, memory_efficient: bool = False
+    ) -> Model[RuntimeT]:
         """The network with the framework's own (seeded) initialisation, built for its inputs,
-        with every weight in ``dtype`` (``"float32"`` or ``"float64"``)."""
+        with every weight in ``dtype`` (``"float32"`` or ``"float64"``). ``memory_efficient``
+        builds the same network (same weights for the same seed) whose training recomputes each
+        dense layer's concatenation, BatchNorm and ReLU in the backward pass instead of keeping them."""
 
     @abstractmethod
     def _stages(self, model: Model[RuntimeT], X: Any, training: bool) -> list[Any]:
@@ -249,6 +258,24 @@ class Adapter(ABC, Generic[RuntimeT]):
         if b == m:  # the cheaper form: a small correction added to ``new``
             return new + (new - (1 - m) * old) * (factor - 1)
         return (1 - m) * old + (new - (1 - b) * old) * (m / b * factor)
+
+    def bench_step(
+        self, model: Model[RuntimeT], phase: str, mode: str, X: np.ndarray, y: np.ndarray, lr: float = 0.01
+    ) -> Callable[[], None]:
+        """One timed unit of ``densenet bench``: a training step (``phase="train"``) or a forward
+        pass in inference mode (``"inference"``) in ``mode`` (one of :attr:`bench_modes`); it
+        returns once the framework has finished (results read back as numpy)."""
+        if mode not in self.bench_modes:
+            raise Unsupported(f"{self.name} has no mode {mode!r}; its modes are {', '.join(self.bench_modes)}")
+        compiled = mode != "eager"
+
+        def step() -> None:
+            if phase == "train":
+                self.train_step(model, X, y, lr, compiled=compiled)
+            else:
+                self.forward(model, X, compiled=compiled)
+
+        return step
 
     # --- shared -------------------------------------------------------------------------
 

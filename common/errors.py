@@ -52,3 +52,9 @@ class Interrupted(DenseNetError, RuntimeError):
     """The user pressed Ctrl-C; the message says what was kept."""
 
     exit_status = 130
+
+
+class Unsupported(DenseNetError, ValueError):
+    """Something a backend does not offer (a ``densenet bench`` mode it has no way to run)."""
+
+    exit_status = 1

@@ -12,7 +12,7 @@ from typing import Any
 
 from common.errors import DenseNetError, Failed
 
-__all__ = ["PlotUnavailable", "figure", "plot_runs", "read_metrics"]
+__all__ = ["PlotUnavailable", "figure", "plot_bench", "plot_runs", "read_metrics"]
 
 
 class PlotUnavailable(Failed):
@@ -111,3 +111,56 @@ def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
     return out
+
+
+def _save(fig: Any, out: Path) -> Path:
+    plt = _pyplot()
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def plot_bench(report: dict[str, Any], out: str | os.PathLike) -> Path:
+    """``densenet bench --plot``: images per second (with the spread of the timed steps) and peak
+    memory of every case, one bar each, training and inference side by side; failed cases are
+    named with no bar."""
+    out = Path(out)
+    if out.is_dir():
+        raise DenseNetError(f"--plot {out} is a directory; name the PNG file to write")
+    if not out.parent.is_dir():
+        raise DenseNetError(f"--plot {out}: the directory {out.parent} does not exist")
+    plt = _pyplot()
+    batch = report["settings"]["batch_size"]
+    phases = [p for p in ("train", "inference") if any(r["phase"] == p for r in report["rows"])]
+    fig, axes = plt.subplots(len(phases), 2, figsize=(11, 1.8 * len(phases) + 0.3 * len(report["rows"])), squeeze=False)
+    for (ax_speed, ax_mem), phase in zip(axes, phases):
+        rows = [r for r in report["rows"] if r["phase"] == phase]
+        labels = [f"{r['backend']} {r['mode']}" + (" (failed)" if "error" in r else "") for r in rows]
+        ok = ["error" not in r for r in rows]
+        speed = [r["images_per_s"] if good else 0 for r, good in zip(rows, ok)]
+        # images/s at the slowest and fastest timed step: the spread around the median's figure.
+        low = [s - batch / r["max_s"] if good else 0 for r, s, good in zip(rows, speed, ok)]
+        high = [batch / r["min_s"] - s if good else 0 for r, s, good in zip(rows, speed, ok)]
+        y = list(range(len(rows)))
+        ax_speed.barh(y, speed, xerr=[low, high], color="tab:blue", capsize=3)
+        ax_speed.set(yticks=y, yticklabels=labels, xlabel="images/s (median step; bars: slowest-fastest)")
+        ax_speed.set_title(f"{phase}: speed")
+        ax_mem.barh(y, [r["peak_mb"] if good else 0 for r, good in zip(rows, ok)], color="tab:orange")
+        ax_mem.set(yticks=y, yticklabels=[], xlabel="peak resident memory of the process (MiB)")
+        ax_mem.set_title(f"{phase}: memory")
+        for ax in (ax_speed, ax_mem):
+            ax.invert_yaxis()
+            ax.grid(axis="x", alpha=0.3)
+    s = report["settings"]
+    fig.suptitle(
+        f"densenet bench: {s['config']['describe']}, batch {s['batch_size']} at "
+        f"{s['input_size'][0]}x{s['input_size'][1]}" + (", memory-efficient" if s["memory_efficient"] else ""),
+        fontsize=9,
+    )
+    fig.tight_layout()
+    return _save(fig, out)

@@ -90,6 +90,9 @@ class TrainSettings:
     workers: int = 1
     # BatchNorm statistics over the global batch (the engines that have it) instead of per worker.
     sync_bn: bool = False
+    # Recompute the dense layers' concatenation, BatchNorm and ReLU in the backward pass
+    # (docs/performance.md): the same training, less memory, more time.
+    memory_efficient: bool = False
 
     def __post_init__(self) -> None:
         if self.dataset not in data.DATASETS:
@@ -133,8 +136,9 @@ class TrainSettings:
         return list(value) if isinstance(value, tuple) else value
 
     # Settings a resumed run must share with the run it continues (epochs may grow; the workers
-    # may change, since the global batches are the same for any number of them).
-    RESUMABLE_DIFFERENCES = ("epochs", "workers")
+    # may change, since the global batches are the same for any number of them, and so may the
+    # memory-efficient mode, which computes the same training).
+    RESUMABLE_DIFFERENCES = ("epochs", "workers", "memory_efficient")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -383,7 +387,7 @@ def train(
         check_divisible(settings.batch_size, group.replicas)
         model = group.build(adapter, config, seed=settings.seed, sync_bn=settings.sync_bn)
     else:
-        model = adapter.build(config, seed=settings.seed)
+        model = adapter.build(config, seed=settings.seed, memory_efficient=settings.memory_efficient)
     if start is not None:
         if group is not None:
             group.set_weights(adapter, model, start.weights)

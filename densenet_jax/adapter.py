@@ -21,6 +21,7 @@ from jax.experimental import enable_x64
 
 from common.adapter import Adapter, Model, check_dtype
 from common.config import BN_MOMENTUM, DenseNetConfig, min_input_size
+from common.errors import Unsupported
 from common.optim import SGD
 from densenet_jax.model import DenseBlock, DenseNet, transition_block
 from densenet_jax.optim import make_optimizer, velocities, with_velocities
@@ -103,15 +104,18 @@ class JaxAdapter(Adapter[JaxRuntime]):
     framework = "JAX/Flax"
     layout = "NHWC"
     running_var_unbiased = False
+    bench_modes = ("eager", "jit")
 
     def version(self) -> str:
         import flax
 
         return f"{jax.__version__} (Flax {flax.__version__})"
 
-    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> JaxModel:
+    def build(
+        self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32", *, memory_efficient: bool = False
+    ) -> JaxModel:
         dtype = check_dtype(dtype)
-        net = DenseNet.for_config(config)
+        net = DenseNet.for_config(config, memory_efficient=memory_efficient)
         size = min_input_size(config)
         # jit makes initialisation one compiled call instead of hundreds of eager ops.
         variables = jax.jit(net.init)(
@@ -152,6 +156,16 @@ class JaxAdapter(Adapter[JaxRuntime]):
             apply = model.runtime.jitted[training, stages]
         with _x64(model):
             return apply(model.variables, X, self._dropout_key(model))
+
+    def forward(self, model: JaxModel, X: np.ndarray, *, training: bool = False, compiled: bool = True) -> np.ndarray:
+        """Logits ``(N, num_classes)``; jitted unless ``compiled=False`` (op-by-op Flax dispatches
+        hundreds of small operations one by one: a DenseNet-121 forward at 64x64 took 96 s)."""
+        return super().forward(model, X, training=training, compiled=compiled)
+
+    def bench_step(self, model, phase, mode, X, y, lr=0.01):
+        if phase == "train" and mode == "eager":
+            raise Unsupported("JAX's training step is always jitted here (op-by-op Flax would take minutes a step)")
+        return super().bench_step(model, phase, mode, X, y, lr)
 
     def _forward(self, model: JaxModel, X, training: bool, compiled: bool):
         return self._apply(model, X, training, compiled)[0]

@@ -4,15 +4,20 @@ NHWC, channels on the last axis, a ``training`` field and a mutable ``batch_stat
 Departures from the book (docs/departures.md): channel counts accumulate across dense blocks
 (the book's loop restarts from 64), explicit symmetric padding instead of 'same', exact
 (two-pass) batch variance, the dense block is the only place that concatenates, BatchNorm
-epsilon/momentum come from ``common.config`` and inputs are checked.
+epsilon/momentum come from ``common.config`` and inputs are checked. ``memory_efficient=True``
+(not in the book) recomputes each dense layer's concatenation, BatchNorm and ReLU in the
+backward pass instead of storing them (docs/performance.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from common.checks import check_images
 from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, min_input_size
@@ -25,6 +30,13 @@ def _batch_norm(training: bool) -> nn.BatchNorm:
     return nn.BatchNorm(
         use_running_average=not training, momentum=1 - BN_MOMENTUM, epsilon=BN_EPS, use_fast_variance=False
     )
+
+
+# What a memory-efficient dense layer keeps for the backward pass besides its inputs: its
+# convolutions' outputs (the new features, and the bottleneck's). Everything else in it, the
+# concatenation, BatchNorms and ReLUs, is recomputed.
+CONV_OUTPUT = "dense_layer_conv"
+_KEEP_CONV_OUTPUTS = jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT)
 
 
 class ConvBlock(nn.Module):
@@ -42,12 +54,16 @@ class ConvBlock(nn.Module):
     bias: bool = True
 
     @nn.compact
-    def __call__(self, X: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, X: jnp.ndarray | Sequence[jnp.ndarray]) -> jnp.ndarray:
+        if isinstance(X, (list, tuple)):  # the memory-efficient dense block hands over the pieces
+            X = jnp.concatenate(X, axis=-1)
         if self.bn_size is not None:
             X = nn.relu(_batch_norm(self.training)(X))
             X = nn.Conv(self.bn_size * self.num_channels, kernel_size=(1, 1), use_bias=self.bias)(X)
+            X = checkpoint_name(X, CONV_OUTPUT)
         Y = nn.relu(_batch_norm(self.training)(X))
         Y = nn.Conv(self.num_channels, kernel_size=(3, 3), padding=((1, 1), (1, 1)), use_bias=self.bias)(Y)
+        Y = checkpoint_name(Y, CONV_OUTPUT)
         if self.drop_rate:
             Y = nn.Dropout(self.drop_rate, deterministic=not self.training)(Y)
         return Y
@@ -59,7 +75,13 @@ def conv_block(num_channels: int, training: bool = True, **kwargs) -> ConvBlock:
 
 class DenseBlock(nn.Module):
     """``num_convs`` conv blocks, each fed the concatenation of the input and all earlier outputs:
-    (N, H, W, C) -> (N, H, W, C + num_convs * num_channels)."""
+    (N, H, W, C) -> (N, H, W, C + num_convs * num_channels).
+
+    ``memory_efficient``: each conv block is wrapped in ``nn.remat`` (``jax.checkpoint``) and
+    handed the pieces to concatenate; the backward pass recomputes the concatenation, BatchNorms
+    and ReLUs and keeps only the convolutions' outputs. The updated ``batch_stats`` are an output
+    of the forward pass, so the recomputation cannot count a batch twice.
+    """
 
     num_convs: int
     num_channels: int
@@ -67,12 +89,23 @@ class DenseBlock(nn.Module):
     bn_size: int | None = None
     drop_rate: float = 0.0
     bias: bool = True
+    memory_efficient: bool = False
 
     def setup(self) -> None:
         layer = {"bn_size": self.bn_size, "drop_rate": self.drop_rate, "bias": self.bias}
-        self.net = [conv_block(self.num_channels, self.training, **layer) for _ in range(self.num_convs)]
+        if self.memory_efficient:
+            # The same parameters under the same names: only when values are kept changes.
+            block = nn.remat(ConvBlock, policy=_KEEP_CONV_OUTPUTS)
+            self.net = [block(self.num_channels, self.training, **layer) for _ in range(self.num_convs)]
+        else:
+            self.net = [conv_block(self.num_channels, self.training, **layer) for _ in range(self.num_convs)]
 
     def __call__(self, X: jnp.ndarray) -> jnp.ndarray:
+        if self.memory_efficient:
+            features = (X,)  # each layer's new features; their concatenations are not kept
+            for blk in self.net:
+                features = (*features, blk(features))
+            return jnp.concatenate(features, axis=-1)
         for blk in self.net:
             Y = blk(X)
             X = jnp.concatenate((X, Y), axis=-1)
@@ -126,6 +159,9 @@ class DenseNet(nn.Module):
     drop_rate: float = 0.0
     conv_bias: bool = True
     training: bool = True
+    # Recompute the dense blocks' concatenations, BatchNorms and ReLUs in the backward pass
+    # (DenseBlock): same function, same variables, less memory.
+    memory_efficient: bool = False
     # The whole configuration, in_channels included; for_config sets it, otherwise it is derived
     # from the fields above.
     config: DenseNetConfig | None = None
@@ -150,9 +186,9 @@ class DenseNet(nn.Module):
         super().__post_init__()
 
     @classmethod
-    def for_config(cls, config: DenseNetConfig, training: bool = True) -> DenseNet:
+    def for_config(cls, config: DenseNetConfig, training: bool = True, memory_efficient: bool = False) -> DenseNet:
         """The network of a configuration, e.g. ``common.config.CONFIGS["densenet121"]``."""
-        return cls(**config.book_kwargs(), training=training, config=config)
+        return cls(**config.book_kwargs(), training=training, memory_efficient=memory_efficient, config=config)
 
     def setup(self) -> None:
         self.net = self.create_net()
@@ -172,7 +208,9 @@ class DenseNet(nn.Module):
         layer = {"bn_size": self.bn_size, "drop_rate": self.drop_rate, "bias": self.conv_bias}
         num_channels = self.num_channels
         for i, num_convs in enumerate(self.arch):
-            net.append(DenseBlock(num_convs, self.growth_rate, self.training, **layer))
+            net.append(
+                DenseBlock(num_convs, self.growth_rate, self.training, memory_efficient=self.memory_efficient, **layer)
+            )
             num_channels += num_convs * self.growth_rate
             if i != len(self.arch) - 1:
                 num_channels = self.config.transition_channels(num_channels)

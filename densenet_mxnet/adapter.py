@@ -25,6 +25,9 @@ class MXNetRuntime:
     trainer: gluon.Trainer | None = None
     """The ``Trainer`` ``train_step`` steps, with a ``SuiteSGD`` for ``Model.sgd`` (made on first
     use; its learning rate is set on every call)."""
+    hybridized: bool | None = None
+    """Whether the network is hybridized now (None: not yet decided). ``hybridize()`` discards the
+    compiled graph (Gluon's ``clear=True``), so it is called only when this changes."""
 
 
 MXNetModel = Model[MXNetRuntime]
@@ -37,6 +40,7 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
     running_var_unbiased = False
     # Gluon's BatchNorm keeps its momentum parameter as a float32 (0.9 -> 0.89999998).
     bn_momentum = 1 - float(np.float32(1 - BN_MOMENTUM))
+    bench_modes = ("eager", "hybridize")
 
     def version(self) -> str:
         return mx.__version__
@@ -46,10 +50,12 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
         ``gluon`` peer format, whose names only the zoo can produce)."""
         return zoo_param_names(name, num_classes)
 
-    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> MXNetModel:
+    def build(
+        self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32", *, memory_efficient: bool = False
+    ) -> MXNetModel:
         dtype = check_dtype(dtype)
         mx.random.seed(seed)
-        net = DenseNet.for_config(config)
+        net = DenseNet.for_config(config, memory_efficient=memory_efficient)
         net.initialize(mx.init.Xavier())  # the book's initialiser
         size = min_input_size(config)
         net(mx.nd.zeros((1, config.in_channels, size, size)))  # finish the deferred initialisation
@@ -63,8 +69,17 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
     def _to_numpy(self, Y: mx.nd.NDArray) -> np.ndarray:
         return Y.asnumpy()
 
+    @staticmethod
+    def _hybridize(model: MXNetModel, active: bool) -> None:
+        """Compile (or stop compiling) the network, only when that changes: every ``hybridize()``
+        call throws the cached graph away. ``static_alloc`` and ``static_shape`` let the cached
+        graph keep its memory plan and shapes between calls with the same batch shape."""
+        if model.runtime.hybridized is not active:
+            model.net.hybridize(active, static_alloc=active, static_shape=active)
+            model.runtime.hybridized = active
+
     def _forward(self, model: MXNetModel, X, training: bool, compiled: bool):
-        model.net.hybridize(compiled)
+        self._hybridize(model, compiled)
         # train_mode switches BatchNorm to batch statistics without recording a graph.
         if training:
             with autograd.train_mode():
@@ -72,7 +87,7 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
         return model.net(X)
 
     def _stages(self, model: MXNetModel, X, training: bool) -> list:
-        model.net.hybridize(False)
+        self._hybridize(model, False)
         outs = []
         with autograd.train_mode() if training else autograd.predict_mode():
             for i in range(len(model.net.net)):
@@ -120,6 +135,10 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
             loss = loss_fn(logits, y).mean()
         # MXNet updates BatchNorm's running statistics only here, in the backward pass (CPU).
         loss.backward()
+        if model.net.memory_efficient:
+            # The recomputations' backward passes push their work from the engine's custom-function
+            # thread; nothing may touch their statistics before they are done.
+            mx.nd.waitall()
         for k, factor in factors.items():  # see running_var_unbiased and bn_momentum
             tensors[k].set_data(self.canonical_running_stat(old[k], tensors[k].data(), factor))
         return float(loss.asscalar()), logits
@@ -127,7 +146,7 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
     def loss_and_grads(self, model, X, y):
         X = self.prepare(model, X)
         X.attach_grad()
-        model.net.hybridize(False)
+        self._hybridize(model, False)
         loss, _ = self._loss_backward(model, X, y)
         grads = {k: p.grad().asnumpy() for k, p in self._tensors(model).items() if p.grad_req != "null"}
         return loss, X.grad.asnumpy(), grads
@@ -158,7 +177,7 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
             updater.states_synced[i] = True
 
     def train_step(self, model, X, y, lr, compiled=False):
-        model.net.hybridize(compiled)
+        self._hybridize(model, compiled)
         trainer = self._trainer(model)
         loss, logits = self._loss_backward(model, self.prepare(model, X), y)
         # SuiteSGD applies the rate with NDArray arithmetic, in the model's dtype (float64 stays exact).

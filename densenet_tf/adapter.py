@@ -29,6 +29,8 @@ class TFRuntime:
     (assigned on every call), built on the trainable variables in canonical order."""
     train_step: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None = None
     """``tf.function`` of one step ``(X, y) -> (loss, logits)``, for ``train_step(..., compiled=True)``."""
+    jit_compile: bool = False
+    """Whether those ``tf.function`` compile with XLA (``jit_compile=True``); set before first use."""
 
 
 TFModel = Model[TFRuntime]
@@ -39,11 +41,14 @@ class TFAdapter(Adapter[TFRuntime]):
     framework = "TensorFlow/Keras"
     layout = "NHWC"
     running_var_unbiased = False
+    bench_modes = ("eager", "function", "xla")
 
     def version(self) -> str:
         return f"{tf.__version__} (Keras {tf.keras.__version__})"
 
-    def build(self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32") -> TFModel:
+    def build(
+        self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32", *, memory_efficient: bool = False
+    ) -> TFModel:
         dtype = check_dtype(dtype)
         tf.keras.utils.set_random_seed(seed)
         # Keras layers take their variable and compute dtype from the global dtype policy when
@@ -51,7 +56,7 @@ class TFAdapter(Adapter[TFRuntime]):
         previous = keras.config.dtype_policy()
         keras.config.set_dtype_policy(dtype)
         try:
-            net = DenseNet.for_config(config)
+            net = DenseNet.for_config(config, memory_efficient=memory_efficient)
             size = min_input_size(config)
             net(tf.zeros((1, size, size, config.in_channels), dtype), training=False)  # build the layers
         finally:
@@ -67,7 +72,9 @@ class TFAdapter(Adapter[TFRuntime]):
     def _forward(self, model: TFModel, X: tf.Tensor, training: bool, compiled: bool) -> tf.Tensor:
         if compiled:
             if model.runtime.compiled is None:
-                model.runtime.compiled = tf.function(lambda X, training: model.net(X, training=training))
+                model.runtime.compiled = tf.function(
+                    lambda X, training: model.net(X, training=training), jit_compile=model.runtime.jit_compile
+                )
             return model.runtime.compiled(X, training)
         return model.net(X, training=training)
 
@@ -157,6 +164,11 @@ class TFAdapter(Adapter[TFRuntime]):
         for k, v in self._velocity_variables(model).items():
             v.assign(velocities[k])
 
+    def bench_step(self, model, phase, mode, X, y, lr=0.01):
+        if mode == "xla":
+            model.runtime.jit_compile = True
+        return super().bench_step(model, phase, "eager" if mode == "eager" else "function", X, y, lr)
+
     def train_step(self, model, X, y, lr, compiled=False):
         opt = self._optimizer(model)
         opt.learning_rate.assign(lr)
@@ -164,7 +176,9 @@ class TFAdapter(Adapter[TFRuntime]):
         y = self.check_labels(X, y, model.config.num_classes)
         if compiled:
             if model.runtime.train_step is None:
-                model.runtime.train_step = tf.function(lambda X, y: self._step(model, X, y))
+                model.runtime.train_step = tf.function(
+                    lambda X, y: self._step(model, X, y), jit_compile=model.runtime.jit_compile
+                )
             step = model.runtime.train_step
         else:
 

@@ -4,11 +4,14 @@ NHWC, channels on the last axis, a ``training`` argument that reaches every Batc
 Departures from the book (docs/departures.md): explicit symmetric padding instead of 'same'
 (which pads stride-2 layers asymmetrically), ``training`` passed through so BatchNorm really
 trains, the dense block is the only place that concatenates, BatchNorm epsilon/momentum come
-from ``common.config`` and inputs are checked.
+from ``common.config`` and inputs are checked. ``memory_efficient=True`` (not in the book)
+recomputes each dense layer's concatenation, BatchNorm and ReLU in the backward pass instead of
+storing them (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -73,20 +76,72 @@ def conv_block(num_channels: int, **kwargs) -> ConvBlock:
     return ConvBlock(num_channels, **kwargs)
 
 
+def _recomputed_head(head: list[layers.Layer]):
+    """``features -> (conv(relu(bn(concat(features)))), batch mean, batch variance)`` under
+    ``tf.recompute_grad``: nothing inside is kept for the backward pass, which runs it again.
+
+    The BatchNorm normalises with the batch statistics as Keras's does in training (the same
+    ``keras.ops`` calls) but updates nothing: a function that the backward pass reruns must not
+    assign, or the moving statistics would take every batch twice. It returns the statistics
+    instead, for the caller to apply once.
+    """
+    bn, rest = head[0], head[1:]
+
+    @tf.recompute_grad
+    def run(*features: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        X = tf.concat(features, axis=-1)
+        mean, variance = keras.ops.moments(X, axes=[0, 1, 2])
+        X = keras.ops.batch_normalization(
+            X, mean, variance, axis=-1, offset=bn.beta, scale=bn.gamma, epsilon=bn.epsilon
+        )
+        for layer in rest:
+            X = layer(X, training=True)
+        return X, mean, variance
+
+    return run
+
+
+def _update_moving_statistics(bn: layers.BatchNormalization, mean: tf.Tensor, variance: tf.Tensor) -> None:
+    """Keras's own update of the moving statistics (``BatchNormalization.call`` in training)."""
+    mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
+    bn.moving_mean.assign(bn.moving_mean * bn.momentum + mean * (1.0 - bn.momentum))
+    bn.moving_variance.assign(bn.moving_variance * bn.momentum + variance * (1.0 - bn.momentum))
+
+
 class DenseBlock(layers.Layer):
     """``num_convs`` conv blocks, each fed the concatenation of the input and all earlier outputs:
-    (N, H, W, C) -> (N, H, W, C + num_convs * num_channels)."""
+    (N, H, W, C) -> (N, H, W, C + num_convs * num_channels).
 
-    def __init__(self, num_convs: int, num_channels: int, **kwargs) -> None:
+    ``memory_efficient``: in training, each conv block's concatenation, first BatchNorm, ReLU and
+    first convolution run under ``tf.recompute_grad`` (:func:`_recomputed_head`) and are
+    recomputed in the backward pass; the block keeps only each layer's new features.
+    """
+
+    def __init__(self, num_convs: int, num_channels: int, memory_efficient: bool = False, **kwargs) -> None:
         layer_kwargs = {k: kwargs.pop(k) for k in ("bn_size", "drop_rate", "bias") if k in kwargs}
         super().__init__(**kwargs)
+        self.memory_efficient = memory_efficient
         self.net = [conv_block(num_channels, **layer_kwargs) for _ in range(num_convs)]
 
     def call(self, X: tf.Tensor, training: bool = False) -> tf.Tensor:
+        # The recomputed function must find every variable already made (built on the first call).
+        if self.memory_efficient and training and all(blk.built for blk in self.net):
+            return self._call_recomputed(X)
         for blk in self.net:
             Y = blk(X, training=training)
             X = tf.concat([X, Y], axis=-1)
         return X
+
+    def _call_recomputed(self, X: tf.Tensor) -> tf.Tensor:
+        features = [X]  # each layer's new features, stored once; their concatenations are not
+        for blk in self.net:
+            head_size = 4 if isinstance(blk.net[2], layers.ZeroPadding2D) else 3  # BN, ReLU[, pad], conv
+            Y, mean, variance = _recomputed_head(blk.net[:head_size])(*features)
+            _update_moving_statistics(blk.net[0], mean, variance)
+            for layer in blk.net[head_size:]:
+                Y = layer(Y, training=True)
+            features.append(Y)
+        return tf.concat(features, axis=-1)
 
 
 class TransitionBlock(layers.Layer):
@@ -119,6 +174,8 @@ class DenseNet(tf.keras.Model):
     learning rate, kept as ``net.lr`` for the book's trainer; the network itself does not use it.
     The book's arguments do not name the image channels: the network takes 1 (Fashion-MNIST)
     unless built with :meth:`for_config` from a configuration that says otherwise.
+    ``memory_efficient`` recomputes the dense blocks' concatenations, BatchNorms and ReLUs in
+    the backward pass (:class:`DenseBlock`): same function, same weights, less memory.
     """
 
     def __init__(
@@ -132,6 +189,7 @@ class DenseNet(tf.keras.Model):
         compression: float = 0.5,
         drop_rate: float = 0.0,
         conv_bias: bool = True,
+        memory_efficient: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -147,10 +205,11 @@ class DenseNet(tf.keras.Model):
             conv_bias=conv_bias,
         )
         self.lr = lr
+        self.memory_efficient = memory_efficient
         layer = {"bn_size": bn_size, "drop_rate": drop_rate, "bias": conv_bias}
         self.net = tf.keras.Sequential([self.b1(num_channels, conv_bias)])
         for i, num_convs in enumerate(arch):
-            self.net.add(DenseBlock(num_convs, growth_rate, **layer))
+            self.net.add(DenseBlock(num_convs, growth_rate, memory_efficient=memory_efficient, **layer))
             num_channels += num_convs * growth_rate
             if i != len(arch) - 1:
                 num_channels = self.config.transition_channels(num_channels)
@@ -168,12 +227,12 @@ class DenseNet(tf.keras.Model):
         )
 
     @classmethod
-    def for_config(cls, config: DenseNetConfig) -> DenseNet:
+    def for_config(cls, config: DenseNetConfig, memory_efficient: bool = False) -> DenseNet:
         """The network of a configuration, e.g. ``common.config.CONFIGS["densenet121"]``.
 
         (Not ``from_config``: Keras reserves that name for its own serialisation.)
         """
-        net = cls(**config.book_kwargs())
+        net = cls(**config.book_kwargs(), memory_efficient=memory_efficient)
         net.config = config  # with its in_channels, which the book's arguments do not name
         return net
 

@@ -2,12 +2,18 @@
 
 Departures from the book (docs/departures.md): the dense block is the only place that
 concatenates, BatchNorm epsilon/momentum come from ``common.config`` and inputs are checked.
+``memory_efficient=True`` (not in the book) recomputes each dense layer's concatenation,
+BatchNorm and ReLU in the backward pass instead of storing them (docs/performance.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from common.checks import check_images
 from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, min_input_size
@@ -40,19 +46,75 @@ def conv_block(num_channels: int, **kwargs) -> ConvBlock:
     return ConvBlock(num_channels, **kwargs)
 
 
+@contextmanager
+def _running_stats_kept(layers: list[nn.Module]) -> Iterator[None]:
+    """The recomputation in the backward pass leaves the running statistics as the forward pass
+    left them: BatchNorm counts each batch once.
+
+    Restored rather than switched off: a BatchNorm that tracks no statistics saves fewer tensors
+    for its backward, and the checkpoint requires the recomputation to save what the forward did.
+    ``.data`` writes without bumping the version counters autograd checks.
+    """
+    norms = [m for m in layers if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    kept = [[b.detach().clone() for b in m.buffers()] for m in norms]
+    try:
+        yield
+    finally:
+        for m, values in zip(norms, kept):
+            for b, value in zip(m.buffers(), values):
+                b.data.copy_(value)
+
+
+def _run(layers: list[nn.Module], X: torch.Tensor) -> torch.Tensor:
+    for layer in layers:
+        X = layer(X)
+    return X
+
+
 class DenseBlock(nn.Module):
     """``num_convs`` conv blocks, each fed the concatenation of the input and all earlier outputs:
-    (N, C, H, W) -> (N, C + num_convs * num_channels, H, W)."""
+    (N, C, H, W) -> (N, C + num_convs * num_channels, H, W).
 
-    def __init__(self, num_convs: int, num_channels: int, **kwargs) -> None:
+    ``memory_efficient``: when training, each conv block's concatenation, first BatchNorm, ReLU
+    and first convolution run under ``torch.utils.checkpoint``: only the block's outputs are
+    kept, and that part is recomputed in the backward pass (torchvision's ``memory_efficient``).
+    """
+
+    def __init__(self, num_convs: int, num_channels: int, memory_efficient: bool = False, **kwargs) -> None:
         super().__init__()
+        self.memory_efficient = memory_efficient
         self.net = nn.Sequential(*(conv_block(num_channels, **kwargs) for _ in range(num_convs)))
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
+        if self.memory_efficient and torch.is_grad_enabled() and not self.has_lazy_modules():
+            return self._forward_recomputed(X)
         for blk in self.net:
             Y = blk(X)
             X = torch.cat((X, Y), dim=1)
         return X
+
+    def has_lazy_modules(self) -> bool:
+        # Lazy modules take their shapes on the first call, which must not happen inside a checkpoint.
+        return any(isinstance(p, nn.parameter.UninitializedParameter) for p in self.parameters())
+
+    def _forward_recomputed(self, X: torch.Tensor) -> torch.Tensor:
+        features = [X]  # each layer's new features, stored once; their concatenations are not
+        for blk in self.net:
+            layers = list(blk)
+            head, tail = layers[:3], layers[3:]  # BN -> ReLU -> the conv that reads the concatenation
+
+            def first(*features: torch.Tensor, head: list[nn.Module] = head) -> torch.Tensor:
+                return _run(head, torch.cat(features, dim=1))
+
+            Y = checkpoint(
+                first,
+                *features,
+                use_reentrant=False,
+                # (forward, recomputation): the running statistics take this batch once.
+                context_fn=lambda head=head: (nullcontext(), _running_stats_kept(head)),
+            )
+            features.append(_run(tail, Y))
+        return torch.cat(features, dim=1)
 
 
 class TransitionBlock(nn.Sequential):
@@ -79,6 +141,8 @@ class DenseNet(nn.Module):
     learning rate, kept as ``net.lr`` for the book's trainer; the network itself does not use it.
     The book's arguments do not name the image channels: the network takes 1 (Fashion-MNIST)
     unless built with :meth:`for_config` from a configuration that says otherwise.
+    ``memory_efficient`` recomputes the dense blocks' concatenations, BatchNorms and ReLUs in
+    the backward pass (:class:`DenseBlock`): same function, same weights, less memory.
     """
 
     def __init__(
@@ -92,6 +156,7 @@ class DenseNet(nn.Module):
         compression: float = 0.5,
         drop_rate: float = 0.0,
         conv_bias: bool = True,
+        memory_efficient: bool = False,
     ) -> None:
         super().__init__()
         # Validates every value and gives the channel arithmetic one definition.
@@ -106,10 +171,12 @@ class DenseNet(nn.Module):
             conv_bias=conv_bias,
         )
         self.lr = lr
+        self.memory_efficient = memory_efficient
         layer = {"bn_size": bn_size, "drop_rate": drop_rate, "bias": conv_bias}
         self.net = nn.Sequential(self.b1(num_channels, conv_bias))
         for i, num_convs in enumerate(arch):
-            self.net.add_module(f"dense_blk{i + 1}", DenseBlock(num_convs, growth_rate, **layer))
+            blk = DenseBlock(num_convs, growth_rate, memory_efficient=memory_efficient, **layer)
+            self.net.add_module(f"dense_blk{i + 1}", blk)
             num_channels += num_convs * growth_rate
             if i != len(arch) - 1:
                 num_channels = self.config.transition_channels(num_channels)
@@ -126,9 +193,9 @@ class DenseNet(nn.Module):
         )
 
     @classmethod
-    def for_config(cls, config: DenseNetConfig) -> DenseNet:
+    def for_config(cls, config: DenseNetConfig, memory_efficient: bool = False) -> DenseNet:
         """The network of a configuration, e.g. ``common.config.CONFIGS["densenet121"]``."""
-        net = cls(**config.book_kwargs())
+        net = cls(**config.book_kwargs(), memory_efficient=memory_efficient)
         net.config = config  # with its in_channels, which the book's arguments do not name
         return net
 

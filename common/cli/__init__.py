@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
-from common.cli import inspection, parity, teach, training, weights
+from common.cli import bench, inspection, parity, teach, training, weights
 from common.cli.options import HelpFormatter
 from common.errors import DenseNetError
 
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         training.add_evaluate,
         training.add_data_speed,
         training.add_plot,
+        bench.add_bench,
         parity.add_golden,
         weights.add_parsers,
         teach.add_parsers,

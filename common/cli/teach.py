@@ -189,13 +189,14 @@ def _exercise_params(args: argparse.Namespace) -> int:
 
 def _exercise_memory(args: argparse.Namespace) -> int:
     if args.child:
-        print(json.dumps(memory_child(args.child, args.input_size, args.batch_size)))
+        print(json.dumps(memory_child(args.child, args.input_size, args.batch_size, args.memory_efficient)))
         return 0
     names = backend_list(args.backends) or list(BACKENDS)
-    rows = memory_rows(names, args.input_size, args.batch_size, progress=_say)
+    rows = memory_rows(names, args.input_size, args.batch_size, progress=_say, memory_efficient=args.memory_efficient)
     total, concat = activation_bytes(D2L, args.input_size, args.batch_size)
     note = (
-        f"The book's network, one SGD step at {args.input_size}x{args.input_size}, batch {args.batch_size}, "
+        f"The book's network{' (memory-efficient)' if args.memory_efficient else ''}, one SGD step at "
+        f"{args.input_size}x{args.input_size}, batch {args.batch_size}, "
         "float32, CPU, each backend in a fresh process: peak resident memory during the step minus the resident "
         f"memory before it. For scale: every layer output of the forward pass takes {total / 2**20:,.0f} MiB, "
         f"the dense blocks' concatenations alone {concat / 2**20:,.0f} MiB. (`densenet exercise memory`)"
@@ -298,6 +299,7 @@ def add_exercise(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--input-size", type=positive_int, default=224)
     q.add_argument("--batch-size", type=positive_int, default=32)
     q.add_argument("--save", metavar="FILE", help="also write the results (JSON) that `densenet teach` charts")
+    q.add_argument("--memory-efficient", action="store_true", help="the memory-efficient network (recomputes BN-ReLU)")
     q.add_argument("--child", help=argparse.SUPPRESS)  # one backend, measured in this process
     q.set_defaults(exercise_func=_exercise_memory)
 

@@ -73,6 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         workers=args.workers,
         sync_bn=args.sync_bn,
         **optimizer_settings(args),
+        memory_efficient=args.memory_efficient,
     )
     check_memory(settings.config, settings.resize, max(settings.batch_size, EVAL_BATCH))
     out = args.out or f"runs/{settings.backend}"
@@ -228,6 +229,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         help="evaluate after each epoch on the first N test images (default: all 10,000)",
     )
     run.add_argument("--seed", type=seed, default=0, help="seed of the weights and the shuffle")
+    run.add_argument(
+        "--memory-efficient",
+        action="store_true",
+        help="recompute each dense layer's concatenation, BatchNorm and ReLU in the backward pass (less memory)",
+    )
     dist = p.add_argument_group("data-parallel training (docs/distributed.md)")
     dist.add_argument(
         "--workers",

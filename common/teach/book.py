@@ -209,6 +209,18 @@ net.layers.extend([
 ])""",
         ),
     ),
+    10: (
+        (
+            "PyTorch",
+            """\
+def forward(self, X):
+    for blk in self.net:
+        Y = blk(X)
+        # Concatenate input and output of each block along the channels
+        X = torch.cat((X, Y), dim=1)
+    return X""",
+        ),
+    ),
 }
 
 # Ours, per departure: the code that departs, read from the files at build time.
@@ -222,4 +234,5 @@ OURS: dict[int, tuple[Piece, ...]] = {
     7: (_p("tf", "model", "_batch_norm"), _p("jax", "model", "_batch_norm")),
     8: (_p("torch", "model", "DenseNet.check_input"),),
     9: (_p("jax", "model", "_global_avg_pool"), _p("jax", "model", "DenseNet.create_net::_global_avg_pool")),
+    10: (_p("torch", "model", "DenseBlock._forward_recomputed"), _p("jax", "model", "DenseBlock.setup")),
 }

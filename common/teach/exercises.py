@@ -271,15 +271,15 @@ def activation_bytes(config: DenseNetConfig, input_size: int, batch: int) -> tup
     return total, concat
 
 
-def memory_child(backend: str, input_size: int, batch: int) -> dict[str, Any]:
-    """Measured in this process: resident memory after building the book's network, and the peak
-    during its first training step (eager where the framework allows; JAX's step is jitted, so its
-    time and peak include compiling it)."""
+def memory_child(backend: str, input_size: int, batch: int, memory_efficient: bool = False) -> dict[str, Any]:
+    """Measured in this process: resident memory after building the book's network (standard or
+    ``memory_efficient``), and the peak during its first training step (eager where the framework
+    allows; JAX's step is jitted, so its time and peak include compiling it)."""
     from common.harness import seeded_batches
     from common.registry import load_backend
 
     adapter = load_backend(backend)
-    model = adapter.build(D2L, seed=0)
+    model = adapter.build(D2L, seed=0, memory_efficient=memory_efficient)
     ((X, y),) = seeded_batches(D2L, (input_size, input_size), batch, 1, 0)
     before = _rss_bytes()
     started = time.perf_counter()
@@ -292,6 +292,7 @@ def memory_child(backend: str, input_size: int, batch: int) -> dict[str, Any]:
     return {
         "backend": adapter.name,
         "version": adapter.version(),
+        "memory_efficient": memory_efficient,
         "rss_after_build_mb": before / 2**20,
         "peak_mb": peak / 2**20,
         "step_peak_mb": (peak - before) / 2**20,
@@ -300,7 +301,11 @@ def memory_child(backend: str, input_size: int, batch: int) -> dict[str, Any]:
 
 
 def memory_rows(
-    backends: list[str], input_size: int = 224, batch: int = 32, progress: Callable[[str], None] | None = None
+    backends: list[str],
+    input_size: int = 224,
+    batch: int = 32,
+    progress: Callable[[str], None] | None = None,
+    memory_efficient: bool = False,
 ) -> list[dict[str, Any]]:
     """:func:`memory_child` for each backend in a fresh process (a process's peak memory is a
     high-water mark that only one measurement may own)."""
@@ -313,6 +318,7 @@ def memory_rows(
         say(f"{backend}: one training step at {input_size}x{input_size}, batch {batch}")
         cmd = [sys.executable, "-m", "common", "exercise", "memory", "--child", backend]
         cmd += ["--input-size", str(input_size), "--batch-size", str(batch)]
+        cmd += ["--memory-efficient"] if memory_efficient else []
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
         if done.returncode != 0:
             tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])

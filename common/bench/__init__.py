@@ -1,0 +1,306 @@
+"""``densenet bench``: speed and memory of every backend in every execution mode.
+
+Each case (backend x mode x phase) runs in its own process (:func:`run_case`, started by
+:func:`run_bench`), so its peak resident memory (``ru_maxrss``) is its own and a crash or a hang
+costs that case only: a case that fails or outlives its timeout is a row with its reason. A case
+times its first step apart (compiling, for every mode but eager), runs the warm-up steps, then
+times each of ``steps`` steps on its own; the report gives the median, the quartiles and the
+extremes. Nothing here imports a framework: the child loads its backend through the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.config import DenseNetConfig
+from common.errors import BackendError, DenseNetError
+from common.render import format_table
+
+__all__ = [
+    "MODES",
+    "PHASES",
+    "BenchCase",
+    "BenchReport",
+    "case_command",
+    "parse_modes",
+    "run_bench",
+    "run_case",
+]
+
+# Every backend's execution modes, by the framework's own names: ``eager`` and each compiled path.
+# (Kept here as well as in each adapter's ``bench_modes`` so that parsing needs no framework;
+# tests/test_bench.py checks that the two agree.)
+MODES: dict[str, tuple[str, ...]] = {
+    "torch": ("eager", "compile"),
+    "mxnet": ("eager", "hybridize"),
+    "jax": ("eager", "jit"),
+    "tf": ("eager", "function", "xla"),
+}
+PHASES = ("train", "inference")
+SCHEMA = 1
+
+
+class BenchError(DenseNetError, ValueError):
+    """A benchmark that cannot be set up as asked (an unknown mode or phase)."""
+
+
+def parse_modes(text: str | None, backends: Sequence[str]) -> dict[str, list[str]]:
+    """``--modes``: mode names (``eager``, ``compile``, ``xla``...) or ``compiled`` for every
+    non-eager mode, comma-separated; ``None`` or ``all`` for every mode. Each backend gets those
+    of its modes that were named; a name no backend has is refused."""
+    if text is None or text.strip().lower() == "all":
+        return {b: list(MODES[b]) for b in backends}
+    names = [v.strip().lower() for v in text.split(",")]
+    if any(not v for v in names):
+        raise BenchError(f"expected comma-separated modes like eager,compiled, got {text!r} (an empty item)")
+    known = {m for modes in MODES.values() for m in modes} | {"compiled"}
+    unknown = [v for v in names if v not in known]
+    if unknown:
+        every = ", ".join(f"{b}: {'/'.join(m)}" for b, m in MODES.items())
+        raise BenchError(
+            f"unknown mode {', '.join(map(repr, unknown))}; the modes are 'compiled' (every "
+            f"non-eager one) or a backend's own ({every})"
+        )
+    chosen = {b: [m for m in MODES[b] if m in names or (m != "eager" and "compiled" in names)] for b in backends}
+    if not any(chosen.values()):
+        raise BenchError(f"no backend among {', '.join(backends)} has the mode(s) {text!r}")
+    return {b: modes for b, modes in chosen.items() if modes}
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One measurement: a backend, a mode and a phase, with the shared settings."""
+
+    backend: str
+    mode: str
+    phase: str
+    config: DenseNetConfig
+    batch_size: int = 32
+    input_size: tuple[int, int] = (96, 96)
+    steps: int = 5
+    warmup: int = 1
+    memory_efficient: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["config"] = self.config.to_dict()
+        d["input_size"] = list(self.input_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BenchCase:
+        return cls(**{**d, "config": DenseNetConfig.from_dict(d["config"]), "input_size": tuple(d["input_size"])})
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def run_case(case: BenchCase) -> dict[str, Any]:
+    """Measure ``case`` in this process (the child's side): build, first step, warm-up, timed steps."""
+    from common.harness import seeded_batches
+    from common.registry import load_backend
+
+    adapter = load_backend(case.backend)
+    model = adapter.build(case.config, seed=0, memory_efficient=case.memory_efficient)
+    ((X, y),) = seeded_batches(case.config, case.input_size, case.batch_size, 1, 0)
+    step = adapter.bench_step(model, case.phase, case.mode, X, y)
+    rss_before = _rss_bytes()
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    for _ in range(max(case.warmup - 1, 0)):  # the first step counts as one warm-up step
+        step()
+    times = []
+    for _ in range(case.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    quartiles = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
+    median = statistics.median(times)
+    return {
+        "version": adapter.version(),
+        "first_step_s": first,
+        "median_s": median,
+        "q1_s": quartiles[0],
+        "q3_s": quartiles[2],
+        "min_s": min(times),
+        "max_s": max(times),
+        "images_per_s": case.batch_size / median,
+        "rss_before_mb": rss_before / 2**20,
+        "peak_mb": _peak_bytes() / 2**20,
+    }
+
+
+def case_command(case: BenchCase) -> list[str]:
+    """The child process of one case: ``python -m common bench --child JSON``."""
+    return [sys.executable, "-m", "common", "bench", "--child", json.dumps(case.to_dict())]
+
+
+def _child_env() -> dict[str, str]:
+    # The child must import this source tree, as the parent does, even when it is not installed.
+    root = Path(__file__).resolve().parents[2]
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def _run_child(case: BenchCase, timeout: float) -> dict[str, Any]:
+    """One case in a child process: its JSON result, or an ``error`` saying why there is none. The
+    child is killed on timeout and on Ctrl-C (which is then re-raised)."""
+    proc = subprocess.Popen(
+        case_command(case),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_child_env(),
+        start_new_session=True,  # Ctrl-C reaches the parent, which ends the child itself
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        return {"error": f"timed out after {timeout:g} s"}
+    except BaseException:
+        _kill(proc)
+        raise
+    if proc.returncode != 0:
+        lines = [line for line in (err or out).strip().splitlines() if line.strip()]
+        reason = lines[-1] if lines else "no output"
+        if proc.returncode < 0:
+            reason = f"killed by signal {-proc.returncode}" + (f" ({reason})" if lines else "")
+        return {"error": f"exit {proc.returncode}: {reason[:300]}"}
+    try:
+        return json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"error": f"the child printed no result: {out[-200:]!r}"}
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it started
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+@dataclass
+class BenchReport:
+    """Every case's row, with the settings and the machine they were measured on."""
+
+    settings: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if "error" in r]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "settings": self.settings, "machine": machine(), "rows": self.rows}
+
+    def to_text(self) -> str:
+        s = self.settings
+        head = (
+            f"DenseNet {s['config']['describe']}, batch {s['batch_size']} at {s['input_size'][0]}x"
+            f"{s['input_size'][1]}, {s['steps']} timed step(s) after {s['warmup']} warm-up, plain SGD, "
+            f"{'memory-efficient' if s['memory_efficient'] else 'standard'} network; each case in its own process"
+        )
+        body = []
+        for r in self.rows:
+            if "error" in r:
+                body.append([r["backend"], r["mode"], r["phase"], *["-"] * 6, f"FAILED: {r['error']}"])
+                continue
+            body.append(
+                [
+                    r["backend"],
+                    r["mode"],
+                    r["phase"],
+                    f"{r['median_s'] * 1e3:,.1f}",
+                    f"{r['q1_s'] * 1e3:,.1f}-{r['q3_s'] * 1e3:,.1f}",
+                    f"{r['min_s'] * 1e3:,.1f}-{r['max_s'] * 1e3:,.1f}",
+                    f"{r['images_per_s']:,.1f}",
+                    f"{r['first_step_s']:,.2f}",
+                    f"{r['peak_mb']:,.0f}",
+                ]
+            )
+        headers = ["backend", "mode", "phase", "median ms", "IQR ms", "min-max ms", "img/s", "first step s", "peak MiB"]
+        if any("error" in r for r in self.rows):
+            headers.append("")
+            body = [row if len(row) == 10 else [*row, ""] for row in body]
+        return head + "\n" + format_table(headers, body)
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers were taken: CPU count, load, platform, Python."""
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average": load,
+        "python": platform.python_version(),
+    }
+
+
+def run_bench(
+    backends: Sequence[str],
+    modes: dict[str, list[str]],
+    config: DenseNetConfig,
+    *,
+    phases: Sequence[str] = PHASES,
+    batch_size: int = 32,
+    input_size: tuple[int, int] = (96, 96),
+    steps: int = 5,
+    warmup: int = 1,
+    memory_efficient: bool = False,
+    timeout: float = 600.0,
+    progress: Callable[[str], None] | None = None,
+) -> BenchReport:
+    """Every case of ``backends`` x their ``modes`` x ``phases``, each in its own process."""
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown:
+        raise BenchError(f"unknown phase {unknown[0]!r}; expected {' or '.join(PHASES)}")
+    for b in backends:
+        if b not in MODES:
+            raise BackendError(f"unknown backend {b!r}")
+    say = progress or (lambda message: None)
+    settings = {
+        "config": {**config.to_dict(), "describe": config.describe()},
+        "batch_size": batch_size,
+        "input_size": list(input_size),
+        "steps": steps,
+        "warmup": warmup,
+        "memory_efficient": memory_efficient,
+        "timeout_s": timeout,
+    }
+    report = BenchReport(settings)
+    for backend in backends:
+        for mode in modes.get(backend, []):
+            for phase in phases:
+                case = BenchCase(backend, mode, phase, config, batch_size, input_size, steps, warmup, memory_efficient)
+                say(f"{backend} {mode} {phase}")
+                started = time.perf_counter()
+                result = _run_child(case, timeout)
+                row = {"backend": backend, "mode": mode, "phase": phase, **result}
+                row["wall_s"] = time.perf_counter() - started
+                report.rows.append(row)
+    return report

@@ -1,0 +1,76 @@
+"""``densenet bench``: a tiny real run through the CLI (one backend, each case in its own
+process), the JSON report's schema, failing cases reported as rows, and mode parsing. Never a
+timed assertion: the numbers are only checked to be there and positive."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common import bench
+from common.bench import MODES, BenchCase, parse_modes
+from common.errors import DenseNetError
+from common.parity import PARITY_CASE
+from tests.helpers import get_adapter, run_cli
+
+TINY = ["--num-channels", "16", "--growth-rate", "16", "--arch", "2,2", "--input-size", "32", "--batch-size", "2"]
+NUMBERS = ("first_step_s", "median_s", "q1_s", "q3_s", "min_s", "max_s", "images_per_s", "peak_mb", "rss_before_mb")
+
+
+@pytest.mark.torch
+def test_a_tiny_run_reports_every_case_as_json(capsys: pytest.CaptureFixture[str], tmp_path, request) -> None:
+    get_adapter("torch", request.config)
+    plot = tmp_path / "bench.png"
+    code, out, _ = run_cli(
+        capsys, "bench", *TINY, "--steps", "2", "--backends", "torch", "--modes", "eager", "--json", "--plot", plot
+    )
+    assert code == 0
+    report = json.loads(out)
+    assert report["schema"] == 1
+    assert report["settings"]["batch_size"] == 2 and report["settings"]["input_size"] == [32, 32]
+    assert report["settings"]["config"]["growth_rate"] == 16
+    assert {"cpus", "platform", "python"} <= set(report["machine"])
+    assert [(r["backend"], r["mode"], r["phase"]) for r in report["rows"]] == [
+        ("torch", "eager", "train"),
+        ("torch", "eager", "inference"),
+    ]
+    for row in report["rows"]:
+        assert "error" not in row, row
+        assert all(row[k] > 0 for k in NUMBERS), row
+        assert row["min_s"] <= row["q1_s"] <= row["median_s"] <= row["q3_s"] <= row["max_s"]
+        assert row["version"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_failing_case_is_a_row_with_its_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child that fails (here: a mode its adapter refuses) or runs out of time is reported."""
+    report = bench.run_bench(["jax"], {"jax": ["eager"]}, PARITY_CASE, phases=["train"], input_size=(32, 32))
+    (row,) = report.rows
+    assert row["backend"] == "jax" and row["mode"] == "eager" and row["phase"] == "train"
+    assert "error" in row and ("always jitted" in row["error"] or "cannot" in row["error"]), row
+    assert "FAILED" in report.to_text()
+
+    monkeypatch.setattr(bench, "case_command", lambda case: ["sleep", "30"])
+    report = bench.run_bench(["torch"], {"torch": ["eager"]}, PARITY_CASE, phases=["inference"], timeout=1)
+    assert report.rows[0]["error"] == "timed out after 1 s"
+
+
+def test_mode_names() -> None:
+    assert parse_modes(None, ["torch", "tf"]) == {"torch": ["eager", "compile"], "tf": ["eager", "function", "xla"]}
+    assert parse_modes("compiled", ["mxnet", "jax"]) == {"mxnet": ["hybridize"], "jax": ["jit"]}
+    assert parse_modes("eager,xla", ["torch", "tf"]) == {"torch": ["eager"], "tf": ["eager", "xla"]}
+    assert parse_modes("xla", ["torch", "tf"]) == {"tf": ["xla"]}
+    with pytest.raises(DenseNetError, match="unknown mode 'fast'"):
+        parse_modes("fast", ["torch"])
+    with pytest.raises(DenseNetError, match="no backend among torch"):
+        parse_modes("xla", ["torch"])
+
+
+def test_every_adapter_names_the_modes_the_bench_knows(adapter) -> None:
+    assert adapter.bench_modes == MODES[adapter.name]
+
+
+def test_a_case_survives_the_trip_to_the_child() -> None:
+    case = BenchCase("tf", "xla", "train", PARITY_CASE, 4, (32, 48), 3, 2, True)
+    assert BenchCase.from_dict(json.loads(json.dumps(case.to_dict()))) == case
