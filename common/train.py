@@ -54,6 +54,12 @@ class TrainingInterrupted(TrainingError, Interrupted):
 RUN_FILES = ("run.json", "metrics.jsonl", "steps.jsonl", "checkpoint.safetensors", "weights.safetensors", "curves.png")
 
 
+# The distributed groups build the standard network; say so rather than train it silently.
+MEMORY_EFFICIENT_ALONE = (
+    "--memory-efficient trains in one process only so far; drop --workers/--distributed or --memory-efficient"
+)
+
+
 @dataclass
 class TrainSettings:
     """The book's recipe by default: batch 128, plain SGD at 0.01, 10 epochs, 96x96."""
@@ -109,6 +115,8 @@ class TrainSettings:
             self.schedule.check(self.epochs)
         except OptimizerError as exc:
             raise TrainingError(str(exc)) from None
+        if self.memory_efficient and self.workers > 1:
+            raise TrainingError(MEMORY_EFFICIENT_ALONE)
 
     @property
     def sgd(self) -> SGD:
@@ -384,6 +392,8 @@ def train(
     adapter = load_backend(settings.backend)
     writer = group is None or group.writer
     if group is not None:
+        if settings.memory_efficient:
+            raise TrainingError(MEMORY_EFFICIENT_ALONE)
         check_divisible(settings.batch_size, group.replicas)
         model = group.build(adapter, config, seed=settings.seed, sync_bn=settings.sync_bn)
     else:

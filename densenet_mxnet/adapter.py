@@ -135,10 +135,11 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
             loss = loss_fn(logits, y).mean()
         # MXNet updates BatchNorm's running statistics only here, in the backward pass (CPU).
         loss.backward()
-        if model.net.memory_efficient:
-            # The recomputations' backward passes push their work from the engine's custom-function
-            # thread; nothing may touch their statistics before they are done.
-            mx.nd.waitall()
+        # Wait for the backward pass to finish before reading the statistics it wrote: with
+        # static_alloc the cached graph's BatchNorm updates are not ordered before a later read
+        # (measured: one step in two read the stem's running variance before its update), and the
+        # memory-efficient blocks' recomputations run on the engine's custom-function thread.
+        mx.nd.waitall()
         for k, factor in factors.items():  # see running_var_unbiased and bn_momentum
             tensors[k].set_data(self.canonical_running_stat(old[k], tensors[k].data(), factor))
         return float(loss.asscalar()), logits

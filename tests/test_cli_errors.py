@@ -152,6 +152,8 @@ BAD_ARGUMENTS = [
     (["train", "--backend", "torch", "--lr", "nan"], 2, "argument --lr"),
     (["train", "--backend", "torch", "--lr", "-1"], 2, "argument --lr"),
     (["train", "--backend", "torch", "--epochs", "0"], 2, "argument --epochs"),
+    (["train", "--backend", "torch", "--workers", "2", "--memory-efficient"], 2, "--memory-efficient trains in one"),
+    (["train", "--backend", "torch", "--workers", "2", "--sync-bn"], 2, "SyncBatchNorm runs on GPUs only"),
     (["train", "--backend", "torch", "--out", "{file}"], 2, "is a file, not a directory"),
     (["train", "--backend", "torch", "--out", "{file}/run"], 2, "is not a directory this user can write in"),
     (["train", "--backend", "torch", "--out", "{run}"], 2, "already holds a mxnet run of 1 epoch(s)"),
