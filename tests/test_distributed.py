@@ -19,6 +19,7 @@ import pytest
 
 from common import reference_grad
 from common.distributed import launch, shard_batches, shard_range
+from common.distributed.launch import namespace_available
 from common.distributed.sharding import ShardingError
 from common.harness import seeded_batches
 from common.optim import FOLDED_LR, MOMENTUM_BUFFER, SGD, SUITE, Convention, sgd_update, state_spec
@@ -35,6 +36,15 @@ DTYPES = {"torch": "float32,float64", "jax": "float32", "tf": "float32,float64",
 # Engines without a BatchNorm synchronised across processes: --sync-bn is refused, with this text.
 NO_SYNC_BN = {"torch": "SyncBatchNorm runs on GPUs only", "mxnet": "never across dist_sync kvstore processes"}
 TIMEOUT_S = 240
+
+
+def _loopback_only(backend: str) -> None:
+    """TensorFlow's gRPC servers bind every interface; its tests run only where the launcher can
+    give the job a private network namespace, in which loopback is the only interface."""
+    if backend == "tf" and not namespace_available():
+        pytest.skip("TensorFlow's workers would listen beyond loopback: `unshare -rn` is not available here")
+
+
 PLAIN = SGD()
 
 
@@ -151,7 +161,8 @@ def steps(tmp_path_factory, request):
                 env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(Path.cwd())}
                 result = _run(command, env)
             else:
-                result = launch(backend, command, 2, timeout_s=TIMEOUT_S)
+                _loopback_only(backend)
+                result = launch(backend, command, 2, timeout_s=TIMEOUT_S, namespace=backend == "tf" or None)
             assert result == 0, f"{backend} workers failed (status {result})"
             done[backend] = out
         return done[backend]
@@ -249,6 +260,7 @@ def _train_argv(backend: str, out: Path, epochs: int, *extra: str) -> list[str]:
 
 
 def _train(capsys, *argv: str) -> None:
+    _loopback_only(argv[argv.index("--backend") + 1])
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DENSENET_DIST_TIMEOUT", "120")  # every rendezvous and collective
         mp.setenv("DENSENET_DIST_JOB_TIMEOUT", str(TIMEOUT_S))  # the whole job, then killed
