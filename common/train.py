@@ -90,6 +90,8 @@ class TrainSettings:
     dataset: str = "fashion-mnist"
     val_fraction: float | None = None
     augment: bool = False
+    # Zero pixels on each side before the random crop (None: resize // 8; 0: flips only).
+    augment_padding: int | None = None
     init: str | None = None
     init_format: str = "canonical"
     # Data-parallel workers (common.distributed): batch_size stays the global batch.
@@ -115,6 +117,14 @@ class TrainSettings:
             self.schedule.check(self.epochs)
         except OptimizerError as exc:
             raise TrainingError(str(exc)) from None
+        if self.augment_padding is not None:
+            if not self.augment:
+                raise TrainingError("the augmentation padding needs augmentation on (--augment)")
+            if not 0 <= self.augment_padding <= self.resize:
+                raise TrainingError(
+                    f"the augmentation padding must be 0 to the image side ({self.resize}) pixels,"
+                    f" got {self.augment_padding}"
+                )
         if self.memory_efficient and self.workers > 1:
             raise TrainingError(MEMORY_EFFICIENT_ALONE)
 
@@ -212,7 +222,7 @@ def read_steps_file(path: Path, epochs: int) -> list[dict[str, Any]]:
 def _augment_info(settings: TrainSettings) -> dict[str, Any] | None:
     if not settings.augment:
         return None
-    pad = data.padding(settings.resize)
+    pad = data.padding(settings.resize) if settings.augment_padding is None else settings.augment_padding
     return {
         "order": "scale to [0, 1], channels, resize, zero-pad, random crop, horizontal flip",
         "padding": pad,
@@ -502,6 +512,7 @@ def train(
                 seed=settings.seed,
                 epoch=epoch,
                 augment=settings.augment,
+                augment_padding=settings.augment_padding,
                 channels=config.in_channels,
                 shard=shard,
             )

@@ -5,6 +5,9 @@ timed assertion: the numbers are only checked to be there and positive."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -74,3 +77,35 @@ def test_every_adapter_names_the_modes_the_bench_knows(adapter) -> None:
 def test_a_case_survives_the_trip_to_the_child() -> None:
     case = BenchCase("tf", "xla", "train", PARITY_CASE, 4, (32, 48), 3, 2, True)
     assert BenchCase.from_dict(json.loads(json.dumps(case.to_dict()))) == case
+
+
+_COMPILE_TINY = """
+import jax, numpy as np
+from common.config import DenseNetConfig
+from common.registry import load_backend
+a = load_backend("jax")
+m = a.build(DenseNetConfig(num_channels=8, growth_rate=8, arch=(1, 1)))
+a.train_step(m, np.zeros((2, 1, 16, 16), np.float32), np.zeros(2, np.int64), 0.1, compiled=True)
+print(jax.config.jax_compilation_cache_dir)
+"""
+
+
+@pytest.mark.jax
+@pytest.mark.parametrize("setting", ["dir", "off"])
+def test_jax_keeps_compiled_programs_where_told(setting: str, tmp_path, request) -> None:
+    """``DENSENET_JAX_CACHE``: a directory the compiled programs go to, or ``off``; the bench's
+    children run without it, so their first step is a cold compile."""
+    get_adapter("jax", request.config)
+    cache = tmp_path / "cache"
+    value = str(cache) if setting == "dir" else "off"
+    env = {**os.environ, "DENSENET_JAX_CACHE": value, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_TINY], env=env, capture_output=True, text=True, timeout=300, check=True
+    )
+    if setting == "dir":
+        assert done.stdout.split()[-1] == str(cache)
+        assert any(p.name.startswith("jit__sgd_step") for p in cache.iterdir())
+    else:
+        assert done.stdout.split()[-1] == "None" and not cache.exists()
+    assert bench._child_env()["DENSENET_JAX_CACHE"] == os.environ.get("DENSENET_JAX_CACHE", "off")

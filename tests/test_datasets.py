@@ -193,3 +193,26 @@ def test_augmentation_depends_only_on_seed_epoch_and_index() -> None:
     assert big.pad == 4 and big.offsets.min() == 0 and big.offsets.max() == 8
     assert 0.45 < big.flips.mean() < 0.55
     assert augment.padding(96) == 12 and augment.padding(4) == 1
+
+
+def test_augmentation_padding_is_chosen() -> None:
+    """``augment_padding`` replaces side // 8; 0 leaves only the flips."""
+    rng = np.random.default_rng(2)
+    split = data.Split(rng.integers(0, 256, (12, 1, 16, 16), dtype=np.uint8), np.arange(12) % 10)
+    plain = data.preprocess(split.images, 16)
+
+    def images(pad: int | None) -> np.ndarray:
+        batches = data.batches(split, 5, 16, seed=1, epoch=0, shuffle=False, augment=True, augment_padding=pad)
+        return np.concatenate([X for X, _ in batches])
+
+    flips_only = images(0)
+    zero = augment.draw(12, 16, 1, 0, pad=0)
+    assert zero.pad == 0 and not zero.offsets.any() and 0 < zero.flips.sum() < 12
+    assert np.array_equal(flips_only, np.where(zero.flips[:, None, None, None], plain[..., ::-1], plain))
+    three = augment.draw(12, 16, 1, 0, pad=3)
+    assert three.pad == 3 and three.offsets.max() <= 6
+    padded = images(3)
+    for i in range(12):
+        assert np.array_equal(padded[i], _reference_augment(plain[i], 3, tuple(three.offsets[i]), bool(three.flips[i])))
+    with pytest.raises(ValueError, match="0 or more pixels, got -1"):
+        augment.draw(12, 16, 1, 0, pad=-1)

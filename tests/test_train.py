@@ -536,3 +536,15 @@ def test_progress_leaves_compiling_steps_out_of_speed_and_time_left() -> None:
     quiet = Progress("jax", 1, 1, quiet=True, stream=stream, out=out)
     quiet.epoch_line("nothing")
     assert "nothing" not in out.getvalue()
+
+
+def test_augment_padding_is_recorded_and_checked() -> None:
+    from common.train import _augment_info
+
+    assert _augment_info(settings("torch", augment=True))["padding"] == 4  # resize 32 // 8
+    assert _augment_info(settings("torch", augment=True, augment_padding=0))["padding"] == 0
+    assert _augment_info(settings("torch", augment_padding=None)) is None
+    with pytest.raises(TrainingError, match="needs augmentation on"):
+        settings("torch", augment_padding=2)
+    with pytest.raises(TrainingError, match=r"0 to the image side \(32\) pixels, got 33"):
+        settings("torch", augment=True, augment_padding=33)

@@ -158,7 +158,10 @@ def _child_env() -> dict[str, str]:
     # The child must import this source tree, as the parent does, even when it is not installed.
     root = Path(__file__).resolve().parents[2]
     path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path}
+    # The first step is timed as a cold compile: no JAX or Inductor cache from an earlier process
+    # (unless the caller sets these variables itself).
+    cold = {"DENSENET_JAX_CACHE": "off", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    return {**cold, **os.environ, "PYTHONPATH": path}
 
 
 def _run_child(case: BenchCase, timeout: float) -> dict[str, Any]:

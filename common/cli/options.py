@@ -72,6 +72,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    value = _int(text, "an integer of 0 or more")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer of 0 or more, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number above zero (a learning rate)."""
     try:

@@ -15,6 +15,7 @@ from common.cli.options import (
     config_from_args,
     config_options_given,
     fraction,
+    nonnegative_int,
     positive_float,
     positive_int,
     positive_int_list,
@@ -68,6 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         val_fraction=args.val_fraction,
         augment=args.augment,
+        augment_padding=args.augment_padding,
         init=args.init,
         init_format=args.init_format,
         workers=args.workers,
@@ -276,6 +278,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     )
     start.add_argument(
         "--augment", action="store_true", help="random crop (zero padding of resize/8) and horizontal flip, seeded"
+    )
+    start.add_argument(
+        "--augment-padding",
+        type=nonnegative_int,
+        metavar="P",
+        help="--augment: zero pixels on each side before the random crop (default resize/8; 0: flips only)",
     )
     start.add_argument(
         "--init",

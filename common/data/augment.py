@@ -2,7 +2,8 @@
 horizontal flip (the standard CIFAR recipe of the DenseNet paper).
 
 Order: uint8 -> [0, 1] -> channels -> bilinear resize to the network's side S -> pad every side
-with ``padding(S) = max(1, S // 8)`` zero pixels (4 at 32x32, 12 at 96x96) -> crop an S x S window
+with ``padding(S) = max(1, S // 8)`` zero pixels (4 at 32x32, 12 at 96x96; or a chosen number,
+0 for flips only) -> crop an S x S window
 at a random offset in [0, 2 * padding] on each axis -> flip left-right with probability 1/2.
 
 Seeding: every epoch draws the offsets and flips of *all* N examples at once from a generator
@@ -37,9 +38,14 @@ class Draws(NamedTuple):
     flips: np.ndarray
 
 
-def draw(n: int, side: int, seed: int, epoch: int) -> Draws:
-    """The augmentation of all ``n`` examples of a split in ``epoch`` (vectorised: two draws)."""
-    pad = padding(side)
+def draw(n: int, side: int, seed: int, epoch: int, pad: int | None = None) -> Draws:
+    """The augmentation of all ``n`` examples of a split in ``epoch`` (vectorised: two draws).
+
+    ``pad``: zero pixels on every side before the crop (default ``padding(side)``; 0: flips only)."""
+    if pad is None:
+        pad = padding(side)
+    if pad < 0:
+        raise ValueError(f"augmentation padding must be 0 or more pixels, got {pad}")
     rng = np.random.default_rng([seed, epoch, _STREAM])
     offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
     flips = rng.random(n) < 0.5

@@ -104,12 +104,13 @@ def batches(
     epoch: int = 0,
     shuffle: bool = True,
     augment: bool = False,
+    augment_padding: int | None = None,
     channels: int | None = None,
     shard: tuple[int, int] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """NCHW float32 batches and labels; the order depends only on ``(seed, epoch)``, and with
     ``augment`` (:mod:`common.data.augment`) each image's crop and flip only on ``(seed, epoch,
-    its index in the split)``.
+    its index in the split)``; ``augment_padding`` overrides the crop's padding (0: flips only).
 
     ``shard=(rank, world)``: only worker ``rank``'s share of every batch of ``batch_size``
     (``common.distributed.sharding.shard_batches``)."""
@@ -120,7 +121,8 @@ def batches(
         order = np.random.default_rng([seed, epoch]).permutation(order)
     draws = None
     if augment:
-        draws = draw(len(split.labels), size if size is not None else split.images.shape[-1], seed, epoch)
+        side = size if size is not None else split.images.shape[-1]
+        draws = draw(len(split.labels), side, seed, epoch, augment_padding)
     if shard is not None:
         chunks = shard_batches(order, batch_size, *shard)
     else:
