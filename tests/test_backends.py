@@ -27,7 +27,7 @@ from common.config import (
 )
 from common.errors import InputError
 from common.registry import BACKENDS
-from tests.helpers import cached_model, images
+from tests.helpers import cached_model, get_adapter, images
 
 # Tiny networks keep every test fast; the book's network is built once per backend per module.
 TINY = DenseNetConfig(num_channels=8, growth_rate=4, arch=(2, 2))
@@ -434,3 +434,31 @@ def test_set_weights_loads_every_tensor(adapter, rng: np.random.Generator) -> No
     for k in new:
         np.testing.assert_array_equal(got[k], new[k], err_msg=k)
     assert not np.allclose(adapter.forward(model, X), before)
+
+
+@pytest.mark.torch
+def test_torch_runs_channels_last_with_nchw_results(rng: np.random.Generator, request) -> None:
+    """The PyTorch adapter keeps its 4-D tensors channels-last (faster oneDNN kernels); the shapes,
+    weights and float64 results are those of the book's NCHW network."""
+    import torch
+
+    adapter = get_adapter("torch", request.config)
+    X, y = images(rng, (3, 1, 32, 32)).astype(np.float64), np.array([1, 4, 7])
+    fast = adapter.build(TINY, seed=0, dtype="float64")
+    book = adapter.build(TINY, seed=0, dtype="float64")
+    book.runtime.memory_format = torch.contiguous_format
+    book.net.to(memory_format=torch.contiguous_format)
+    conv = next(m for m in fast.net.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    assert adapter.prepare(fast, X).is_contiguous(memory_format=torch.channels_last)
+    assert tuple(adapter.prepare(fast, X).shape) == X.shape
+    loss_fast, dX_fast, grads_fast = adapter.loss_and_grads(fast, X, y)
+    loss_book, dX_book, grads_book = adapter.loss_and_grads(book, X, y)
+    assert abs(loss_fast - loss_book) <= 1e-12
+    np.testing.assert_allclose(dX_fast, dX_book, rtol=0, atol=1e-12)
+    for k, g in grads_book.items():
+        np.testing.assert_allclose(grads_fast[k], g, rtol=0, atol=1e-12 * max(1.0, np.abs(g).max()), err_msg=k)
+    for model in (fast, book):
+        adapter.train_step(model, X, y, 0.1)
+    for k, w in adapter.get_weights(book).items():
+        np.testing.assert_allclose(adapter.get_weights(fast)[k], w, rtol=0, atol=1e-12, err_msg=k)

@@ -60,8 +60,15 @@ def test_a_failing_case_is_a_row_with_its_reason(monkeypatch: pytest.MonkeyPatch
 
 
 def test_mode_names() -> None:
-    assert parse_modes(None, ["torch", "tf"]) == {"torch": ["eager", "compile"], "tf": ["eager", "function", "xla"]}
-    assert parse_modes("compiled", ["mxnet", "jax"]) == {"mxnet": ["hybridize"], "jax": ["jit"]}
+    assert parse_modes(None, ["torch", "tf"]) == {
+        "torch": ["eager", "compile", "nchw"],
+        "tf": ["eager", "function", "xla"],
+    }
+    assert parse_modes("compiled", ["mxnet", "jax", "torch"]) == {
+        "mxnet": ["hybridize"],
+        "jax": ["jit"],
+        "torch": ["compile"],  # nchw is eager too
+    }
     assert parse_modes("eager,xla", ["torch", "tf"]) == {"torch": ["eager"], "tf": ["eager", "xla"]}
     assert parse_modes("xla", ["torch", "tf"]) == {"tf": ["xla"]}
     with pytest.raises(DenseNetError, match="unknown mode 'fast'"):

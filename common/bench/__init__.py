@@ -39,15 +39,17 @@ __all__ = [
     "run_case",
 ]
 
-# Every backend's execution modes, by the framework's own names: ``eager`` and each compiled path.
+# Every backend's execution modes, by the framework's own names: ``eager`` and each compiled path,
+# plus torch's ``nchw``: eager in the book's memory format, where ``eager`` is channels-last.
 # (Kept here as well as in each adapter's ``bench_modes`` so that parsing needs no framework;
 # tests/test_bench.py checks that the two agree.)
 MODES: dict[str, tuple[str, ...]] = {
-    "torch": ("eager", "compile"),
+    "torch": ("eager", "compile", "nchw"),
     "mxnet": ("eager", "hybridize"),
     "jax": ("eager", "jit"),
     "tf": ("eager", "function", "xla"),
 }
+UNCOMPILED = ("eager", "nchw")
 PHASES = ("train", "inference")
 SCHEMA = 1
 
@@ -73,7 +75,7 @@ def parse_modes(text: str | None, backends: Sequence[str]) -> dict[str, list[str
             f"unknown mode {', '.join(map(repr, unknown))}; the modes are 'compiled' (every "
             f"non-eager one) or a backend's own ({every})"
         )
-    chosen = {b: [m for m in MODES[b] if m in names or (m != "eager" and "compiled" in names)] for b in backends}
+    chosen = {b: [m for m in MODES[b] if m in names or (m not in UNCOMPILED and "compiled" in names)] for b in backends}
     if not any(chosen.values()):
         raise BenchError(f"no backend among {', '.join(backends)} has the mode(s) {text!r}")
     return {b: modes for b, modes in chosen.items() if modes}
