@@ -66,7 +66,7 @@ def test_mode_names() -> None:
     }
     assert parse_modes("compiled", ["mxnet", "jax", "torch"]) == {
         "mxnet": ["hybridize"],
-        "jax": ["jit"],
+        "jax": ["jit", "flax-bn"],
         "torch": ["compile"],  # nchw is eager too
     }
     assert parse_modes("eager,xla", ["torch", "tf"]) == {"torch": ["eager"], "tf": ["eager", "xla"]}

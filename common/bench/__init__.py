@@ -40,13 +40,14 @@ __all__ = [
 ]
 
 # Every backend's execution modes, by the framework's own names: ``eager`` and each compiled path,
-# plus torch's ``nchw``: eager in the book's memory format, where ``eager`` is channels-last.
+# plus torch's ``nchw``: eager in the book's memory format, where ``eager`` is channels-last, and
+# JAX's ``flax-bn``: jit with Flax's own BatchNorm sums, where ``jit`` computes them as products.
 # (Kept here as well as in each adapter's ``bench_modes`` so that parsing needs no framework;
 # tests/test_bench.py checks that the two agree.)
 MODES: dict[str, tuple[str, ...]] = {
     "torch": ("eager", "compile", "nchw"),
     "mxnet": ("eager", "hybridize"),
-    "jax": ("eager", "jit"),
+    "jax": ("eager", "jit", "flax-bn"),
     "tf": ("eager", "function", "xla"),
 }
 UNCOMPILED = ("eager", "nchw")
