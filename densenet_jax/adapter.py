@@ -123,7 +123,7 @@ def _batch_norm_as_products(next_fun, args, kwargs, context):
     use_running_average = nn.merge_param(
         "use_running_average", bn.use_running_average, kwargs.get("use_running_average")
     )
-    plain = bn.axis in (-1,) and bn.axis_name is None and bn.use_scale and bn.use_bias and not bn.use_fast_variance
+    plain = bn.axis == -1 and bn.axis_name is None and bn.use_scale and bn.use_bias and not bn.use_fast_variance
     if use_running_average or not plain or len(args) != 1 or kwargs.get("mask") is not None:
         return next_fun(*args, **kwargs)
     X = args[0]

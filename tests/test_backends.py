@@ -446,8 +446,7 @@ def test_torch_runs_channels_last_with_nchw_results(rng: np.random.Generator, re
     X, y = images(rng, (3, 1, 32, 32)).astype(np.float64), np.array([1, 4, 7])
     fast = adapter.build(TINY, seed=0, dtype="float64")
     book = adapter.build(TINY, seed=0, dtype="float64")
-    book.runtime.memory_format = torch.contiguous_format
-    book.net.to(memory_format=torch.contiguous_format)
+    adapter.set_memory_format(book, torch.contiguous_format)
     conv = next(m for m in fast.net.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     assert adapter.prepare(fast, X).is_contiguous(memory_format=torch.channels_last)
