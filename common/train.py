@@ -25,6 +25,7 @@ import numpy as np
 
 from common import data
 from common.adapter import Adapter, Model
+from common.bench import allocator
 from common.config import DenseNetConfig, plan
 from common.distributed.group import Group
 from common.distributed.sharding import check_divisible, shard_range
@@ -462,6 +463,7 @@ def train(
         "settings": settings.to_dict(),
         "framework": adapter.framework,
         "version": adapter.version(),
+        "malloc": allocator.in_use(),
         "data": {**dataset.info, "evaluated_on": dataset.test_name, "augment": _augment_info(settings)},
         "init": start.record if start is not None else None,
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -139,11 +140,14 @@ def _batch_norm_as_products(next_fun, args, kwargs, context):
     return Y.reshape(X.shape)
 
 
+def _intercepted():
+    """The BatchNorm interceptor's context (when on)."""
+    return nn.intercept_methods(_batch_norm_as_products) if _stats_as_products else nullcontext()
+
+
 def _training_apply(net: nn.Module, *args, **kwargs):
     """``net.apply`` with the BatchNorm interceptor (when on)."""
-    if not _stats_as_products:
-        return net.apply(*args, **kwargs)
-    with nn.intercept_methods(_batch_norm_as_products):
+    with _intercepted():
         return net.apply(*args, **kwargs)
 
 
@@ -170,19 +174,24 @@ def _loss(net: DenseNet, params, batch_stats, X, y, key, unbias):
     return loss, (new_stats, logits)
 
 
+def loss_value_and_grad(net: DenseNet, params, batch_stats, X, y, key, unbias, argnums=1):
+    """``jax.value_and_grad(_loss, argnums, has_aux=True)`` with the BatchNorm interceptor on for
+    the backward pass as well: the memory-efficient network recomputes BatchNorms there."""
+    with _intercepted():
+        return jax.value_and_grad(_loss, argnums=argnums, has_aux=True)(net, params, batch_stats, X, y, key, unbias)
+
+
 @partial(jax.jit, static_argnums=0)
 def _loss_and_grads(net: DenseNet, params, batch_stats, X, y, key, unbias):
-    (loss, (batch_stats, _)), (dparams, dX) = jax.value_and_grad(_loss, argnums=(1, 3), has_aux=True)(
-        net, params, batch_stats, X, y, key, unbias
+    (loss, (batch_stats, _)), (dparams, dX) = loss_value_and_grad(
+        net, params, batch_stats, X, y, key, unbias, argnums=(1, 3)
     )
     return loss, batch_stats, dparams, dX
 
 
 @partial(jax.jit, static_argnums=(0, 5))
 def _sgd_step(net: DenseNet, params, batch_stats, X, y, sgd: SGD, lr, opt_state, key, unbias):
-    (loss, (batch_stats, logits)), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(
-        net, params, batch_stats, X, y, key, unbias
-    )
+    (loss, (batch_stats, logits)), grads = loss_value_and_grad(net, params, batch_stats, X, y, key, unbias)
     updates, opt_state = make_optimizer(sgd, lr).update(grads, opt_state, params)
     return loss, optax.apply_updates(params, updates), batch_stats, opt_state, logits
 

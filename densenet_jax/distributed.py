@@ -31,7 +31,7 @@ from common.config import DenseNetConfig
 from common.distributed.group import DistributedError, Group
 from common.layout import to_layout
 from common.optim import SGD
-from densenet_jax.adapter import JaxAdapter, JaxRuntime, _loss, _x64
+from densenet_jax.adapter import JaxAdapter, JaxRuntime, _x64, loss_value_and_grad
 from densenet_jax.optim import make_optimizer
 
 AXIS = "batch"
@@ -53,9 +53,7 @@ def _apply(sgd: SGD, params, grads, lr, opt_state):
 @partial(jax.jit, static_argnums=(0, 1))
 def _global_step(net, sgd, params, batch_stats, opt_state, X, y, lr, key, unbias):
     """The single-process step, on global arrays: BatchNorm over the whole (sharded) batch."""
-    (loss, (batch_stats, logits)), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(
-        net, params, batch_stats, X, y, key, unbias
-    )
+    (loss, (batch_stats, logits)), grads = loss_value_and_grad(net, params, batch_stats, X, y, key, unbias)
     params, opt_state = _apply(sgd, params, grads, lr, opt_state)
     return loss, params, batch_stats, opt_state, logits
 
@@ -65,9 +63,7 @@ def _per_shard_step(mesh: Mesh):
 
     def step(net, sgd, params, batch_stats, opt_state, X, y, lr, key, unbias):
         def per_shard(params, batch_stats, opt_state, X, y, lr, key, unbias):
-            (loss, (stats, logits)), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(
-                net, params, batch_stats, X, y, key, unbias
-            )
+            (loss, (stats, logits)), grads = loss_value_and_grad(net, params, batch_stats, X, y, key, unbias)
             loss, grads, stats = jax.lax.pmean((loss, grads, stats), AXIS)
             params, opt_state = _apply(sgd, params, grads, lr, opt_state)
             return loss, params, stats, opt_state, logits

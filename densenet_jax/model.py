@@ -17,7 +17,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from jax.ad_checkpoint import checkpoint_name
 
 from common.checks import check_images
 from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, min_input_size
@@ -30,13 +29,6 @@ def _batch_norm(training: bool) -> nn.BatchNorm:
     return nn.BatchNorm(
         use_running_average=not training, momentum=1 - BN_MOMENTUM, epsilon=BN_EPS, use_fast_variance=False
     )
-
-
-# What a memory-efficient dense layer keeps for the backward pass besides its inputs: its
-# convolutions' outputs (the new features, and the bottleneck's). Everything else in it, the
-# concatenation, BatchNorms and ReLUs, is recomputed.
-CONV_OUTPUT = "dense_layer_conv"
-_KEEP_CONV_OUTPUTS = jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT)
 
 
 class ConvBlock(nn.Module):
@@ -60,10 +52,8 @@ class ConvBlock(nn.Module):
         if self.bn_size is not None:
             X = nn.relu(_batch_norm(self.training)(X))
             X = nn.Conv(self.bn_size * self.num_channels, kernel_size=(1, 1), use_bias=self.bias)(X)
-            X = checkpoint_name(X, CONV_OUTPUT)
         Y = nn.relu(_batch_norm(self.training)(X))
         Y = nn.Conv(self.num_channels, kernel_size=(3, 3), padding=((1, 1), (1, 1)), use_bias=self.bias)(Y)
-        Y = checkpoint_name(Y, CONV_OUTPUT)
         if self.drop_rate:
             Y = nn.Dropout(self.drop_rate, deterministic=not self.training)(Y)
         return Y
@@ -73,14 +63,57 @@ def conv_block(num_channels: int, training: bool = True, **kwargs) -> ConvBlock:
     return ConvBlock(num_channels, training, **kwargs)
 
 
+def _recomputed(block: ConvBlock):
+    """``block`` (unbound, without dropout) as ``(params, batch_stats, features) -> (Y, updated
+    batch_stats)`` whose backward pass keeps nothing but its inputs and recomputes the rest.
+
+    ``jax.checkpoint`` (``nn.remat``) cannot do this on XLA:CPU: its recomputation depends only on
+    values the forward pass already has, so the compiler merges it back into the forward pass or
+    runs it early, and the buffers stay (docs/performance.md). Here the recomputation reads the
+    output's cotangent, so it can only run once the backward pass reaches the layer. The 3x3
+    convolution is not run again: its backward pass needs its input, not its output, and XLA
+    drops the unused forward value.
+    """
+
+    def apply(params, batch_stats, features):
+        return block.apply({"params": params, "batch_stats": batch_stats}, features, mutable=["batch_stats"])
+
+    @jax.custom_vjp
+    def run(params, batch_stats, features):
+        Y, updates = apply(params, batch_stats, features)
+        return Y, updates["batch_stats"]
+
+    def forward(params, batch_stats, features):
+        Y, updates = apply(params, batch_stats, features)
+        return (Y, updates["batch_stats"]), (params, batch_stats, features)
+
+    def backward(residuals, cotangents):
+        params, batch_stats, features = residuals
+        dY = cotangents[0]
+        # 0 * (one element of dY): nothing to the value, but a dependency the compiler keeps (it
+        # does not fold x * 0 for floats, x being possibly NaN), on the smallest piece.
+        late = dY.reshape(-1)[0] * 0
+        features = (*features[:-1], features[-1] + late.astype(features[-1].dtype))
+        _, vjp = jax.vjp(lambda p, f: apply(p, batch_stats, f)[0], params, features)
+        dparams, dfeatures = vjp(dY)
+        # The running statistics are no function's input to differentiate: zeros, and the
+        # recomputation's own update of them is dropped.
+        return dparams, jax.tree_util.tree_map(jnp.zeros_like, batch_stats), dfeatures
+
+    run.defvjp(forward, backward)
+    return run
+
+
 class DenseBlock(nn.Module):
     """``num_convs`` conv blocks, each fed the concatenation of the input and all earlier outputs:
     (N, H, W, C) -> (N, H, W, C + num_convs * num_channels).
 
-    ``memory_efficient``: each conv block is wrapped in ``nn.remat`` (``jax.checkpoint``) and
-    handed the pieces to concatenate; the backward pass recomputes the concatenation, BatchNorms
-    and ReLUs and keeps only the convolutions' outputs. The updated ``batch_stats`` are an output
-    of the forward pass, so the recomputation cannot count a batch twice.
+    ``memory_efficient``: in training, each conv block runs through :func:`_recomputed`, a
+    ``jax.custom_vjp`` whose backward pass recomputes the concatenation, BatchNorms, ReLUs and
+    the bottleneck's convolution from the layer's inputs; only each layer's new features are
+    kept. The forward pass updates ``batch_stats`` once; the recomputation's update is dropped.
+    Its dropout (DenseNet-BC with ``drop_rate``) comes after the recomputed part, from this
+    block's own ``Dropout`` modules, so its masks are not the standard network's.
     """
 
     num_convs: int
@@ -93,18 +126,23 @@ class DenseBlock(nn.Module):
 
     def setup(self) -> None:
         layer = {"bn_size": self.bn_size, "drop_rate": self.drop_rate, "bias": self.bias}
-        if self.memory_efficient:
-            # The same parameters under the same names: only when values are kept changes.
-            block = nn.remat(ConvBlock, policy=_KEEP_CONV_OUTPUTS)
-            self.net = [block(self.num_channels, self.training, **layer) for _ in range(self.num_convs)]
-        else:
-            self.net = [conv_block(self.num_channels, self.training, **layer) for _ in range(self.num_convs)]
+        self.net = [conv_block(self.num_channels, self.training, **layer) for _ in range(self.num_convs)]
+        if self.memory_efficient and self.drop_rate:
+            self.dropout = [nn.Dropout(self.drop_rate, deterministic=not self.training) for _ in self.net]
 
     def __call__(self, X: jnp.ndarray) -> jnp.ndarray:
-        if self.memory_efficient:
-            features = (X,)  # each layer's new features; their concatenations are not kept
-            for blk in self.net:
-                features = (*features, blk(features))
+        recompute = self.training and not self.is_initializing() and self.is_mutable_collection("batch_stats")
+        if self.memory_efficient and recompute:
+            features = (X,)  # each layer's new features; nothing else of a layer is kept
+            for i, blk in enumerate(self.net):
+                variables = blk.variables
+                run = _recomputed(blk.clone(parent=None, drop_rate=0.0))
+                Y, batch_stats = run(variables["params"], variables["batch_stats"], features)
+                for name, stats in batch_stats.items():
+                    blk.put_variable("batch_stats", name, stats)
+                if self.drop_rate:
+                    Y = self.dropout[i](Y)
+                features = (*features, Y)
             return jnp.concatenate(features, axis=-1)
         for blk in self.net:
             Y = blk(X)

@@ -123,8 +123,10 @@ class DenseBlock(nn.HybridBlock):
             features = [X]  # each layer's new features, stored once; their concatenations are not
             for blk in self.net:
                 layers = list(blk)
-                Y = _Recomputed(layers[:3])(*features)  # BN -> ReLU -> the conv that reads the concatenation
-                for layer in layers[3:]:
+                # Everything up to the dropout: the concatenation, BatchNorms, ReLUs and convolutions.
+                split = len(layers) - 1 if isinstance(layers[-1], nn.Dropout) else len(layers)
+                Y = _Recomputed(layers[:split])(*features)
+                for layer in layers[split:]:
                     Y = layer(Y)
                 features.append(Y)
             return _concat(features)

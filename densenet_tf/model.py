@@ -14,6 +14,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.eager import record  # TensorFlow's own switch, as tf.recompute_grad uses it
 
 from common.checks import check_images
 from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, min_input_size
@@ -76,27 +77,71 @@ def conv_block(num_channels: int, **kwargs) -> ConvBlock:
     return ConvBlock(num_channels, **kwargs)
 
 
-def _recomputed_head(head: list[layers.Layer]):
-    """``features -> (conv(relu(bn(concat(features)))), batch mean, batch variance)`` under
-    ``tf.recompute_grad``: nothing inside is kept for the backward pass, which runs it again.
+def _recomputed_layer(recomputed: list[layers.Layer]):
+    """``features -> (conv(head(concat(features))), mean, variance[, mean, variance])`` for a conv
+    block's layers up to its 3x3 convolution, keeping nothing but ``features`` for the backward
+    pass, which recomputes the concatenation, BatchNorms, ReLUs and bottleneck (a
+    ``tf.custom_gradient``).
 
-    The BatchNorm normalises with the batch statistics as Keras's does in training (the same
-    ``keras.ops`` calls) but updates nothing: a function that the backward pass reruns must not
-    assign, or the moving statistics would take every batch twice. It returns the statistics
-    instead, for the caller to apply once.
+    The 3x3 convolution is not run again: its backward pass needs its input and kernel, not its
+    output, so its gradients are TensorFlow's own backprop kernels, called directly
+    (``tf.recompute_grad`` of the whole block would rerun it). The BatchNorms normalise with the
+    batch statistics as Keras's do in training (the same ``keras.ops`` calls) but update nothing:
+    the backward pass runs them again, and the moving statistics must take each batch once. They
+    return the statistics instead, for the caller to apply once.
     """
-    bn, rest = head[0], head[1:]
+    *head, conv = recomputed
 
-    @tf.recompute_grad
-    def run(*features: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        X = tf.concat(features, axis=-1)
-        mean, variance = keras.ops.moments(X, axes=[0, 1, 2])
-        X = keras.ops.batch_normalization(
-            X, mean, variance, axis=-1, offset=bn.beta, scale=bn.gamma, epsilon=bn.epsilon
-        )
-        for layer in rest:
-            X = layer(X, training=True)
-        return X, mean, variance
+    def run_head(features):
+        X, stats = tf.concat(features, axis=-1), []
+        for layer in head:
+            if isinstance(layer, layers.BatchNormalization):
+                mean, variance = keras.ops.moments(X, axes=[0, 1, 2])
+                X = keras.ops.batch_normalization(
+                    X, mean, variance, axis=-1, offset=layer.beta, scale=layer.gamma, epsilon=layer.epsilon
+                )
+                stats += [mean, variance]
+            else:
+                X = layer(X, training=True)
+        return X, stats
+
+    @tf.custom_gradient
+    def run(*features: tf.Tensor):
+        # tf.custom_gradient lets an enclosing GradientTape record what runs here, which would
+        # keep every intermediate result; tf.recompute_grad stops it the same way.
+        with record.stop_recording():
+            H, stats = run_head(features)
+            Y = conv(H)
+
+        def backward(dY, *_stat_grads, variables=None):
+            # The statistics only feed the moving averages, never the loss: their cotangents are zero.
+            inputs = list(features)
+            if not tf.executing_eagerly():
+                # In a graph, a recomputation that depends on nothing new is merged with the forward
+                # pass or run early, and the memory stays; make it read dY (tf.recompute_grad does
+                # the same), without changing a value: 0 unless dY's first element is NaN.
+                first = tf.cast(tf.reshape(dY, [-1])[0], tf.bool)
+                late = tf.where(first == first, tf.constant(0, dY.dtype), tf.constant(np.nan, dY.dtype))
+                inputs[-1] = inputs[-1] + late
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                H, _ = run_head(inputs)
+            kernel = tf.convert_to_tensor(conv.kernel)
+            strides, padding = [1, *conv.strides, 1], conv.padding.upper()
+            dH = tf.raw_ops.Conv2DBackpropInput(
+                input_sizes=tf.shape(H), filter=kernel, out_backprop=dY, strides=strides, padding=padding
+            )
+            own = {id(conv.kernel.value): tf.raw_ops.Conv2DBackpropFilter(
+                input=H, filter_sizes=tf.shape(kernel), out_backprop=dY, strides=strides, padding=padding
+            )}  # fmt: skip
+            if conv.use_bias:
+                own[id(conv.bias.value)] = tf.reduce_sum(dY, axis=[0, 1, 2])
+            rest = [v for v in variables if id(v) not in own]
+            grads = tape.gradient(H, [*inputs, *rest], output_gradients=dH)
+            by_variable = {**dict(zip((id(v) for v in rest), grads[len(features) :])), **own}
+            return grads[: len(features)], [by_variable[id(v)] for v in variables]
+
+        return (Y, *stats), backward
 
     return run
 
@@ -112,9 +157,9 @@ class DenseBlock(layers.Layer):
     """``num_convs`` conv blocks, each fed the concatenation of the input and all earlier outputs:
     (N, H, W, C) -> (N, H, W, C + num_convs * num_channels).
 
-    ``memory_efficient``: in training, each conv block's concatenation, first BatchNorm, ReLU and
-    first convolution run under ``tf.recompute_grad`` (:func:`_recomputed_head`) and are
-    recomputed in the backward pass; the block keeps only each layer's new features.
+    ``memory_efficient``: in training, each conv block (all but its dropout) runs through
+    :func:`_recomputed_layer` and is recomputed in the backward pass; the block keeps only each
+    layer's new features.
     """
 
     def __init__(self, num_convs: int, num_channels: int, memory_efficient: bool = False, **kwargs) -> None:
@@ -133,12 +178,14 @@ class DenseBlock(layers.Layer):
         return X
 
     def _call_recomputed(self, X: tf.Tensor) -> tf.Tensor:
-        features = [X]  # each layer's new features, stored once; their concatenations are not
+        features = [X]  # each layer's new features, stored once; nothing else of a layer is
         for blk in self.net:
-            head_size = 4 if isinstance(blk.net[2], layers.ZeroPadding2D) else 3  # BN, ReLU[, pad], conv
-            Y, mean, variance = _recomputed_head(blk.net[:head_size])(*features)
-            _update_moving_statistics(blk.net[0], mean, variance)
-            for layer in blk.net[head_size:]:
+            split = len(blk.net) - 1 if isinstance(blk.net[-1], layers.Dropout) else len(blk.net)
+            Y, *stats = _recomputed_layer(blk.net[:split])(*features)
+            norms = [layer for layer in blk.net if isinstance(layer, layers.BatchNormalization)]
+            for bn, mean, variance in zip(norms, stats[::2], stats[1::2]):
+                _update_moving_statistics(bn, mean, variance)
+            for layer in blk.net[split:]:
                 Y = layer(Y, training=True)
             features.append(Y)
         return tf.concat(features, axis=-1)

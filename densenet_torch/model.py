@@ -9,11 +9,10 @@ BatchNorm and ReLU in the backward pass instead of storing them (docs/performanc
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from common.checks import check_images
 from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, min_input_size
@@ -49,12 +48,8 @@ def conv_block(num_channels: int, **kwargs) -> ConvBlock:
 @contextmanager
 def _running_stats_kept(layers: list[nn.Module]) -> Iterator[None]:
     """The recomputation in the backward pass leaves the running statistics as the forward pass
-    left them: BatchNorm counts each batch once.
-
-    Restored rather than switched off: a BatchNorm that tracks no statistics saves fewer tensors
-    for its backward, and the checkpoint requires the recomputation to save what the forward did.
-    ``.data`` writes without bumping the version counters autograd checks.
-    """
+    left them: BatchNorm counts each batch once. ``.data`` writes without bumping the version
+    counters autograd checks."""
     norms = [m for m in layers if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     kept = [[b.detach().clone() for b in m.buffers()] for m in norms]
     try:
@@ -67,17 +62,57 @@ def _running_stats_kept(layers: list[nn.Module]) -> Iterator[None]:
 
 def _run(layers: list[nn.Module], X: torch.Tensor) -> torch.Tensor:
     for layer in layers:
-        X = layer(X)
+        # In place: a recomputation allocates afresh what the standard pass allocated once, and
+        # on this CPU fresh memory costs as much as the ReLU (docs/performance.md). Autograd
+        # allows it: BatchNorm keeps its input, not its output, and ReLU keeps its output.
+        X = torch.relu_(X) if isinstance(layer, nn.ReLU) else layer(X)
     return X
+
+
+class _Recomputed(torch.autograd.Function):
+    """``layers(cat(features))`` (a conv block up to its 3x3 convolution) that keeps only its
+    inputs: the backward pass recomputes the concatenation, BatchNorms, ReLUs and bottleneck,
+    up to the 3x3 convolution's input, and backpropagates through that recomputation.
+
+    The 3x3 convolution itself is not run again: its backward pass needs its input and weight,
+    not its output, so it is ``aten.convolution_backward`` called directly. (A
+    ``torch.utils.checkpoint`` of the whole block would rerun it: 1.33x the standard step on
+    DenseNet-121, docs/performance.md.)"""
+
+    @staticmethod
+    def forward(ctx, layers: list[nn.Module], num_features: int, *inputs: torch.Tensor) -> torch.Tensor:
+        # ``inputs``: the features, then every parameter of ``layers``, so that the gradients
+        # this function returns reach them. Autograd runs this part without recording.
+        ctx.layers, ctx.num_features = layers, num_features
+        ctx.save_for_backward(*inputs[:num_features])
+        return _run(layers, torch.cat(inputs[:num_features], dim=1))
+
+    @staticmethod
+    def backward(ctx, dY: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        *head, conv = ctx.layers
+        features = [f.detach().requires_grad_(f.requires_grad) for f in ctx.saved_tensors]
+        with torch.enable_grad(), _running_stats_kept(head):
+            H = _run(head, torch.cat(features, dim=1))
+        bias = [conv.bias.shape[0]] if conv.bias is not None else None
+        dH, dW, db = torch.ops.aten.convolution_backward(
+            dY, H.detach(), conv.weight, bias, conv.stride, conv.padding, conv.dilation,
+            False, [0, 0], conv.groups, [True, True, conv.bias is not None],
+        )  # fmt: skip
+        inputs = (*features, *(p for m in head for p in m.parameters()))
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(H, wanted, dH) if wanted else ())
+        head_grads = [next(grads) if t.requires_grad else None for t in inputs]
+        return (None, None, *head_grads, dW, *([db] if conv.bias is not None else []))
 
 
 class DenseBlock(nn.Module):
     """``num_convs`` conv blocks, each fed the concatenation of the input and all earlier outputs:
     (N, C, H, W) -> (N, C + num_convs * num_channels, H, W).
 
-    ``memory_efficient``: when training, each conv block's concatenation, first BatchNorm, ReLU
-    and first convolution run under ``torch.utils.checkpoint``: only the block's outputs are
-    kept, and that part is recomputed in the backward pass (torchvision's ``memory_efficient``).
+    ``memory_efficient``: when training, each conv block (all but its dropout) runs through
+    :class:`_Recomputed`: only each layer's new features are kept, and the backward pass
+    recomputes the rest. torchvision's ``memory_efficient`` recomputes less (up to the first
+    convolution) and keeps more (the bottleneck's output and its BatchNorm-ReLU).
     """
 
     def __init__(self, num_convs: int, num_channels: int, memory_efficient: bool = False, **kwargs) -> None:
@@ -94,25 +129,17 @@ class DenseBlock(nn.Module):
         return X
 
     def has_lazy_modules(self) -> bool:
-        # Lazy modules take their shapes on the first call, which must not happen inside a checkpoint.
+        # Lazy modules take their shapes on the first call, which must not happen unrecorded.
         return any(isinstance(p, nn.parameter.UninitializedParameter) for p in self.parameters())
 
     def _forward_recomputed(self, X: torch.Tensor) -> torch.Tensor:
-        features = [X]  # each layer's new features, stored once; their concatenations are not
+        features = [X]  # each layer's new features, stored once; nothing else of a layer is
         for blk in self.net:
             layers = list(blk)
-            head, tail = layers[:3], layers[3:]  # BN -> ReLU -> the conv that reads the concatenation
-
-            def first(*features: torch.Tensor, head: list[nn.Module] = head) -> torch.Tensor:
-                return _run(head, torch.cat(features, dim=1))
-
-            Y = checkpoint(
-                first,
-                *features,
-                use_reentrant=False,
-                # (forward, recomputation): the running statistics take this batch once.
-                context_fn=lambda head=head: (nullcontext(), _running_stats_kept(head)),
-            )
+            split = len(layers) - 1 if isinstance(layers[-1], nn.Dropout) else len(layers)
+            recomputed, tail = layers[:split], layers[split:]
+            params = [p for m in recomputed for p in m.parameters()]
+            Y = _Recomputed.apply(recomputed, len(features), *features, *params)
             features.append(_run(tail, Y))
         return torch.cat(features, dim=1)
 

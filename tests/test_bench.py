@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from common import bench
-from common.bench import MODES, BenchCase, parse_modes
+from common.bench import MODES, BenchCase, allocator, parse_modes
 from common.errors import DenseNetError
 from common.parity import PARITY_CASE
 from tests.helpers import get_adapter, run_cli
@@ -43,6 +43,7 @@ def test_a_tiny_run_reports_every_case_as_json(capsys: pytest.CaptureFixture[str
         assert all(row[k] > 0 for k in NUMBERS), row
         assert row["min_s"] <= row["q1_s"] <= row["median_s"] <= row["q3_s"] <= row["max_s"]
         assert row["version"]
+        assert row["malloc"] == ("tcmalloc" if allocator.find_tcmalloc() else "system")  # as densenet train
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -115,4 +116,5 @@ def test_jax_keeps_compiled_programs_where_told(setting: str, tmp_path, request)
         assert any(p.name.startswith("jit__sgd_step") for p in cache.iterdir())
     else:
         assert done.stdout.split()[-1] == "None" and not cache.exists()
-    assert bench._child_env()["DENSENET_JAX_CACHE"] == os.environ.get("DENSENET_JAX_CACHE", "off")
+    case = BenchCase("jax", "jit", "train", PARITY_CASE)
+    assert bench._child_env(case)["DENSENET_JAX_CACHE"] == os.environ.get("DENSENET_JAX_CACHE", "off")

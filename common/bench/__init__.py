@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.bench import allocator
 from common.config import DenseNetConfig
 from common.errors import BackendError, DenseNetError
 from common.render import format_table
@@ -51,6 +52,9 @@ MODES: dict[str, tuple[str, ...]] = {
     "tf": ("eager", "function", "xla"),
 }
 UNCOMPILED = ("eager", "nchw")
+# The book's PyTorch code, run the book's way: NCHW on the system's malloc. Every other PyTorch
+# mode runs on what `densenet train` runs on (common.bench.allocator).
+BOOK_MALLOC_MODES = {("torch", "nchw")}
 PHASES = ("train", "inference")
 SCHEMA = 1
 
@@ -149,6 +153,7 @@ def run_case(case: BenchCase) -> dict[str, Any]:
         "images_per_s": case.batch_size / median,
         "rss_before_mb": rss_before / 2**20,
         "peak_mb": _peak_bytes() / 2**20,
+        "malloc": allocator.in_use(),
     }
 
 
@@ -157,14 +162,22 @@ def case_command(case: BenchCase) -> list[str]:
     return [sys.executable, "-m", "common", "bench", "--child", json.dumps(case.to_dict())]
 
 
-def _child_env() -> dict[str, str]:
+def case_malloc(case: BenchCase) -> str:
+    """The ``malloc`` a case runs on: PyTorch's on what ``densenet train`` uses (TCMalloc unless
+    ``DENSENET_MALLOC=system``), the book's mode and every other framework on the system's."""
+    if case.backend == "torch" and (case.backend, case.mode) not in BOOK_MALLOC_MODES:
+        return allocator.choice()
+    return "system"
+
+
+def _child_env(case: BenchCase) -> dict[str, str]:
     # The child must import this source tree, as the parent does, even when it is not installed.
     root = Path(__file__).resolve().parents[2]
     path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
     # The first step is timed as a cold compile: no JAX or Inductor cache from an earlier process
     # (unless the caller sets these variables itself).
     cold = {"DENSENET_JAX_CACHE": "off", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
-    return {**cold, **os.environ, "PYTHONPATH": path}
+    return allocator.child_env({**cold, **os.environ, "PYTHONPATH": path}, case_malloc(case))
 
 
 def _run_child(case: BenchCase, timeout: float) -> dict[str, Any]:
@@ -175,7 +188,7 @@ def _run_child(case: BenchCase, timeout: float) -> dict[str, Any]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_child_env(),
+        env=_child_env(case),
         start_new_session=True,  # Ctrl-C reaches the parent, which ends the child itself
     )
     try:
@@ -230,7 +243,7 @@ class BenchReport:
         body = []
         for r in self.rows:
             if "error" in r:
-                body.append([r["backend"], r["mode"], r["phase"], *["-"] * 6, f"FAILED: {r['error']}"])
+                body.append([r["backend"], r["mode"], r["phase"], *["-"] * 7, f"FAILED: {r['error']}"])
                 continue
             body.append(
                 [
@@ -243,12 +256,14 @@ class BenchReport:
                     f"{r['images_per_s']:,.1f}",
                     f"{r['first_step_s']:,.2f}",
                     f"{r['peak_mb']:,.0f}",
+                    r.get("malloc", "?"),
                 ]
             )
         headers = ["backend", "mode", "phase", "median ms", "IQR ms", "min-max ms", "img/s", "first step s", "peak MiB"]
+        headers.append("malloc")
         if any("error" in r for r in self.rows):
             headers.append("")
-            body = [row if len(row) == 10 else [*row, ""] for row in body]
+            body = [row if len(row) == 11 else [*row, ""] for row in body]
         return head + "\n" + format_table(headers, body)
 
 

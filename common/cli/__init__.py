@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
+from common.bench import allocator
 from common.cli import bench, inspection, parity, teach, training, weights
 from common.cli.options import HelpFormatter
 from common.errors import DenseNetError
@@ -91,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher re-runs in each worker
     name = f"densenet {args.command}"
     try:
+        if argv is None and args.command in ("train", "evaluate") and args.backend == "torch":
+            # Only as the program itself: a caller's main([...]) is never replaced.
+            allocator.relaunch_on_tcmalloc(sys.orig_argv[1:])
         return args.func(args)
     except DenseNetError as exc:
         print(f"{name}: error: {exc}" if exc.exit_status != 130 else f"{name}: {exc}", file=sys.stderr)
