@@ -30,14 +30,14 @@ def _env(**changes: str) -> dict[str, str]:
     return {**env, **changes}
 
 
-def _train(tmp_path: Path, name: str, **env: str) -> subprocess.CompletedProcess:
+def _train(tmp_path: Path, name: str, *extra: str, **env: str) -> subprocess.CompletedProcess:
     data = tmp_path / "fmnist"
     if not data.exists():
         make_dataset(data, n_train=64, n_test=32)
     argv = ["train", "--backend", "torch", "--epochs", "1", "--batch-size", "32", "--resize", "32", "--quiet"]
     argv += ["--num-channels", "8", "--growth-rate", "8", "--arch", "1,1", "--data-dir", str(data)]
     return subprocess.run(
-        [sys.executable, "-m", "common", *argv, "--out", str(tmp_path / name)],
+        [sys.executable, "-m", "common", *argv, *extra, "--out", str(tmp_path / name)],
         env=_env(**env),
         capture_output=True,
         text=True,
@@ -55,6 +55,11 @@ def test_pytorch_training_runs_on_tcmalloc_unless_told_otherwise(tmp_path: Path,
     done = _train(tmp_path, "system", DENSENET_MALLOC="system")
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "system" / "run.json").read_text())["malloc"] == "system"
+    # Distributed: the launcher starts again on TCMalloc and its workers inherit it (worker 0
+    # writes run.json); the workers never start again themselves.
+    done = _train(tmp_path, "workers", "--workers", "2", DENSENET_DIST_TIMEOUT="120")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "workers" / "run.json").read_text())["malloc"] == expected
 
 
 def test_an_unknown_allocator_is_refused_with_the_choices(tmp_path: Path) -> None:
@@ -66,14 +71,15 @@ def test_an_unknown_allocator_is_refused_with_the_choices(tmp_path: Path) -> Non
 
 @pytest.mark.skipif(TCMALLOC is None, reason="TCMalloc is not installed")
 def test_relaunching_loads_tcmalloc_once() -> None:
-    """The relaunched process has TCMalloc mapped and does not start again."""
+    """The relaunched process has TCMalloc mapped and does not start again; a distributed worker,
+    a process already relaunched, or one told to keep the system's never starts again."""
     code = "from common.bench import allocator; print(allocator.in_use())"
     relaunch = f"from common.bench import allocator; allocator.relaunch_on_tcmalloc(['-c', {code!r}]); print('kept')"
     done = subprocess.run([sys.executable, "-c", relaunch], env=_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["tcmalloc"]
     # Already marked as relaunched (or asked for the system's): the process carries on as it is.
-    for env in ({"DENSENET_MALLOC_RELAUNCHED": "1"}, {allocator.ENV: "system"}):
+    for env in ({"DENSENET_MALLOC_RELAUNCHED": "1"}, {allocator.ENV: "system"}, {"DENSENET_DIST_WORKER": "1"}):
         done = subprocess.run([sys.executable, "-c", relaunch], env=_env(**env), capture_output=True, text=True)
         assert done.stdout.split() == ["kept"], done.stderr
 

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from common.distributed.group import WORKER_ENV
 from common.errors import DenseNetError
 
 ENV = "DENSENET_MALLOC"
@@ -93,6 +94,8 @@ def relaunch_on_tcmalloc(argv: Sequence[str]) -> None:
     interpreter's own command line after the interpreter (``sys.orig_argv[1:]``)."""
     if choice() != "tcmalloc" or in_use() == "tcmalloc" or os.environ.get(_RELAUNCHED):
         return
+    if os.environ.get(WORKER_ENV):
+        return  # a distributed worker runs on what its launcher chose (a relaunched launcher's workers inherit it)
     if find_tcmalloc() is None:
         return
     env = child_env(os.environ, "tcmalloc")
