@@ -1,12 +1,12 @@
 """DenseNet in JAX/Flax linen, as d2l section 8.7 builds it: input widths inferred at ``init``,
 NHWC, channels on the last axis, a ``training`` field and a mutable ``batch_stats`` collection.
 
-Departures from the book (docs/departures.md): channel counts accumulate across dense blocks
-(the book's loop restarts from 64), explicit symmetric padding instead of 'same', exact
-(two-pass) batch variance, the dense block is the only place that concatenates, BatchNorm
-epsilon/momentum come from ``common.config`` and inputs are checked. ``memory_efficient=True``
-(not in the book) recomputes each dense layer's concatenation, BatchNorm and ReLU in the
-backward pass instead of storing them (docs/performance.md).
+Departures from the book (docs/departures.md): channel counts accumulate across dense blocks (the
+book's loop restarts from 64), explicit symmetric padding instead of 'same', exact (two-pass) batch
+variance, the dense block is the only place that concatenates, BatchNorm epsilon/momentum come from
+``common.config`` and inputs are checked. ``memory_efficient=True`` (not in the book) keeps only
+each dense layer's new features and recomputes the rest of the layer in the backward pass
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ class DenseNet(nn.Module):
     drop_rate: float = 0.0
     conv_bias: bool = True
     training: bool = True
-    # Recompute the dense blocks' concatenations, BatchNorms and ReLUs in the backward pass
+    # Keep only each dense layer's new features and recompute the rest in the backward pass
     # (DenseBlock): same function, same variables, less memory.
     memory_efficient: bool = False
     # The whole configuration, in_channels included; for_config sets it, otherwise it is derived

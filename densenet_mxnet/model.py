@@ -1,10 +1,9 @@
 """DenseNet in MXNet Gluon, as d2l section 8.7 builds it: deferred init, NCHW, channels on axis 1.
 
 Departures from the book (docs/departures.md): every block is a HybridBlock so ``hybridize()``
-compiles the whole network, BatchNorm epsilon/momentum come from ``common.config`` and inputs
-are checked. ``memory_efficient=True`` (not in the book) recomputes each dense layer's
-concatenation, BatchNorm and ReLU in the backward pass instead of storing them
-(docs/performance.md).
+compiles the whole network, BatchNorm epsilon/momentum come from ``common.config`` and inputs are
+checked. ``memory_efficient=True`` (not in the book) keeps only each dense layer's new features and
+recomputes the rest of the layer in the backward pass (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -166,8 +165,8 @@ class DenseNet(nn.HybridBlock):
     learning rate, kept as ``net.lr`` for the book's trainer; the network itself does not use it.
     The book's arguments do not name the image channels: the network takes 1 (Fashion-MNIST)
     unless built with :meth:`for_config` from a configuration that says otherwise.
-    ``memory_efficient`` recomputes the dense blocks' concatenations, BatchNorms and ReLUs in
-    the backward pass (:class:`DenseBlock`): same function, same weights, less memory; the
+    ``memory_efficient`` keeps only each dense layer's new features and recomputes the rest of the
+    layer in the backward pass (:class:`DenseBlock`): same function, same weights, less memory; the
     network then hybridizes stage by stage, the dense blocks staying imperative.
     """
 

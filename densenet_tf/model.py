@@ -1,12 +1,12 @@
 """DenseNet in TensorFlow/Keras, as d2l section 8.7 builds it: Keras layers built on first call,
 NHWC, channels on the last axis, a ``training`` argument that reaches every BatchNorm.
 
-Departures from the book (docs/departures.md): explicit symmetric padding instead of 'same'
-(which pads stride-2 layers asymmetrically), ``training`` passed through so BatchNorm really
-trains, the dense block is the only place that concatenates, BatchNorm epsilon/momentum come
-from ``common.config`` and inputs are checked. ``memory_efficient=True`` (not in the book)
-recomputes each dense layer's concatenation, BatchNorm and ReLU in the backward pass instead of
-storing them (docs/performance.md).
+Departures from the book (docs/departures.md): explicit symmetric padding instead of 'same' (which
+pads stride-2 layers asymmetrically), ``training`` passed through so BatchNorm really trains, the
+dense block is the only place that concatenates, BatchNorm epsilon/momentum come from
+``common.config`` and inputs are checked. ``memory_efficient=True`` (not in the book) keeps only
+each dense layer's new features and recomputes the rest of the layer in the backward pass
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -136,6 +136,7 @@ def _recomputed_layer(recomputed: list[layers.Layer]):
             )}  # fmt: skip
             if conv.use_bias:
                 own[id(conv.bias.value)] = tf.reduce_sum(dY, axis=[0, 1, 2])
+            variables = variables or []
             rest = [v for v in variables if id(v) not in own]
             grads = tape.gradient(H, [*inputs, *rest], output_gradients=dH)
             by_variable = {**dict(zip((id(v) for v in rest), grads[len(features) :])), **own}
@@ -221,8 +222,8 @@ class DenseNet(tf.keras.Model):
     learning rate, kept as ``net.lr`` for the book's trainer; the network itself does not use it.
     The book's arguments do not name the image channels: the network takes 1 (Fashion-MNIST)
     unless built with :meth:`for_config` from a configuration that says otherwise.
-    ``memory_efficient`` recomputes the dense blocks' concatenations, BatchNorms and ReLUs in
-    the backward pass (:class:`DenseBlock`): same function, same weights, less memory.
+    ``memory_efficient`` keeps only each dense layer's new features and recomputes the rest of the
+    layer in the backward pass (:class:`DenseBlock`): same function, same weights, less memory.
     """
 
     def __init__(

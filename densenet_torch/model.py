@@ -1,18 +1,19 @@
 """DenseNet in PyTorch, as d2l section 8.7 builds it: lazy modules, NCHW, channels on axis 1.
 
-Departures from the book (docs/departures.md): the dense block is the only place that
-concatenates, BatchNorm epsilon/momentum come from ``common.config`` and inputs are checked.
-``memory_efficient=True`` (not in the book) recomputes each dense layer's concatenation,
-BatchNorm and ReLU in the backward pass instead of storing them (docs/performance.md).
+Departures from the book (docs/departures.md): the dense block is the only place that concatenates,
+BatchNorm epsilon/momentum come from ``common.config`` and inputs are checked.
+``memory_efficient=True`` (not in the book) keeps only each dense layer's new features and
+recomputes the rest of the layer in the backward pass (docs/performance.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from common.checks import check_images
 from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, min_input_size
@@ -48,8 +49,12 @@ def conv_block(num_channels: int, **kwargs) -> ConvBlock:
 @contextmanager
 def _running_stats_kept(layers: list[nn.Module]) -> Iterator[None]:
     """The recomputation in the backward pass leaves the running statistics as the forward pass
-    left them: BatchNorm counts each batch once. ``.data`` writes without bumping the version
-    counters autograd checks."""
+    left them: BatchNorm counts each batch once.
+
+    Restored rather than switched off: a BatchNorm that tracks no statistics saves fewer tensors
+    for its backward, and the checkpoint requires the recomputation to save what the forward did.
+    ``.data`` writes without bumping the version counters autograd checks.
+    """
     norms = [m for m in layers if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     kept = [[b.detach().clone() for b in m.buffers()] for m in norms]
     try:
@@ -62,55 +67,18 @@ def _running_stats_kept(layers: list[nn.Module]) -> Iterator[None]:
 
 def _run(layers: list[nn.Module], X: torch.Tensor) -> torch.Tensor:
     for layer in layers:
-        # In place: a recomputation allocates afresh what the standard pass allocated once, and
-        # on this CPU fresh memory costs as much as the ReLU (docs/performance.md). Autograd
-        # allows it: BatchNorm keeps its input, not its output, and ReLU keeps its output.
+        # In place, so that the recomputation allocates less. Autograd allows it: BatchNorm keeps
+        # its input, not its output, and ReLU keeps its output.
         X = torch.relu_(X) if isinstance(layer, nn.ReLU) else layer(X)
     return X
-
-
-class _Recomputed(torch.autograd.Function):
-    """``layers(cat(features))`` (a conv block up to its 3x3 convolution) that keeps only its
-    inputs: the backward pass recomputes the concatenation, BatchNorms, ReLUs and bottleneck,
-    up to the 3x3 convolution's input, and backpropagates through that recomputation.
-
-    The 3x3 convolution itself is not run again: its backward pass needs its input and weight,
-    not its output, so it is ``aten.convolution_backward`` called directly. (A
-    ``torch.utils.checkpoint`` of the whole block would rerun it: 1.33x the standard step on
-    DenseNet-121, docs/performance.md.)"""
-
-    @staticmethod
-    def forward(ctx, layers: list[nn.Module], num_features: int, *inputs: torch.Tensor) -> torch.Tensor:
-        # ``inputs``: the features, then every parameter of ``layers``, so that the gradients
-        # this function returns reach them. Autograd runs this part without recording.
-        ctx.layers, ctx.num_features = layers, num_features
-        ctx.save_for_backward(*inputs[:num_features])
-        return _run(layers, torch.cat(inputs[:num_features], dim=1))
-
-    @staticmethod
-    def backward(ctx, dY: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        *head, conv = ctx.layers
-        features = [f.detach().requires_grad_(f.requires_grad) for f in ctx.saved_tensors]
-        with torch.enable_grad(), _running_stats_kept(head):
-            H = _run(head, torch.cat(features, dim=1))
-        bias = [conv.bias.shape[0]] if conv.bias is not None else None
-        dH, dW, db = torch.ops.aten.convolution_backward(
-            dY, H.detach(), conv.weight, bias, conv.stride, conv.padding, conv.dilation,
-            False, [0, 0], conv.groups, [True, True, conv.bias is not None],
-        )  # fmt: skip
-        inputs = (*features, *(p for m in head for p in m.parameters()))
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad(H, wanted, dH) if wanted else ())
-        head_grads = [next(grads) if t.requires_grad else None for t in inputs]
-        return (None, None, *head_grads, dW, *([db] if conv.bias is not None else []))
 
 
 class DenseBlock(nn.Module):
     """``num_convs`` conv blocks, each fed the concatenation of the input and all earlier outputs:
     (N, C, H, W) -> (N, C + num_convs * num_channels, H, W).
 
-    ``memory_efficient``: when training, each conv block (all but its dropout) runs through
-    :class:`_Recomputed`: only each layer's new features are kept, and the backward pass
+    ``memory_efficient``: when training, each conv block (all but its dropout) runs under
+    ``torch.utils.checkpoint``: only each layer's new features are kept, and the backward pass
     recomputes the rest. torchvision's ``memory_efficient`` recomputes less (up to the first
     convolution) and keeps more (the bottleneck's output and its BatchNorm-ReLU).
     """
@@ -129,7 +97,7 @@ class DenseBlock(nn.Module):
         return X
 
     def has_lazy_modules(self) -> bool:
-        # Lazy modules take their shapes on the first call, which must not happen unrecorded.
+        # Lazy modules take their shapes on the first call, which must not happen inside a checkpoint.
         return any(isinstance(p, nn.parameter.UninitializedParameter) for p in self.parameters())
 
     def _forward_recomputed(self, X: torch.Tensor) -> torch.Tensor:
@@ -138,8 +106,17 @@ class DenseBlock(nn.Module):
             layers = list(blk)
             split = len(layers) - 1 if isinstance(layers[-1], nn.Dropout) else len(layers)
             recomputed, tail = layers[:split], layers[split:]
-            params = [p for m in recomputed for p in m.parameters()]
-            Y = _Recomputed.apply(recomputed, len(features), *features, *params)
+
+            def run(*features: torch.Tensor, recomputed: list[nn.Module] = recomputed) -> torch.Tensor:
+                return _run(recomputed, torch.cat(features, dim=1))
+
+            Y = checkpoint(
+                run,
+                *features,
+                use_reentrant=False,
+                # (forward, recomputation): the running statistics take this batch once.
+                context_fn=lambda recomputed=recomputed: (nullcontext(), _running_stats_kept(recomputed)),
+            )
             features.append(_run(tail, Y))
         return torch.cat(features, dim=1)
 
@@ -168,8 +145,8 @@ class DenseNet(nn.Module):
     learning rate, kept as ``net.lr`` for the book's trainer; the network itself does not use it.
     The book's arguments do not name the image channels: the network takes 1 (Fashion-MNIST)
     unless built with :meth:`for_config` from a configuration that says otherwise.
-    ``memory_efficient`` recomputes the dense blocks' concatenations, BatchNorms and ReLUs in
-    the backward pass (:class:`DenseBlock`): same function, same weights, less memory.
+    ``memory_efficient`` keeps only each dense layer's new features and recomputes the rest of the
+    layer in the backward pass (:class:`DenseBlock`): same function, same weights, less memory.
     """
 
     def __init__(

@@ -4,15 +4,15 @@ PyTorch takes every CPU tensor from ``malloc``. glibc's ``malloc`` serves each b
 (most activations of a training step: 64 channels at 48x48 in a batch of 128 is 75 MB) with a
 fresh ``mmap`` and unmaps it on ``free``, so the kernel zero-fills every such block again on the
 next step. TCMalloc keeps freed memory and hands it out again. On this machine that made the
-book's network train 1.4x faster in PyTorch, DenseNet-121 1.3x, and the memory-efficient
-DenseNet-121 1.5x (docs/performance.md). MXNet, TensorFlow and XLA pool their own memory and do
-not change.
+book's network train 1.6x faster in PyTorch, DenseNet-121 1.36x, and the memory-efficient
+DenseNet-121 1.6x (docs/performance.md). MXNet and TensorFlow pool their own memory, and JAX's
+step did not change with glibc's reuse either.
 
 ``malloc`` is chosen when a process starts (``LD_PRELOAD``), so ``densenet train`` and
 ``densenet evaluate`` with ``--backend torch`` start again on TCMalloc when it is installed
 (Debian: ``libtcmalloc-minimal4``) and not yet loaded, and the bench starts its PyTorch cases on
-it, as PyTorch's own performance guide advises. ``DENSENET_MALLOC=system`` keeps glibc's.
-Nothing here imports a framework.
+it (but the book's own, ``nchw``), as PyTorch's own performance guide advises.
+``DENSENET_MALLOC=system`` keeps glibc's. Nothing here imports a framework.
 """
 
 from __future__ import annotations
