@@ -55,11 +55,11 @@ def test_pytorch_training_runs_on_tcmalloc_unless_told_otherwise(tmp_path: Path,
     done = _train(tmp_path, "system", DENSENET_MALLOC="system")
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "system" / "run.json").read_text())["malloc"] == "system"
-    # Distributed: the launcher starts again on TCMalloc and its workers inherit it (worker 0
-    # writes run.json); the workers never start again themselves.
+    # Distributed runs stay on the system's: a gloo worker on TCMalloc sometimes aborted at exit
+    # ("terminate called without an active exception"). Worker 0 writes run.json.
     done = _train(tmp_path, "workers", "--workers", "2", DENSENET_DIST_TIMEOUT="120")
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "workers" / "run.json").read_text())["malloc"] == expected
+    assert json.loads((tmp_path / "workers" / "run.json").read_text())["malloc"] == "system"
 
 
 def test_an_unknown_allocator_is_refused_with_the_choices(tmp_path: Path) -> None:

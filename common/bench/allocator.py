@@ -8,7 +8,8 @@ book's network train 1.6x faster in PyTorch, DenseNet-121 1.36x, and the memory-
 DenseNet-121 1.6x (docs/performance.md). MXNet and TensorFlow pool their own memory, and JAX's
 step did not change with glibc's reuse either.
 
-``malloc`` is chosen when a process starts (``LD_PRELOAD``), so ``densenet train`` and
+``malloc`` is chosen when a process starts (``LD_PRELOAD``), so ``densenet train`` (in one
+process: distributed PyTorch workers on TCMalloc sometimes aborted at exit, in gloo) and
 ``densenet evaluate`` with ``--backend torch`` start again on TCMalloc when it is installed
 (Debian: ``libtcmalloc-minimal4``) and not yet loaded, and the bench starts its PyTorch cases on
 it (but the book's own, ``nchw``), as PyTorch's own performance guide advises.

@@ -92,8 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher re-runs in each worker
     name = f"densenet {args.command}"
     try:
-        if argv is None and args.command in ("train", "evaluate") and args.backend == "torch":
-            # Only as the program itself: a caller's main([...]) is never replaced.
+        one_process = getattr(args, "workers", 1) == 1 and not getattr(args, "distributed", False)
+        if argv is None and args.command in ("train", "evaluate") and args.backend == "torch" and one_process:
+            # Only as the program itself (a caller's main([...]) is never replaced), and never for
+            # distributed runs: a gloo worker on TCMalloc sometimes aborted at exit.
             allocator.relaunch_on_tcmalloc(sys.orig_argv[1:])
         return args.func(args)
     except DenseNetError as exc:
