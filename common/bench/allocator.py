@@ -4,8 +4,8 @@ PyTorch takes every CPU tensor from ``malloc``. glibc's ``malloc`` serves each b
 (most activations of a training step: 64 channels at 48x48 in a batch of 128 is 75 MB) with a
 fresh ``mmap`` and unmaps it on ``free``, so the kernel zero-fills every such block again on the
 next step. TCMalloc keeps freed memory and hands it out again. On this machine that made the
-book's network train 1.6x faster in PyTorch, DenseNet-121 1.36x, and the memory-efficient
-DenseNet-121 1.6x (docs/performance.md). MXNet and TensorFlow pool their own memory, and JAX's
+book's network train 1.64x faster in PyTorch, DenseNet-121 1.36x, and the memory-efficient
+DenseNet-121 1.43x (docs/performance.md). MXNet and TensorFlow pool their own memory, and JAX's
 step did not change with glibc's reuse either.
 
 ``malloc`` is chosen when a process starts (``LD_PRELOAD``), so ``densenet train`` (in one
@@ -96,7 +96,9 @@ def relaunch_on_tcmalloc(argv: Sequence[str]) -> None:
     if choice() != "tcmalloc" or in_use() == "tcmalloc" or os.environ.get(_RELAUNCHED):
         return
     if os.environ.get(WORKER_ENV):
-        return  # a distributed worker runs on what its launcher chose (a relaunched launcher's workers inherit it)
+        # A distributed worker runs on the malloc its launcher gave it (the CLI keeps distributed
+        # runs on glibc's); restarting one alone would split a group across allocators.
+        return
     if find_tcmalloc() is None:
         return
     env = child_env(os.environ, "tcmalloc")
