@@ -259,6 +259,11 @@ class Adapter(ABC, Generic[RuntimeT]):
             return new + (new - (1 - m) * old) * (factor - 1)
         return (1 - m) * old + (new - (1 - b) * old) * (m / b * factor)
 
+    def trains_compiled(self, model: Model[RuntimeT]) -> bool:
+        """Whether ``densenet train`` steps ``model`` through its compiled path:
+        :attr:`prefers_compiled`, unless this adapter knows that ``model`` trains better eagerly."""
+        return self.prefers_compiled
+
     def bench_step(
         self, model: Model[RuntimeT], phase: str, mode: str, X: np.ndarray, y: np.ndarray, lr: float = 0.01
     ) -> Callable[[], None]:

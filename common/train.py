@@ -464,6 +464,7 @@ def train(
         "framework": adapter.framework,
         "version": adapter.version(),
         "malloc": allocator.in_use(),
+        **({"mxnet_engine": allocator.mxnet_engine()} if settings.backend == "mxnet" else {}),
         "data": {**dataset.info, "evaluated_on": dataset.test_name, "augment": _augment_info(settings)},
         "init": start.record if start is not None else None,
     }
@@ -527,7 +528,7 @@ def train(
                 if group is not None:  # the loss of the whole global batch, the same on every worker
                     loss, logits = group.train_step(adapter, model, X, y, lr)
                 else:
-                    loss, logits = adapter.train_step(model, X, y, lr, compiled=adapter.prefers_compiled)
+                    loss, logits = adapter.train_step(model, X, y, lr, compiled=adapter.trains_compiled(model))
                 seconds = time.perf_counter() - t0
                 if not math.isfinite(loss):
                     raise Diverged(_diverged(loss, epoch, step, lr, run))

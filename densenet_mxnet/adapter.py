@@ -69,6 +69,13 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
     def _to_numpy(self, Y: mx.nd.NDArray) -> np.ndarray:
         return Y.asnumpy()
 
+    def trains_compiled(self, model: MXNetModel) -> bool:
+        # A memory-efficient network's dense blocks stay imperative when hybridized, and the
+        # compiled stages between them keep static memory plans: eagerly on MXNet's NaiveEngine
+        # (common.bench.allocator) it took 0.61x the memory of hybridized for 1.17x the time
+        # (DenseNet-121, batch 32, 224x224; docs/performance.md).
+        return self.prefers_compiled and not model.net.memory_efficient
+
     @staticmethod
     def _hybridize(model: MXNetModel, active: bool) -> None:
         """Compile (or stop compiling) the network, only when that changes: every ``hybridize()``

@@ -1,6 +1,7 @@
 """Which ``malloc`` PyTorch runs on (``common.bench.allocator``): ``densenet train --backend torch``
 started as a program runs on TCMalloc where it is installed, ``DENSENET_MALLOC=system`` keeps
-glibc's, a bad value is refused, and the bench starts each case on the allocator its mode names."""
+glibc's, a bad value is refused, and the bench starts each case on the allocator its mode names.
+And which engine MXNet runs on: a memory-efficient network trains eagerly on the NaiveEngine."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from common.bench import BenchCase, allocator, case_malloc
+from common.bench import BenchCase, _child_env, allocator, case_malloc
 from common.parity import PARITY_CASE
 from tests.helpers import get_adapter
 from tests.test_data import make_dataset
@@ -25,16 +26,17 @@ if TCMALLOC is None and os.environ.get("CI"):
 
 
 def _env(**changes: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.ENV, "DENSENET_MALLOC_RELAUNCHED")}
+    ours = ("LD_PRELOAD", allocator.ENV, "DENSENET_MALLOC_RELAUNCHED", allocator.MXNET_ENGINE)
+    env = {k: v for k, v in os.environ.items() if k not in ours}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return {**env, **changes}
 
 
-def _train(tmp_path: Path, name: str, *extra: str, **env: str) -> subprocess.CompletedProcess:
+def _train(tmp_path: Path, name: str, *extra: str, backend: str = "torch", **env: str) -> subprocess.CompletedProcess:
     data = tmp_path / "fmnist"
     if not data.exists():
         make_dataset(data, n_train=64, n_test=32)
-    argv = ["train", "--backend", "torch", "--epochs", "1", "--batch-size", "32", "--resize", "32", "--quiet"]
+    argv = ["train", "--backend", backend, "--epochs", "1", "--batch-size", "32", "--resize", "32", "--quiet"]
     argv += ["--num-channels", "8", "--growth-rate", "8", "--arch", "1,1", "--data-dir", str(data)]
     return subprocess.run(
         [sys.executable, "-m", "common", *argv, *extra, "--out", str(tmp_path / name)],
@@ -106,3 +108,48 @@ def test_the_bench_runs_the_books_mode_on_the_systems_malloc(monkeypatch: pytest
     assert {case_malloc(case(b, "eager")) for b in ("mxnet", "jax", "tf")} == {"system"}
     monkeypatch.setenv(allocator.ENV, "system")
     assert case_malloc(case("torch", "eager")) == "system"
+
+
+def test_a_memory_efficient_mxnet_network_trains_on_the_synchronous_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    def case(mode: str, memory_efficient: bool, backend: str = "mxnet") -> BenchCase:
+        return BenchCase(backend, mode, "train", PARITY_CASE, memory_efficient=memory_efficient)
+
+    monkeypatch.delenv(allocator.MXNET_ENGINE, raising=False)
+    engine = allocator.MXNET_ENGINE
+    assert allocator.mxnet_engine_env({"X": "1"}, memory_efficient=True) == {"X": "1", engine: "NaiveEngine"}
+    assert allocator.mxnet_engine_env({"X": "1"}, memory_efficient=False) == {"X": "1"}
+    # An engine the user chose is kept.
+    assert allocator.mxnet_engine_env({engine: "ThreadedEngine"}, True) == {engine: "ThreadedEngine"}
+    assert allocator.mxnet_engine({}) == "ThreadedEnginePerDevice"
+    # The bench's eager case is what `densenet train` runs; the hybridized one keeps MXNet's default.
+    assert _child_env(case("eager", True))[engine] == "NaiveEngine"
+    for other in (case("eager", False), case("hybridize", True), case("eager", True, backend="tf")):
+        assert engine not in _child_env(other)
+
+
+@pytest.mark.mxnet
+def test_memory_efficient_mxnet_training_runs_eagerly_on_the_naive_engine(tmp_path: Path, request) -> None:
+    adapter = get_adapter("mxnet", request.config)
+    efficient = adapter.build(PARITY_CASE, memory_efficient=True)
+    assert not adapter.trains_compiled(efficient) and adapter.trains_compiled(adapter.build(PARITY_CASE))
+    runs = {"efficient": ("--memory-efficient",), "standard": ()}
+    for name, extra in runs.items():
+        done = _train(tmp_path, name, *extra, backend="mxnet")
+        assert done.returncode == 0, done.stderr
+    engines = {name: json.loads((tmp_path / name / "run.json").read_text())["mxnet_engine"] for name in runs}
+    assert engines == {"efficient": "NaiveEngine", "standard": "ThreadedEnginePerDevice"}
+    done = _train(tmp_path, "chosen", "--memory-efficient", backend="mxnet", MXNET_ENGINE_TYPE="ThreadedEngine")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "chosen" / "run.json").read_text())["mxnet_engine"] == "ThreadedEngine"
+    # The same gradients, running statistics and steps as the standard network on that engine too:
+    # the memory-efficient tests, rerun on it.
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "mxnet"]
+        + [str(ROOT / "tests" / "test_memory_efficient.py"), "--backends", "mxnet"],
+        env=_env(MXNET_ENGINE_TYPE="NaiveEngine"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0 and " passed" in done.stdout and "failed" not in done.stdout, done.stdout[-3000:]

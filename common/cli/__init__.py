@@ -97,6 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Only as the program itself (a caller's main([...]) is never replaced), and never for
             # distributed runs: a gloo worker on TCMalloc sometimes aborted at exit.
             allocator.relaunch_on_tcmalloc(sys.orig_argv[1:])
+        if argv is None and args.command == "train" and args.backend == "mxnet" and args.memory_efficient:
+            # Before MXNet is imported, which reads its engine once (common.bench.allocator);
+            # a memory-efficient run is always one process.
+            os.environ.update(allocator.mxnet_engine_env(os.environ, memory_efficient=True))
         return args.func(args)
     except DenseNetError as exc:
         print(f"{name}: error: {exc}" if exc.exit_status != 130 else f"{name}: {exc}", file=sys.stderr)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from common.arch import walk
+from common.bench import allocator
 from common.config import CONFIGS, D2L, DenseNetConfig, count_macs, count_params
 from common.errors import DenseNetError
 
@@ -140,7 +141,7 @@ def run_pooling(
             batches = data.batches(train_split, batch_size, resize, seed=seed, epoch=epoch)
             for step, (X, y) in enumerate(batches):
                 step_lr = settings.lr_at(epoch * steps + step, epochs * steps)
-                loss, logits = adapter.train_step(model, X, y, step_lr, compiled=adapter.prefers_compiled)
+                loss, logits = adapter.train_step(model, X, y, step_lr, compiled=adapter.trains_compiled(model))
                 seen += len(y)
                 loss_sum += loss * len(y)
                 correct += int((logits.argmax(axis=1) == y).sum())
@@ -297,6 +298,7 @@ def memory_child(backend: str, input_size: int, batch: int, memory_efficient: bo
         "peak_mb": peak / 2**20,
         "step_peak_mb": (peak - before) / 2**20,
         "step_seconds": seconds,
+        **({"mxnet_engine": allocator.mxnet_engine()} if adapter.name == "mxnet" else {}),
     }
 
 
@@ -319,7 +321,9 @@ def memory_rows(
         cmd = [sys.executable, "-m", "common", "exercise", "memory", "--child", backend]
         cmd += ["--input-size", str(input_size), "--batch-size", str(batch)]
         cmd += ["--memory-efficient"] if memory_efficient else []
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
+        # The child's step is eager: on the engine `densenet train` runs that network on.
+        child_env = allocator.mxnet_engine_env(env, memory_efficient) if backend == "mxnet" else env
+        done = subprocess.run(cmd, capture_output=True, text=True, env=child_env, timeout=1800, check=False)
         if done.returncode != 0:
             tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
             rows.append({"backend": backend, "error": f"exit {done.returncode}: {tail}"})
