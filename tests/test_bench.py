@@ -120,3 +120,20 @@ def test_jax_keeps_compiled_programs_where_told(setting: str, tmp_path, request)
         assert done.stdout.split()[-1] == "None" and not cache.exists()
     case = BenchCase("jax", "jit", "train", PARITY_CASE)
     assert bench._child_env(case)["DENSENET_JAX_CACHE"] == os.environ.get("DENSENET_JAX_CACHE", "off")
+
+
+def test_the_table_names_mxnets_engine_where_it_is_not_the_default() -> None:
+    settings = {
+        "config": {"describe": "tiny"},
+        **{"batch_size": 4, "input_size": [32, 32], "steps": 1, "warmup": 1, "memory_efficient": True},
+    }
+    timing = {"median_s": 1.0, "q1_s": 1.0, "q3_s": 1.0, "min_s": 1.0, "max_s": 1.0, "images_per_s": 4.0}
+    timing |= {"first_step_s": 1.0, "peak_mb": 100.0, "malloc": "system"}
+    timing |= {"phase": "train"}
+    rows = [
+        {"backend": "mxnet", "mode": "eager", **timing, "mxnet_engine": "NaiveEngine"},
+        {"backend": "mxnet", "mode": "hybridize", **timing, "mxnet_engine": allocator.mxnet_engine({})},
+        {"backend": "tf", "mode": "eager", **timing},
+    ]
+    lines = bench.BenchReport(settings, rows).to_text().splitlines()[3:]
+    assert [line.split()[-2:] for line in lines] == [["system,", "NaiveEngine"], ["100", "system"], ["100", "system"]]

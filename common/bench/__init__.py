@@ -258,7 +258,7 @@ class BenchReport:
                     f"{r['images_per_s']:,.1f}",
                     f"{r['first_step_s']:,.2f}",
                     f"{r['peak_mb']:,.0f}",
-                    r.get("malloc", "?"),
+                    _runtime(r),
                 ]
             )
         headers = [
@@ -269,6 +269,13 @@ class BenchReport:
             headers.append("")
             body = [row if len(row) == 11 else [*row, ""] for row in body]
         return head + "\n" + format_table(headers, body)
+
+
+def _runtime(row: dict[str, Any]) -> str:
+    """The table's ``malloc`` cell: the allocator, and MXNet's engine where it is not the default."""
+    engine = row.get("mxnet_engine")
+    default = allocator.mxnet_engine({})
+    return row.get("malloc", "?") + (f", {engine}" if engine and engine != default else "")
 
 
 def machine() -> dict[str, Any]:
