@@ -1,4 +1,5 @@
-"""Which ``malloc`` a PyTorch process runs on, and starting one on TCMalloc.
+"""Which ``malloc`` a PyTorch process runs on, and starting one on TCMalloc; which engine an MXNet
+process runs a memory-efficient network on.
 
 PyTorch takes every CPU tensor from ``malloc``. glibc's ``malloc`` serves each block over 32 MiB
 (most activations of a training step: 64 channels at 48x48 in a batch of 128 is 75 MB) with a
