@@ -464,7 +464,7 @@ def train(
         "framework": adapter.framework,
         "version": adapter.version(),
         "malloc": allocator.in_use(),
-        **({"mxnet_engine": allocator.mxnet_engine()} if settings.backend == "mxnet" else {}),
+        **allocator.engine_record(settings.backend),
         "data": {**dataset.info, "evaluated_on": dataset.test_name, "augment": _augment_info(settings)},
         "init": start.record if start is not None else None,
     }

@@ -54,6 +54,9 @@ def test_pytorch_training_runs_on_tcmalloc_unless_told_otherwise(tmp_path: Path,
     assert done.returncode == 0, done.stderr
     expected = "tcmalloc" if TCMALLOC else "system"
     assert json.loads((tmp_path / "default" / "run.json").read_text())["malloc"] == expected
+    done = _train(tmp_path, "alias", backend="pytorch")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "alias" / "run.json").read_text())["malloc"] == expected
     done = _train(tmp_path, "system", DENSENET_MALLOC="system")
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "system" / "run.json").read_text())["malloc"] == "system"
@@ -116,10 +119,10 @@ def test_a_memory_efficient_mxnet_network_trains_on_the_synchronous_engine(monke
 
     monkeypatch.delenv(allocator.MXNET_ENGINE, raising=False)
     engine = allocator.MXNET_ENGINE
-    assert allocator.mxnet_engine_env({"X": "1"}, memory_efficient=True) == {"X": "1", engine: "NaiveEngine"}
-    assert allocator.mxnet_engine_env({"X": "1"}, memory_efficient=False) == {"X": "1"}
+    assert allocator.mxnet_engine_env({"X": "1"}, "mxnet", memory_efficient=True) == {"X": "1", engine: "NaiveEngine"}
+    assert allocator.mxnet_engine_env({"X": "1"}, "mxnet", memory_efficient=False) == {"X": "1"}
     # An engine the user chose is kept.
-    assert allocator.mxnet_engine_env({engine: "ThreadedEngine"}, True) == {engine: "ThreadedEngine"}
+    assert allocator.mxnet_engine_env({engine: "ThreadedEngine"}, "mxnet", True) == {engine: "ThreadedEngine"}
     assert allocator.mxnet_engine({}) == "ThreadedEnginePerDevice"
     # The bench's eager case is what `densenet train` runs; the hybridized one keeps MXNet's default.
     assert _child_env(case("eager", True))[engine] == "NaiveEngine"
@@ -141,6 +144,10 @@ def test_memory_efficient_mxnet_training_runs_eagerly_on_the_naive_engine(tmp_pa
     done = _train(tmp_path, "chosen", "--memory-efficient", backend="mxnet", MXNET_ENGINE_TYPE="ThreadedEngine")
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "chosen" / "run.json").read_text())["mxnet_engine"] == "ThreadedEngine"
+    # Named by its alias, the backend is the same one.
+    done = _train(tmp_path, "alias", "--memory-efficient", backend="gluon")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "alias" / "run.json").read_text())["mxnet_engine"] == "NaiveEngine"
     # The same gradients, running statistics and steps as the standard network on that engine too:
     # the memory-efficient tests, rerun on it.
     done = subprocess.run(

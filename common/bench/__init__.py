@@ -151,7 +151,7 @@ def run_case(case: BenchCase) -> dict[str, Any]:
         "rss_before_mb": rss_before / 2**20,
         "peak_mb": _peak_bytes() / 2**20,
         "malloc": allocator.in_use(),
-        **({"mxnet_engine": allocator.mxnet_engine()} if case.backend == "mxnet" else {}),
+        **allocator.engine_record(case.backend),
     }
 
 
@@ -177,8 +177,8 @@ def _child_env(case: BenchCase) -> dict[str, str]:
     # (unless the caller sets these variables itself).
     cold = {"DENSENET_JAX_CACHE": "off", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
     env = allocator.child_env({**cold, **os.environ, "PYTHONPATH": path}, case_malloc(case))
-    if case.backend == "mxnet" and case.mode == "eager":  # what `densenet train` runs it on
-        env = allocator.mxnet_engine_env(env, case.memory_efficient)
+    if case.mode == "eager":  # what `densenet train` runs a memory-efficient MXNet network on
+        env = allocator.mxnet_engine_env(env, case.backend, case.memory_efficient)
     return env
 
 

@@ -124,10 +124,16 @@ def mxnet_engine(env: Mapping[str, str] | None = None) -> str:
     return (os.environ if env is None else env).get(MXNET_ENGINE) or "ThreadedEnginePerDevice"
 
 
-def mxnet_engine_env(base: Mapping[str, str], memory_efficient: bool) -> dict[str, str]:
-    """``base`` for a process that trains an MXNet network eagerly: a memory-efficient one runs on
-    the synchronous ``NaiveEngine`` (module docstring), unless ``base`` already names an engine."""
+def engine_record(backend: str) -> dict[str, str]:
+    """What a result of ``backend`` run in this process records of its engine: MXNet's, or nothing."""
+    return {"mxnet_engine": mxnet_engine()} if backend == "mxnet" else {}
+
+
+def mxnet_engine_env(base: Mapping[str, str], backend: str, memory_efficient: bool) -> dict[str, str]:
+    """``base`` for a process that trains a ``backend`` network eagerly: a memory-efficient MXNet
+    one runs on the synchronous ``NaiveEngine`` (module docstring), unless ``base`` already names
+    an engine; anything else runs on ``base`` as it is."""
     env = dict(base)
-    if memory_efficient and not env.get(MXNET_ENGINE):
+    if backend == "mxnet" and memory_efficient and not env.get(MXNET_ENGINE):
         env[MXNET_ENGINE] = SYNCHRONOUS_ENGINE
     return env

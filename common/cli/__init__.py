@@ -21,6 +21,7 @@ from common.bench import allocator
 from common.cli import bench, inspection, parity, teach, training, weights
 from common.cli.options import HelpFormatter
 from common.errors import DenseNetError
+from common.registry import canonical_name
 
 __all__ = ["build_parser", "main", "version"]
 
@@ -93,14 +94,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = f"densenet {args.command}"
     try:
         one_process = getattr(args, "workers", 1) == 1 and not getattr(args, "distributed", False)
-        if argv is None and args.command in ("train", "evaluate") and args.backend == "torch" and one_process:
+        # Aliases included ("pytorch", "gluon"): the process is chosen by the backend it will load.
+        backend = canonical_name(args.backend) if args.command in ("train", "evaluate") else None
+        if argv is None and backend == "torch" and one_process:
             # Only as the program itself (a caller's main([...]) is never replaced), and never for
             # distributed runs: a gloo worker on TCMalloc sometimes aborted at exit.
             allocator.relaunch_on_tcmalloc(sys.orig_argv[1:])
-        if argv is None and args.command == "train" and args.backend == "mxnet" and args.memory_efficient:
+        if argv is None and args.command == "train":
             # Before MXNet is imported, which reads its engine once (common.bench.allocator);
             # a memory-efficient run is always one process.
-            os.environ.update(allocator.mxnet_engine_env(os.environ, memory_efficient=True))
+            os.environ.update(allocator.mxnet_engine_env(os.environ, backend, args.memory_efficient))
         return args.func(args)
     except DenseNetError as exc:
         print(f"{name}: error: {exc}" if exc.exit_status != 130 else f"{name}: {exc}", file=sys.stderr)

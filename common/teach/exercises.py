@@ -298,7 +298,7 @@ def memory_child(backend: str, input_size: int, batch: int, memory_efficient: bo
         "peak_mb": peak / 2**20,
         "step_peak_mb": (peak - before) / 2**20,
         "step_seconds": seconds,
-        **({"mxnet_engine": allocator.mxnet_engine()} if adapter.name == "mxnet" else {}),
+        **allocator.engine_record(adapter.name),
     }
 
 
@@ -322,7 +322,7 @@ def memory_rows(
         cmd += ["--input-size", str(input_size), "--batch-size", str(batch)]
         cmd += ["--memory-efficient"] if memory_efficient else []
         # The child's step is eager: on the engine `densenet train` runs that network on.
-        child_env = allocator.mxnet_engine_env(env, memory_efficient) if backend == "mxnet" else env
+        child_env = allocator.mxnet_engine_env(env, backend, memory_efficient)
         done = subprocess.run(cmd, capture_output=True, text=True, env=child_env, timeout=1800, check=False)
         if done.returncode != 0:
             tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
