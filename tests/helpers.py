@@ -57,3 +57,54 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str
         code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+# The command that installs torchvision beside the pinned torch (its model code is pure Python).
+TORCHVISION_INSTALL = "pip install -c constraints.txt -e '.[peers]'"
+
+
+def torchvision_densenet(config: pytest.Config):
+    """torchvision's own ``torchvision.models.densenet`` module, for checking the converters
+    against the peer's real model code.
+
+    PyPI's torchvision is built against the CUDA torch; beside the CPU build pinned here its
+    compiled extension cannot load (``libc10_cuda.so``) and ``import torchvision`` fails with
+    ``operator torchvision::nms does not exist``. The DenseNet needs none of the extension, so
+    when the package does not import, its model file is loaded by itself: ``torchvision`` and
+    ``torchvision.models`` stand in as bare packages over the installed files, without running
+    their ``__init__`` (which loads the extension and every other model). The stand-ins are
+    taken out of ``sys.modules`` again; the loaded module keeps what it imported.
+
+    Missing torchvision skips, saying how to install it, unless ``--backends all`` asks for
+    everything (CI), where it fails.
+    """
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or spec.origin is None:
+        message = f"torchvision is not installed ({TORCHVISION_INSTALL} installs it)"
+        if config.getoption("--backends").strip() == "all":
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        return importlib.import_module("torchvision.models.densenet")
+    except (RuntimeError, OSError, ImportError):
+        pass
+    saved = {k: v for k, v in sys.modules.items() if k == "torchvision" or k.startswith("torchvision.")}
+    for k in saved:
+        del sys.modules[k]
+    root = spec.submodule_search_locations[0]
+    try:
+        for name, path in (("torchvision", root), ("torchvision.models", f"{root}/models")):
+            package = types.ModuleType(name)
+            package.__path__ = [path]
+            package.__package__ = name
+            sys.modules[name] = package
+        return importlib.import_module("torchvision.models.densenet")
+    finally:
+        for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)

@@ -2,13 +2,13 @@
 
 The peer tests build the peer's own densenet121 with random weights (BatchNorm statistics
 randomised too), convert its weights into the canonical format, load them into our backends and
-compare logits on the same input. torchvision does not import beside torch 2.13.0 here; its test
-runs where it does (see docs/family.md).
+compare logits on the same input. torchvision's package does not import beside the CPU torch
+2.13.0 pinned here, so its pure-Python model code is loaded without the compiled extension
+(tests/helpers.py::torchvision_densenet; docs/family.md).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from common.config import CONFIGS, DenseNetConfig, canonical_spec, count_macs, c
 from common.errors import ConfigError, WeightFileError
 from common.safetensors_io import load_file, read_weights, write_weights
 from common.weights import init_canonical, load_weights
-from tests.helpers import get_adapter, run_cli
+from tests.helpers import get_adapter, run_cli, torchvision_densenet
 
 D121 = CONFIGS["densenet121"]
 PUBLISHED = {
@@ -368,17 +368,14 @@ def test_gluon_zoo_names_from_the_mxnet_backend(request: pytest.FixtureRequest) 
         adapter.gluon_zoo_names("densenet264", 1000)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("torchvision") is None,
-    reason="torchvision is not installed "
-    "(it does not import beside torch 2.13.0; see docs/family.md for how to run this test)",
-)
-def test_torchvision_densenet121(adapter) -> None:  # pragma: no cover - needs torchvision
+def test_torchvision_densenet121(adapter, request: pytest.FixtureRequest) -> None:
+    """torchvision's own densenet121 code (tests/helpers.py::torchvision_densenet), random weights
+    and statistics, converted by common.peers: the same logits in every backend."""
+    densenet = torchvision_densenet(request.config)
     import torch
-    import torchvision
 
     torch.manual_seed(0)
-    net = torchvision.models.densenet121(weights=None).eval()
+    net = densenet.densenet121(weights=None).eval()
     rng = np.random.default_rng(2)
     with torch.no_grad():
         for name, t in net.state_dict().items():

@@ -21,9 +21,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
+from common import resources
 from common.bench import allocator
 from common.config import DenseNetConfig
 from common.errors import BackendError, DenseNetError
@@ -170,13 +170,10 @@ def case_malloc(case: BenchCase) -> str:
 
 
 def _child_env(case: BenchCase) -> dict[str, str]:
-    # The child must import this source tree, as the parent does, even when it is not installed.
-    root = Path(__file__).resolve().parents[2]
-    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
     # The first step is timed as a cold compile: no JAX or Inductor cache from an earlier process
     # (unless the caller sets these variables itself).
     cold = {"DENSENET_JAX_CACHE": "off", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
-    env = allocator.child_env({**cold, **os.environ, "PYTHONPATH": path}, case_malloc(case))
+    env = allocator.child_env(resources.child_env({**cold, **os.environ}), case_malloc(case))
     if case.mode == "eager":  # what `densenet train` runs a memory-efficient MXNet network on
         env = allocator.mxnet_engine_env(env, case.backend, case.memory_efficient)
     return env

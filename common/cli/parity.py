@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from common import golden
+from common import golden, resources
 from common.cli.options import (
     add_network_options,
     backend_list,
@@ -118,6 +118,11 @@ def cmd_golden(args: argparse.Namespace) -> int:
             return 1
         print(f"OK: {len(golden.CASES)} golden case(s) match the numpy oracle")
         return 0
+    if directory is None and resources.checkout_root() is None:
+        raise DenseNetError(
+            "densenet golden: regenerating rewrites the vectors committed in a source checkout and this suite is "
+            "an installed package; `--check` compares against the shipped ones, or name a directory with --dir"
+        )
     for path in golden.write(directory):
         print(f"wrote {path} ({path.stat().st_size:,} bytes)")
     return 0

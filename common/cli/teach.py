@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from common import resources
 from common.cli.options import backend_list, positive_int
 from common.config import CONFIGS, D2L
 from common.errors import DenseNetError
@@ -28,7 +29,7 @@ from common.teach.exercises import (
 )
 from common.teach.facts import measure_backends
 from common.teach.notebooks import notebook_paths, sync
-from common.teach.page import SiteOptions, build_site, repo_root
+from common.teach.page import SiteOptions, build_site
 
 __all__ = ["add_exercise", "add_notebooks", "add_parsers", "add_teach", "cmd_exercise", "cmd_notebooks", "cmd_teach"]
 
@@ -43,7 +44,7 @@ def cmd_teach(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"  {message}", file=sys.stderr)
 
-    docs = Path(args.docs) if args.docs else repo_root() / "docs"
+    docs = Path(args.docs) if args.docs else resources.docs_dir()
     results = docs / "results"
     named = [Path(p) for p in (args.parity or []) + ([args.benchmark] if args.benchmark else [])]
     missing = [str(p) for p in named if not p.is_file()]
@@ -81,7 +82,7 @@ def add_teach(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write (created if needed)")
     p.add_argument("--input-size", type=positive_int, default=96, help="image side of the stage table (default 96)")
-    p.add_argument("--docs", metavar="DIR", help="the docs directory (default: docs/ of this checkout)")
+    p.add_argument("--docs", metavar="DIR", help="the docs directory (default: docs/ here, or the copy in the package)")
     p.add_argument(
         "--parity",
         action="append",
@@ -98,7 +99,15 @@ def add_teach(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_notebooks(args: argparse.Namespace) -> int:
-    directory = Path(args.dir) if args.dir else repo_root() / "notebooks"
+    if args.dir:
+        directory = Path(args.dir)
+    elif (root := resources.checkout_root()) is not None:
+        directory = root / "notebooks"
+    else:
+        raise DenseNetError(
+            "densenet notebooks: the notebooks belong to a source checkout and this suite is an installed "
+            "package; name the directory of the densenet_*.py scripts with --dir"
+        )
     if not notebook_paths(directory):
         print(f"densenet notebooks: no densenet_*.py in {directory}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.distributed.group import WORKER_ENV, DistributedError
+from common.resources import child_env
 
 LOOPBACK = "127.0.0.1"
 # Seconds the workers get to stop by themselves (SIGINT/SIGTERM) before they are killed.
@@ -88,15 +89,9 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _pythonpath() -> str:
-    """The workers import this copy of the suite, wherever they start (it comes first)."""
-    root = str(Path(__file__).resolve().parents[2])
-    return os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
-
-
 def worker_env(backend: str, rank: int, world: int, ports: list[int], workdir: Path) -> dict[str, str]:
     """The environment of local worker ``rank`` of ``world``: what the engine's launcher sets."""
-    env = {WORKER_ENV: "1", "PYTHONPATH": _pythonpath()}
+    env = {WORKER_ENV: "1"}
     if backend == "torch":
         # A FileStore instead of torchrun's TCPStore (whose server binds every interface).
         env |= {
@@ -215,18 +210,16 @@ def launch(
             if timeout_s is not None:
                 inner += ["--timeout", str(timeout_s)]
             wrapped = ["unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *inner, "--", *command]
-            env = os.environ | {"PYTHONPATH": _pythonpath()}
+            env = child_env(os.environ)
             return _supervise([wrapped], [env], [], [], timeout_s, say, names=["namespace"])
     ports = free_ports(workers if backend == "tf" else ENGINES[backend].ports)
     with tempfile.TemporaryDirectory(prefix="densenet-dist-") as workdir:
-        envs = [os.environ | worker_env(backend, r, workers, ports, Path(workdir)) for r in range(workers)]
+        envs = [child_env(os.environ | worker_env(backend, r, workers, ports, Path(workdir))) for r in range(workers)]
         roles, role_envs = [], []
         if backend == "mxnet":  # ps-lite's scheduler and one server: `import mxnet` with a role
             for role in ("scheduler", "server"):
                 roles.append([sys.executable, "-m", "densenet_mxnet.distributed"])
-                role_envs.append(
-                    os.environ | {WORKER_ENV: "1", "PYTHONPATH": _pythonpath()} | _mxnet_env(role, workers, ports)
-                )
+                role_envs.append(child_env(os.environ | {WORKER_ENV: "1"} | _mxnet_env(role, workers, ports)))
         commands = [list(command)] * workers
         return _supervise(commands, envs, roles, role_envs, timeout_s, say)
 

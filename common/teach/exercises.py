@@ -30,6 +30,7 @@ from common.arch import walk
 from common.bench import allocator
 from common.config import CONFIGS, D2L, DenseNetConfig, count_macs, count_params
 from common.errors import DenseNetError
+from common.resources import child_env
 
 __all__ = [
     "PUBLISHED",
@@ -311,10 +312,8 @@ def memory_rows(
 ) -> list[dict[str, Any]]:
     """:func:`memory_child` for each backend in a fresh process (a process's peak memory is a
     high-water mark that only one measurement may own)."""
-    from common.teach.page import repo_root
-
     say = progress or (lambda message: None)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo_root()), os.environ.get("PYTHONPATH", "")])}
+    env = child_env(os.environ)
     rows = []
     for backend in backends:
         say(f"{backend}: one training step at {input_size}x{input_size}, batch {batch}")
@@ -322,8 +321,8 @@ def memory_rows(
         cmd += ["--input-size", str(input_size), "--batch-size", str(batch)]
         cmd += ["--memory-efficient"] if memory_efficient else []
         # The child's step is eager: on the engine `densenet train` runs that network on.
-        child_env = allocator.mxnet_engine_env(env, backend, memory_efficient)
-        done = subprocess.run(cmd, capture_output=True, text=True, env=child_env, timeout=1800, check=False)
+        backend_env = allocator.mxnet_engine_env(env, backend, memory_efficient)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=backend_env, timeout=1800, check=False)
         if done.returncode != 0:
             tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
             rows.append({"backend": backend, "error": f"exit {done.returncode}: {tail}"})

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import resources
 from common.config import D2L, DenseNetConfig, count_bn_stats, count_params
 from common.errors import DenseNetError
 from common.teach import book, facts, notes
 from common.teach.sources import BACKEND_ORDER, ROWS, Piece, Source, extract
 
-__all__ = ["SiteOptions", "build_site", "repo_root"]
+__all__ = ["SiteOptions", "build_site"]
 
 STATIC = Path(__file__).with_name("static")
 # Short column titles, in BACKEND_ORDER; the book's tab names.
@@ -31,18 +32,13 @@ TITLES = {"torch": "PyTorch", "mxnet": "MXNet Gluon", "jax": "JAX/Flax", "tf": "
 DISTRIBUTIONS = {"torch": ("torch",), "mxnet": ("mxnet",), "jax": ("jax", "flax"), "tf": ("tensorflow-cpu", "keras")}
 
 
-def repo_root() -> Path:
-    """The checkout the ``common`` package lives in (docs/ and tests/ sit beside it)."""
-    return Path(__file__).resolve().parents[2]
-
-
 @dataclass
 class SiteOptions:
     """What goes into the page besides the code: where the facts come from."""
 
     config: DenseNetConfig = D2L
     input_size: int = 96
-    docs: Path = field(default_factory=lambda: repo_root() / "docs")
+    docs: Path = field(default_factory=resources.docs_dir)
     parity: list[Path] = field(default_factory=list)
     benchmark: Path | None = None
     measured: list[facts.BackendFacts] | None = None
@@ -254,6 +250,8 @@ def _bar_chart(data: dict[str, Any]) -> str:
 
 def _departures_section(hl: Highlighter, docs: Path) -> str:
     path = docs / "departures.md"
+    if not path.is_file():
+        return f"<p class='muted'>{esc(path)} is missing, so the departures are not shown.</p>"
     rows = book.read_departures(path)
     out = []
     for d in rows:
@@ -286,17 +284,23 @@ def _versions() -> str:
 
 
 def _commit() -> str:
+    """The checkout's commit, or what stands in for it: an installed package has no commit."""
+    root = resources.checkout_root()
+    if root is None:
+        return "none: built from the installed package, not from a git checkout"
     try:
         done = subprocess.run(
-            ["git", "-C", str(repo_root()), "rev-parse", "--short", "HEAD"],
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
             capture_output=True,
             text=True,
             timeout=10,
             check=False,
         )
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return done.stdout.strip() if done.returncode == 0 else ""
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown: git could not run ({exc})"
+    if done.returncode != 0:
+        return f"unknown: {root} is not a git checkout"
+    return done.stdout.strip()
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +331,7 @@ def _page(hl: Highlighter, options: SiteOptions, curves: bool, say: Callable[[st
         "and test accuracy per epoch' width='1210' height='440'><figcaption>5 epochs at 32x32, batch 128, SGD 0.1 "
         "with cosine annealing, seed 0 (docs/training.md)</figcaption></figure>"
         if curves
-        else "<p class='muted'>docs/training_curves.png is not in this checkout.</p>"
+        else f"<p class='muted'>{esc(options.docs / 'training_curves.png')} is missing.</p>"
     )
     bench_html = (
         _bar_chart(benchmark)
@@ -361,7 +365,7 @@ package with <code>ast</code> when this page was built (<code>densenet teach</co
 from the code. Beside each row: what differs, and why it matters, with measured numbers.</p>
 <p class="muted">Network: {esc(config.describe())}, {count_params(config):,} parameters and
 {count_bn_stats(config):,} BatchNorm running statistics; input {options.input_size}x{options.input_size}.
-{esc(_versions())}.{f" Commit {esc(commit)}." if commit else ""}</p>
+{esc(_versions())}. Commit {esc(commit)}.</p>
 <nav class="toc">{nav}</nav>
 <div class="global">Every row: {_switch("*", "every row: columns")}</div>
 </header>
