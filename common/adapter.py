@@ -259,6 +259,14 @@ class Adapter(ABC, Generic[RuntimeT]):
             return new + (new - (1 - m) * old) * (factor - 1)
         return (1 - m) * old + (new - (1 - b) * old) * (m / b * factor)
 
+    def use_max_pool_in_transitions(self, model: Model[RuntimeT]) -> int:
+        """Replace the 2x2/2 average pool of every transition block of a built network with a
+        2x2/2 max pool, in the framework's own idiom (the book's exercise 1); returns how many were
+        replaced. The pool holds no weights, so the canonical weights stay as they are."""
+        raise Unsupported(
+            f"a max-pool transition is swapped into a built network in PyTorch or TensorFlow, not {self.name!r}"
+        )
+
     def trains_compiled(self, model: Model[RuntimeT]) -> bool:
         """Whether ``densenet train`` steps ``model`` through its compiled path:
         :attr:`prefers_compiled`, unless this adapter knows that ``model`` trains better eagerly."""

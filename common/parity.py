@@ -43,6 +43,7 @@ from common.errors import BackendUnavailable
 from common.harness import seeded_batches
 from common.optim import DECOUPLED_WEIGHT_DECAY, FOLDED_LR, SGD, Convention, LRSchedule, sgd_update
 from common.registry import BACKENDS, canonical_name, load_backend
+from common.training.engine import Engine, LocalGroup
 from common.weights import init_canonical
 
 ORACLE = "numpy"
@@ -392,7 +393,10 @@ def run_parity(
             adapter.train_step(model, X, y, lr)
             results["sgd-step"][name] = adapter.get_weights(model)
             adapter.set_weights(model, w0)
-            report.losses[name] = [adapter.train_step(model, Xb, yb, lr)[0] for Xb, yb in batches[:steps]]
+            # The lockstep runs through the training engine, eagerly, losses kept as they come.
+            eager = LocalGroup(adapter, compiled=False)
+            lockstep = Engine(eager, adapter, model, lambda step: lr, check_finite=False)
+            report.losses[name] = lockstep.run_steps(batches[:steps])
 
             if not momentum:
                 continue
@@ -405,9 +409,8 @@ def run_parity(
                 results[check][name] = {**adapter.get_weights(model), **adapter.get_optimizer_state(model)}
             adapter.set_weights(model, w0)
             adapter.configure_optimizer(model, PARITY_NESTEROV)
-            report.momentum_losses[name] = [
-                adapter.train_step(model, Xb, yb, rate)[0] for (Xb, yb), rate in zip(batches[:steps], report.lrs())
-            ]
+            lockstep = Engine(eager, adapter, model, report.lrs().__getitem__, check_finite=False)
+            report.momentum_losses[name] = lockstep.run_steps(batches[:steps])
         except Exception as exc:  # one backend failing is a result, not a crash
             report.errors[name] = f"{type(exc).__name__}: {exc}"
             for per in results.values():

@@ -86,7 +86,7 @@ print(summarize(BACKEND, net.config, 96).to_text())
 # %% [markdown]
 # ## A short training run
 #
-# The suite's training loop (`common.train`) drives this framework's own step, the one the
+# The suite's training engine (`common.training`) drives this framework's own step, the one the
 # side-by-side site shows in its "one training step" row. The defaults here are the recipe of
 # docs/training.md (32x32, 5 epochs, SGD 0.1 with cosine annealing: minutes on a laptop CPU);
 # `DENSENET_NOTEBOOK_TINY=1`, as CI sets it, trains a narrow network on 256 images for one epoch
@@ -97,7 +97,8 @@ import tempfile
 from pathlib import Path
 
 from common.config import D2L, DenseNetConfig
-from common.train import TrainSettings, train
+from common.training.run import train
+from common.training.settings import TrainSettings
 
 TINY = os.environ.get("DENSENET_NOTEBOOK_TINY") == "1"
 settings = TrainSettings(
@@ -129,7 +130,7 @@ import numpy as np
 from common import data, reference
 from common.errors import BackendUnavailable
 from common.registry import BACKENDS, load_backend
-from common.train import evaluate
+from common.training.engine import evaluate
 from common.weights import load_weights
 
 config, weights = load_weights(run / "weights.safetensors")

@@ -15,7 +15,8 @@ from common.errors import WeightFileError
 from common.parity import PARITY_CASE, bound
 from common.safetensors_io import write_weights
 from common.starting_weights import HEAD, read_init, starting_weights
-from common.train import TrainingError, TrainSettings, train
+from common.training.run import train
+from common.training.settings import TrainingError, TrainSettings
 from common.weights import init_canonical, load_weights, save_weights
 from tests.helpers import participating_backends
 from tests.helpers import run_cli as cli

@@ -12,7 +12,8 @@ import pytest
 
 from common.cli import main
 from common.config import DenseNetConfig
-from common.train import TrainingError, TrainSettings, train
+from common.training.run import train
+from common.training.settings import TrainingError, TrainSettings
 from common.weights import load_canonical, load_weights
 from tests.helpers import run_cli as cli
 from tests.test_data import make_dataset
@@ -285,7 +286,7 @@ def test_divergence_is_handled_the_same_way_in_every_backend(
         *("--out", out, "--data-dir", dataset),
     )
     assert_one_clear_error(code, err, 1, f"loss became nan at epoch 1, step {step} (learning rate 1e+30)")
-    assert "No epoch finished, so nothing was kept" in err
+    assert "; no epoch finished, so nothing was kept" in err
     assert not out.exists()  # the run made the directory, and leaves nothing half-made behind
 
 
@@ -294,7 +295,7 @@ def test_divergence_in_a_later_epoch_keeps_valid_metrics(
     dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from common.registry import load_backend
-    from common.train import Diverged
+    from common.training.settings import Diverged
 
     adapter = load_backend("torch")
     original = type(adapter).forward
@@ -316,7 +317,7 @@ def test_divergence_in_a_later_epoch_keeps_valid_metrics(
 
 
 def test_metrics_are_json_without_nan() -> None:
-    from common.train import metrics_text
+    from common.training.rundir import metrics_text
 
     text = metrics_text([{"epoch": 1, "test_loss": float("nan"), "train_loss": float("inf"), "test_acc": 0.5}])
     assert json.loads(text) == {"epoch": 1, "test_loss": None, "train_loss": None, "test_acc": 0.5}
@@ -510,7 +511,7 @@ def test_progress_leaves_compiling_steps_out_of_speed_and_time_left() -> None:
     import io
 
     from common.progress import Progress, format_seconds
-    from common.train import speed
+    from common.training.callbacks import speed
 
     stream, out = io.StringIO(), io.StringIO()
     bar = Progress("jax", 2, 3, live=True, stream=stream, out=out)
@@ -539,7 +540,7 @@ def test_progress_leaves_compiling_steps_out_of_speed_and_time_left() -> None:
 
 
 def test_augment_padding_is_recorded_and_checked() -> None:
-    from common.train import _augment_info
+    from common.training.run import _augment_info
 
     assert _augment_info(settings("torch", augment=True))["padding"] == 4  # resize 32 // 8
     assert _augment_info(settings("torch", augment=True, augment_padding=0))["padding"] == 0

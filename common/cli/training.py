@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from common import data, distributed
@@ -30,7 +33,11 @@ from common.progress import Progress
 from common.registry import BACKENDS, canonical_name, load_backend
 from common.starting_weights import FORMATS as INIT_FORMATS
 from common.starting_weights import read_init
-from common.train import TrainSettings, check_run_dir, evaluate, speed, train
+from common.training.callbacks import speed
+from common.training.engine import evaluate
+from common.training.run import train
+from common.training.rundir import RunDir
+from common.training.settings import TrainSettings
 from common.weights import load_canonical
 
 __all__ = [
@@ -118,19 +125,36 @@ def _launch_workers(args: argparse.Namespace, settings: TrainSettings, out: str)
     if settings.sync_bn:
         distributed.check_sync_bn(settings.backend)
     distributed.check_divisible(settings.batch_size, settings.workers)
-    check_run_dir(out, resume=args.resume, overwrite=args.overwrite)
+    rundir = RunDir(out).check(resume=args.resume, overwrite=args.overwrite)
     argv = distributed.without_option(args.argv, "--workers")
-    code = distributed.launch(
-        settings.backend,
-        [sys.executable, "-m", "common", *argv, "--distributed"],
-        args.workers,
-        timeout_s=distributed.job_timeout_s(),
-    )
+    # The launcher holds the run directory's lock for the whole job; worker 0 writes under it.
+    with rundir.locked(), _environ(rundir.lock_env()):
+        code = distributed.launch(
+            settings.backend,
+            [sys.executable, "-m", "common", *argv, "--distributed"],
+            args.workers,
+            timeout_s=distributed.job_timeout_s(),
+        )
     if code == 130:
         raise Interrupted("interrupted (Ctrl-C); every worker was stopped (see above for what was kept)")
     if code:
         raise Failed(f"the {args.workers}-worker run failed (exit status {code}); every worker was stopped")
     return 0
+
+
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment (and so its children's) for the block."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _recorded_resize(metadata: dict[str, str]) -> int | None:

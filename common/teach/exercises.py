@@ -13,7 +13,6 @@ Importing this module imports no framework; each exercise loads what it needs wh
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import subprocess
@@ -30,7 +29,12 @@ from common.arch import walk
 from common.bench import allocator
 from common.config import CONFIGS, D2L, DenseNetConfig, count_macs, count_params
 from common.errors import DenseNetError
+from common.plot import plot_runs
 from common.resources import child_env
+from common.training.callbacks import EpochLines
+from common.training.run import train
+from common.training.rundir import RunDir
+from common.training.settings import TRANSITION_POOLS, TrainSettings
 
 __all__ = [
     "PUBLISHED",
@@ -43,7 +47,6 @@ __all__ = [
     "resnet_stages",
     "run_dense_mlp",
     "run_pooling",
-    "use_max_pool_in_transitions",
 ]
 
 # Parameter counts as torchvision publishes them (1000 classes, 3 channels).
@@ -58,33 +61,6 @@ RESNET50_PUBLISHED = 25_557_032
 
 # ---------------------------------------------------------------------------------------------
 # 1. average vs max pooling in the transition layer
-
-
-def use_max_pool_in_transitions(backend: str, net: Any) -> int:
-    """Replace the 2x2/2 average pool of every transition block of a built network with a 2x2/2
-    max pool, in the framework's own idiom; returns how many were replaced. The pool holds no
-    weights, so the canonical weights and every other layer stay as they are."""
-    if backend == "torch":
-        from torch import nn
-
-        from densenet_torch.model import TransitionBlock
-
-        blocks = [m for m in net.modules() if isinstance(m, TransitionBlock)]
-        for blk in blocks:
-            blk[-1] = nn.MaxPool2d(kernel_size=2, stride=2)
-        return len(blocks)
-    if backend == "tf":
-        import tensorflow as tf
-
-        from densenet_tf.model import TransitionBlock
-
-        blocks = [layer for layer in net.net.layers if isinstance(layer, TransitionBlock)]
-        for blk in blocks:
-            blk.net[-1] = tf.keras.layers.MaxPool2D(pool_size=2, strides=2)
-        return len(blocks)
-    raise DenseNetError(
-        f"the pooling exercise swaps the transition pool of a built network in PyTorch or TensorFlow, not {backend!r}"
-    )
 
 
 def run_pooling(
@@ -102,23 +78,20 @@ def run_pooling(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Train the book's network once per transition pool (``avg``, ``max``) with one seed and
-    the recipe of docs/training.md (SGD, cosine annealing); a run directory per pool under ``out``
-    (``metrics.jsonl``, ``run.json``), the curves of all in ``out/curves.png``."""
-    from common import data
-    from common.plot import plot_runs
-    from common.registry import load_backend
-    from common.train import TrainSettings, evaluate
-
+    the recipe of docs/training.md (SGD, cosine annealing), each a full training run
+    (:func:`common.training.run.train`) in ``out/pool-<pool>``; the curves of all in
+    ``out/curves.png``. A directory that already holds a run is refused, as by ``densenet train``."""
     say = progress or (lambda message: None)
-    adapter = load_backend(backend)
-    train_split = data.subset(data.load("train"), limit)
-    test_split = data.subset(data.load("test"), test_limit)
-    results: dict[str, list[dict[str, Any]]] = {}
     for pool in pools:
-        if pool not in ("avg", "max"):
+        if pool not in TRANSITION_POOLS:
             raise DenseNetError(f"transition pool must be avg or max, got {pool!r}")
+    runs = {pool: out / f"pool-{pool}" for pool in pools}
+    for run in runs.values():  # every refusal before the first run trains
+        RunDir(run).check()
+    results: dict[str, list[dict[str, Any]]] = {}
+    for pool, run in runs.items():
         settings = TrainSettings(
-            backend=adapter.name,
+            backend=backend,
             epochs=epochs,
             batch_size=batch_size,
             lr=lr,
@@ -127,42 +100,15 @@ def run_pooling(
             test_limit=test_limit,
             seed=seed,
             lr_schedule="cosine",
+            transition_pool=pool,
         )
-        model = adapter.build(D2L, seed=seed)
-        if pool == "max":
-            use_max_pool_in_transitions(adapter.name, model.net)
-        run = out / f"pool-{pool}"
-        run.mkdir(parents=True, exist_ok=True)
-        info = {"settings": {**settings.to_dict(), "transition_pool": pool}, "version": adapter.version()}
-        (run / "run.json").write_text(json.dumps(info, indent=2) + "\n")
-        steps = math.ceil(len(train_split.labels) / batch_size)
-        metrics: list[dict[str, Any]] = []
-        for epoch in range(epochs):  # the loop of common.train, so avg reproduces docs/training.md
-            started, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-            batches = data.batches(train_split, batch_size, resize, seed=seed, epoch=epoch)
-            for step, (X, y) in enumerate(batches):
-                step_lr = settings.lr_at(epoch * steps + step, epochs * steps)
-                loss, logits = adapter.train_step(model, X, y, step_lr, compiled=adapter.trains_compiled(model))
-                seen += len(y)
-                loss_sum += loss * len(y)
-                correct += int((logits.argmax(axis=1) == y).sum())
-            train_seconds = time.perf_counter() - started
-            test_loss, test_acc = evaluate(adapter, model, test_split, 256, resize)
-            metrics.append(
-                {
-                    "epoch": epoch + 1,
-                    "train_loss": loss_sum / seen,
-                    "train_acc": correct / seen,
-                    "test_loss": test_loss,
-                    "test_acc": test_acc,
-                    "images_per_s": seen / train_seconds,
-                    "seconds": time.perf_counter() - started,
-                }
-            )
-            say(f"{pool} pool, epoch {epoch + 1}/{epochs}: test accuracy {test_acc:.4f}, loss {test_loss:.4f}")
-            (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-        results[pool] = metrics
-    plot_runs([out / f"pool-{pool}" for pool in pools], out / "curves.png")
+
+        def line(m: dict[str, Any], pool: str = pool) -> None:
+            acc, loss = m["test_acc"], m["test_loss"]
+            say(f"{pool} pool, epoch {m['epoch']}/{epochs}: test accuracy {acc:.4f}, loss {loss:.4f}")
+
+        results[pool] = train(settings, run, progress=False, callbacks=[EpochLines(line)])
+    plot_runs(list(runs.values()), out / "curves.png")
     return results
 
 
