@@ -345,9 +345,48 @@ def run_parity(
     dtype = check_dtype(dtype)
     config = config or PARITY_CASE
     input_size = plan(config, input_size).input_size
+    report = ParityReport(config, input_size, batch, steps, lr, seed, dtype, [ORACLE])
+    adapters = _load_adapters(backends, report)
+    say = progress or (lambda message: None)
+    case = _Case(config, init_canonical(config, seed), seeded_batches(config, input_size, batch, max(steps, 1), seed))
+    say("numpy: the float64 oracle (forward, gradients, lockstep steps)")
+    oracle = _oracle(config, case.w0, case.batches, lr, steps, seed, momentum)
+    report.losses[ORACLE] = oracle.losses
+    if momentum:
+        report.momentum_losses[ORACLE] = oracle.momentum_losses
+    # results[check][participant] = {tensor name: array}
+    results: dict[str, dict[str, dict[str, np.ndarray]]] = {k: {} for k in oracle.results}
+    for name, adapter in adapters.items():
+        try:
+            for check, tensors in _backend_results(adapter, case, oracle, report, momentum, say).items():
+                results[check][name] = tensors
+        except Exception as exc:  # one backend failing is a result, not a crash
+            report.errors[name] = f"{type(exc).__name__}: {exc}"
+            report.losses.pop(name, None)
+            report.momentum_losses.pop(name, None)
+    if steps:
+        results["lockstep"] = {n: {"loss": np.array(v)} for n, v in report.losses.items() if n != ORACLE}
+        if momentum:
+            results["momentum-lockstep"] = {
+                n: {"loss": np.array(v)} for n, v in report.momentum_losses.items() if n != ORACLE
+            }
+    _compare(report, results, oracle)
+    return report
+
+
+@dataclass
+class _Case:
+    """The canonical starting weights and the seeded batches every participant gets."""
+
+    config: DenseNetConfig
+    w0: dict[str, np.ndarray]
+    batches: list[tuple[np.ndarray, np.ndarray]]
+
+
+def _load_adapters(backends: list[str] | None, report: ParityReport) -> dict[str, Adapter]:
+    """The backends that load; one named in ``backends`` that cannot is an error of the report."""
     names = [canonical_name(b) for b in backends] if backends else list(BACKENDS)
     adapters: dict[str, Adapter] = {}
-    report = ParityReport(config, input_size, batch, steps, lr, seed, dtype, [ORACLE])
     for name in dict.fromkeys(names):
         try:
             adapters[name] = load_backend(name)
@@ -355,84 +394,61 @@ def run_parity(
         except BackendUnavailable as exc:
             if backends:
                 report.errors[name] = str(exc)
+    return adapters
 
-    say = progress or (lambda message: None)
-    w0 = init_canonical(config, seed)
-    batches = seeded_batches(config, input_size, batch, max(steps, 1), seed)
-    X, y = batches[0]
-    say("numpy: the float64 oracle (forward, gradients, lockstep steps)")
-    oracle = _oracle(config, w0, batches, lr, steps, seed, momentum)
-    report.losses[ORACLE] = oracle.losses
-    if momentum:
-        report.momentum_losses[ORACLE] = oracle.momentum_losses
 
-    # results[check][participant] = {tensor name: array}
-    results: dict[str, dict[str, dict[str, np.ndarray]]] = {k: {} for k in oracle.results}
-    for name, adapter in adapters.items():
-        try:
-            say(f"{name}: building in {dtype} and loading the canonical weights")
-            model = adapter.build(config, seed=seed, dtype=dtype)
-            adapter.set_weights(model, w0)
-            s = adapter.stages(model, X, training=False)
-            results["inference"][name] = {**s, "logits": s["head"]}
-            adapter.set_weights(model, w0)
-            s = adapter.stages(model, X, training=True)
-            results["train-forward"][name] = {**s, "logits": s["head"]}
+def _backend_results(
+    adapter: Adapter, case: _Case, oracle: _Oracle, report: ParityReport, momentum: bool, say: Callable[[str], None]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Every check's tensors of one backend; its lockstep losses go into ``report``."""
+    name, w0, lr, steps = adapter.name, case.w0, report.lr, report.steps
+    (X, y), batches = case.batches[0], case.batches[:steps]
+    out: dict[str, dict[str, np.ndarray]] = {}
+    say(f"{name}: building in {report.dtype} and loading the canonical weights")
+    model = adapter.build(case.config, seed=report.seed, dtype=report.dtype)
+    for check, training in (("inference", False), ("train-forward", True)):
+        adapter.set_weights(model, w0)
+        s = adapter.stages(model, X, training=training)
+        out[check] = {**s, "logits": s["head"]}
+    say(f"{name}: gradients")
+    adapter.set_weights(model, w0)
+    _, dX, grads = adapter.loss_and_grads(model, X, y)
+    out["grad-input"], out["grad-params"] = {"input": dX}, grads
+    out["running-stats"] = {k: v for k, v in adapter.get_weights(model).items() if k in oracle.results["running-stats"]}
+    say(f"{name}: SGD steps")
+    adapter.set_weights(model, w0)
+    adapter.train_step(model, X, y, lr)
+    out["sgd-step"] = adapter.get_weights(model)
+    adapter.set_weights(model, w0)
+    # The lockstep runs through the training engine, eagerly, losses kept as they come.
+    eager = LocalGroup(adapter, compiled=False)
+    report.losses[name] = Engine(eager, adapter, model, lambda step: lr, check_finite=False).run_steps(batches)
+    if not momentum:
+        return out
+    say(f"{name}: momentum steps (its own optimizer, configured to the suite's SGD)")
+    for check, sgd in MOMENTUM_STEPS:
+        adapter.set_weights(model, w0)
+        adapter.configure_optimizer(model, sgd)
+        adapter.set_optimizer_state(model, oracle.velocity)
+        adapter.train_step(model, X, y, lr)
+        out[check] = {**adapter.get_weights(model), **adapter.get_optimizer_state(model)}
+    adapter.set_weights(model, w0)
+    adapter.configure_optimizer(model, PARITY_NESTEROV)
+    lockstep = Engine(eager, adapter, model, report.lrs().__getitem__, check_finite=False)
+    report.momentum_losses[name] = lockstep.run_steps(batches)
+    return out
 
-            say(f"{name}: gradients")
-            adapter.set_weights(model, w0)
-            _, dX, grads = adapter.loss_and_grads(model, X, y)
-            results["grad-input"][name] = {"input": dX}
-            results["grad-params"][name] = grads
-            results["running-stats"][name] = {
-                k: v for k, v in adapter.get_weights(model).items() if k in oracle.results["running-stats"]
-            }
 
-            say(f"{name}: SGD steps")
-            adapter.set_weights(model, w0)
-            adapter.train_step(model, X, y, lr)
-            results["sgd-step"][name] = adapter.get_weights(model)
-            adapter.set_weights(model, w0)
-            # The lockstep runs through the training engine, eagerly, losses kept as they come.
-            eager = LocalGroup(adapter, compiled=False)
-            lockstep = Engine(eager, adapter, model, lambda step: lr, check_finite=False)
-            report.losses[name] = lockstep.run_steps(batches[:steps])
-
-            if not momentum:
-                continue
-            say(f"{name}: momentum steps (its own optimizer, configured to the suite's SGD)")
-            for check, sgd in MOMENTUM_STEPS:
-                adapter.set_weights(model, w0)
-                adapter.configure_optimizer(model, sgd)
-                adapter.set_optimizer_state(model, oracle.velocity)
-                adapter.train_step(model, X, y, lr)
-                results[check][name] = {**adapter.get_weights(model), **adapter.get_optimizer_state(model)}
-            adapter.set_weights(model, w0)
-            adapter.configure_optimizer(model, PARITY_NESTEROV)
-            lockstep = Engine(eager, adapter, model, report.lrs().__getitem__, check_finite=False)
-            report.momentum_losses[name] = lockstep.run_steps(batches[:steps])
-        except Exception as exc:  # one backend failing is a result, not a crash
-            report.errors[name] = f"{type(exc).__name__}: {exc}"
-            for per in results.values():
-                per.pop(name, None)
-            report.losses.pop(name, None)
-            report.momentum_losses.pop(name, None)
-
-    if steps:
-        results["lockstep"] = {n: {"loss": np.array(v)} for n, v in report.losses.items() if n != ORACLE}
-        if momentum:
-            results["momentum-lockstep"] = {
-                n: {"loss": np.array(v)} for n, v in report.momentum_losses.items() if n != ORACLE
-            }
+def _compare(report: ParityReport, results: dict[str, dict[str, dict[str, np.ndarray]]], oracle: _Oracle) -> None:
+    """Every participant against the oracle and pairwise, per check, into ``report.comparisons``."""
     for check, per in results.items():
         values = {ORACLE: oracle.results[check], **per}
         for a, b in [*((name, ORACLE) for name in per), *itertools.combinations(per, 2)]:
-            limit = bound(check, dtype, pairwise=b != ORACLE)
+            limit = bound(check, report.dtype, pairwise=b != ORACLE)
             error, worst = _error(values[a], values[b], oracle.scales[check])
             if check in ("lockstep", "momentum-lockstep"):
                 worst = _first_step(values[a]["loss"], values[b]["loss"], oracle.scales[check]["loss"], limit)
             report.comparisons.append(Comparison(check, a, b, error, worst, limit))
-    return report
 
 
 def summarize(reports: list[ParityReport]) -> dict[str, dict[str, Any]]:
