@@ -9,18 +9,27 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from common.training import rundir as rundir_module
 from common.training.run import train
 from common.training.rundir import LOCK_FILE, RunDir, RunDirBusy, RunWriteError
 from common.training.settings import TrainingError
+from common.weights import load_canonical
 from tests.helpers import run_cli as cli
 from tests.test_train import SMALL, settings
 
 ROOT = Path(__file__).resolve().parents[1]
+# `densenet train` of the small network as the tests of tests/test_train.py train it.
+_TRAIN = (
+    *("train", "--backend", "torch", "--batch-size", "32", "--lr", "0.1", "--resize", "32", "--quiet"),
+    *("--num-channels", "16", "--growth-rate", "16", "--arch", "2,2"),
+)
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +228,104 @@ def test_resume_cli_says_finished(dataset: Path, tmp_path: Path, capsys: pytest.
         *("--out", out, "--data-dir", dataset, "--resume", "--quiet"),
     )
     assert code == 2 and "is finished" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# a real full disk: a small tmpfs
+
+
+@contextmanager
+def _tmpfs(path: Path, size: int) -> Iterator[Path]:
+    """A tmpfs of ``size`` bytes at ``path`` (root on Linux; skipped elsewhere, saying why)."""
+    path.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); it needs root on Linux")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def sizes(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
+    """The size of each file of a one-epoch run of the small network, to size the disks below."""
+    out = tmp_path_factory.mktemp("sizes") / "run"
+    train(settings("torch", epochs=1), out, data_dir=dataset, progress=False)
+    return {p.name: p.stat().st_size for p in out.iterdir()}
+
+
+@pytest.mark.torch
+def test_a_disk_full_before_the_first_checkpoint_leaves_nothing(
+    dataset: Path, tmp_path: Path, sizes: dict[str, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    small = sizes["run.json"] + sizes["metrics.jsonl"] + sizes["steps.jsonl"] + 16 * 1024
+    assert small < sizes["checkpoint.safetensors"]
+    with _tmpfs(tmp_path / "disk", small) as disk:
+        out = disk / "run"
+        code, _, err = cli(capsys, *_TRAIN, "--epochs", "2", "--out", out, "--data-dir", dataset)
+        assert code == 2, err
+        assert f"cannot write {out / 'checkpoint.safetensors'} (No space left on device)" in err
+        assert "no epoch finished, so nothing was kept" in err and "start again with the same command" in err
+        assert "Traceback" not in err and "internal error" not in err
+        assert not out.exists()  # nothing half-written: no run.json without a checkpoint, no .tmp
+
+
+@pytest.mark.torch
+def test_a_disk_full_later_keeps_the_last_checkpoint_and_resume_goes_on(
+    dataset: Path, tmp_path: Path, sizes: dict[str, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Room for one checkpoint and the text files, not for the second checkpoint's temporary copy.
+    room = int(1.5 * sizes["checkpoint.safetensors"]) + 3 * (sizes["steps.jsonl"] + sizes["metrics.jsonl"]) + 16384
+    with _tmpfs(tmp_path / "disk", room) as disk:
+        out = disk / "run"
+        code, _, err = cli(capsys, *_TRAIN, "--epochs", "3", "--out", out, "--data-dir", dataset)
+        assert code == 2, err
+        assert f"cannot write {out / 'checkpoint.safetensors'} (No space left on device)" in err
+        assert "holds the weights after epoch 1, intact; continue with the same command and --resume" in err
+        assert not list(out.glob(".*.tmp"))
+        subprocess.run(["mount", "-o", f"remount,size={8 * room}", str(disk)], check=True)
+        code, _, err = cli(capsys, *_TRAIN, "--epochs", "3", "--out", out, "--data-dir", dataset, "--resume")
+        assert code == 0, err
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_a_kill_during_a_checkpoint_write_loses_nothing(dataset: Path, tmp_path: Path) -> None:
+    """SIGKILL while the second checkpoint is half written: the first loads, the leftover
+    temporary file is removed at the next start, and --resume ends where an unbroken run does."""
+    out = tmp_path / "run"
+    script = (
+        "import os, signal, sys\n"
+        "from common.training import rundir\n"
+        "from common.cli import main\n"
+        "real, calls = rundir.save_weights, []\n"
+        "def save_weights(path, *a, **k):\n"
+        "    calls.append(path)\n"
+        "    if len(calls) == 2:\n"
+        "        tmp = path.with_name(f'.{path.name}.0123456789ab.tmp')\n"
+        "        tmp.write_bytes(path.read_bytes()[: path.stat().st_size // 2])\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(path, *a, **k)\n"
+        "rundir.save_weights = save_weights\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    argv = [str(a) for a in (*_TRAIN, "--epochs", "3", "--out", out, "--data-dir", dataset)]
+    done = subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert list(out.glob(".checkpoint.safetensors.*.tmp"))
+    assert load_canonical(out / "checkpoint.safetensors").metadata["epoch"] == "1"
+    resumed = subprocess.run(
+        [sys.executable, "-m", "common", *argv, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list(out.glob(".*.tmp")) and not (out / LOCK_FILE).exists()
+    whole = tmp_path / "whole"
+    train(settings("torch", epochs=3), whole, data_dir=dataset, progress=False)
+    a = load_canonical(whole / "weights.safetensors").weights
+    b = load_canonical(out / "weights.safetensors").weights
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)

@@ -225,12 +225,17 @@ def _fit(
 
     try:
         return engine.fit(range(start_epoch, settings.epochs), batches, steps, test)
-    except NonFinite as exc:
-        raise Diverged(_diverged(exc, rundir)) from None
-    except KeyboardInterrupt as exc:
-        epoch = rundir.checkpoint_epoch or start_epoch
-        what = getattr(exc, "reason", None) or "interrupted"
-        raise TrainingInterrupted(f"{what} in epoch {epoch + 1}; {rundir.kept()} ({rundir.how_to_go_on()})") from None
+    except BaseException as exc:
+        rundir.abandon()
+        if isinstance(exc, NonFinite):
+            raise Diverged(_diverged(exc, rundir)) from None
+        if isinstance(exc, KeyboardInterrupt):
+            epoch = rundir.checkpoint_epoch or start_epoch
+            what = getattr(exc, "reason", None) or "interrupted"
+            raise TrainingInterrupted(
+                f"{what} in epoch {epoch + 1}; {rundir.kept()} ({rundir.how_to_go_on()})"
+            ) from None
+        raise
     finally:
         engine.close()  # the live line, however the loop ended
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import DenseNetConfig
+from common.errors import WeightFileError
 from common.training.settings import TrainingError
 from common.weights import CanonicalFile, load_canonical, save_weights
 
@@ -157,6 +158,7 @@ class RunDir:
         self.created = False  # whether this call made the directory (removed again if left empty)
         self.wrote = False  # whether this call has written a run file yet
         self.checkpoint_epoch: int | None = None  # the epoch the checkpoint holds, if there is one
+        self._written: set[str] = set()  # the run files this call wrote
         self._lock_fd: int | None = None
 
     # -- paths ---------------------------------------------------------------------------------
@@ -319,14 +321,31 @@ class RunDir:
             _write_atomic(path, text)
         except OSError as exc:
             raise self._write_error(path, exc) from None
+        self._written.add(name)
 
     def save(self, name: str, *args: Any, **kwargs: Any) -> None:
         """:func:`common.weights.save_weights` into ``name``, a failure said as :meth:`write_text` does."""
         path = self.path / name
         try:
             save_weights(path, *args, **kwargs)
-        except OSError as exc:
-            raise self._write_error(path, exc) from None
+        except (OSError, WeightFileError) as exc:
+            # The weight writer words an OSError as its own error; the cause says what happened.
+            cause = exc if isinstance(exc, OSError) else exc.__cause__
+            if not isinstance(cause, OSError):
+                raise
+            raise self._write_error(path, cause) from None
+        self._written.add(name)
+
+    def abandon(self) -> None:
+        """After a run stopped before any checkpoint: remove the files this call wrote, which
+        hold nothing to continue, so the directory is as the run found it (but an earlier run
+        that ``overwrite`` already replaced)."""
+        if self.checkpoint_epoch or not self.wrote:
+            return
+        for name in self._written:
+            (self.path / name).unlink(missing_ok=True)
+        self._written.clear()
+        self.wrote = False
 
     def _write_error(self, path: Path, exc: OSError) -> RunWriteError:
         error = RunWriteError(f"cannot write {path} ({exc.strerror or exc}); {self.kept()}; {self.how_to_go_on()}")
