@@ -73,11 +73,6 @@ BN_EPS = 1e-5
 # MXNet, Keras and Flax use the complementary weight of the old value: 1 - BN_MOMENTUM.
 BN_MOMENTUM = 0.1
 
-# Keys that configurations written by earlier versions carry and that no longer mean anything:
-# ``lr`` (canonical weight files written before it left the configuration hold it; training's
-# learning rate is ``common.train.TrainSettings.lr``, ``densenet train --lr``).
-_RETIRED_KEYS = ("lr",)
-
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -175,10 +170,10 @@ class DenseNetConfig:
     def from_dict(cls, d: dict[str, Any]) -> DenseNetConfig:
         """The configuration of :meth:`to_dict`'s output (missing keys take their defaults)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known - set(_RETIRED_KEYS))
+        unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown configuration keys {unknown}; expected some of {sorted(known)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**d)
 
 
 # The book's network, as section 8.7 builds it.

@@ -2,9 +2,9 @@
 epoch anywhere else (a log file, a pipe), and nothing but results with ``quiet``.
 
 A step whose batch shape the backend has not seen yet is where JAX, TensorFlow and hybridized
-MXNet compile (JAX took about 50 s for its first batch here): the live line says "compiling",
-and such steps count towards neither the speed nor the time left. Nothing here imports a
-framework or a third-party package.
+MXNet compile (docs/performance.md#densenet-bench has each one's first step): the live line says
+"compiling", and such steps count towards neither the speed nor the time left. Nothing here
+imports a framework or a third-party package.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Weight files without pickle: safetensors through the ``safetensors`` package, and plain ``.npz``.
 
 The ``safetensors`` package (its numpy API, which imports no ML framework) parses and encodes the
-format. What this module adds: atomic writes, the tensors' order, string metadata, ``.npz`` read
-without pickle, and :class:`~common.errors.WeightFileError` messages that name the file and say
-what is wrong, instead of the library's exceptions.
+format. What this module adds: atomic writes, the tensors' order, ``.npz`` without pickle, and one
+:class:`~common.errors.WeightFileError` per bad file, naming it and saying what is wrong where the
+library's own words are terse.
 """
 
 from __future__ import annotations
@@ -66,10 +66,6 @@ _DTYPES: dict[str, np.dtype] = {
 _CODES = {(dt.kind, dt.itemsize): code for code, dt in _DTYPES.items()}
 
 
-# ---------------------------------------------------------------------------------------------
-# Shared helpers
-
-
 def _supported_dtype(name: str, array: np.ndarray, path: Path) -> np.dtype:
     code = _CODES.get((array.dtype.kind, array.dtype.itemsize))
     if code is None:
@@ -94,30 +90,25 @@ def _prepare(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None, pat
             raise WeightFileError(f"{path}: {METADATA_KEY!r} is reserved and cannot name a tensor")
         array = np.asarray(value)
         arrays[name] = np.asarray(array, dtype=_supported_dtype(name, array, path), order="C")
-    if metadata is not None:
-        for key, value in metadata.items():
-            if not isinstance(key, str) or not isinstance(value, str):
-                raise WeightFileError(f"{path}: metadata must map strings to strings, got {key!r}: {value!r}")
-        if ORDER_KEY in metadata:
-            raise WeightFileError(f"{path}: metadata key {ORDER_KEY!r} is reserved for the tensors' order")
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise WeightFileError(f"{path}: metadata must map strings to strings, got {key!r}: {value!r}")
+    if ORDER_KEY in (metadata or {}):
+        raise WeightFileError(f"{path}: metadata key {ORDER_KEY!r} is reserved for the tensors' order")
     return arrays
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through a temporary sibling file so a crash never leaves a half-written ``path``."""
-    directory = path.parent
-    while True:
-        tmp = directory / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-        try:
-            # os.open rather than mkstemp: mkstemp forces mode 0600 instead of honouring the umask.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise WeightFileError(f"cannot write {path}: {e.strerror or e}") from e
-        break
+    """Write a temporary sibling, fsync it and rename it over ``path``: a crash leaves the old
+    file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        # "x" creates the file with the umask's mode (mkstemp would force 0600), never reusing one.
+        f = open(tmp, "xb")
+    except OSError as e:
+        raise WeightFileError(f"cannot write {path}: {e.strerror or e}") from e
+    try:
+        with f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -130,34 +121,11 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
     # Make the rename itself durable; not possible on every platform, hence best effort.
     with contextlib.suppress(OSError):
-        dir_fd = os.open(directory, os.O_RDONLY)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-
-
-def _check_metadata(meta: Any, path: Path) -> dict[str, str]:
-    if not isinstance(meta, dict):
-        raise WeightFileError(f"{path}: {METADATA_KEY} must be a JSON object, got {type(meta).__name__}")
-    for key, value in meta.items():
-        if not isinstance(value, str):
-            raise WeightFileError(f"{path}: {METADATA_KEY} values must be strings, but {key!r} is {json.dumps(value)}")
-    return dict(meta)
-
-
-def _zip_kind(path: Path) -> str:
-    """Tell a torch.save archive (pickle inside) from a plain .npz, for the error message."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return "unknown"
-    if any(n.endswith(".pkl") for n in names):
-        return "torch"
-    if names and all(n.endswith(".npy") for n in names):
-        return "npz"
-    return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,11 +144,7 @@ def save_file(tensors: Mapping[str, np.ndarray], path: PathLike, metadata: Mappi
         data = safetensors.numpy.save(arrays, metadata=header)
     except safetensors.SafetensorError as e:
         raise WeightFileError(f"{path}: cannot encode as safetensors: {e}") from None
-
-    def write(f: IO[bytes]) -> None:
-        f.write(data)
-
-    _atomic_write(path, write)
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def load_file(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -191,19 +155,19 @@ def load_file(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             metadata = dict(f.metadata() or {})
             names = f.offset_keys()
             for name in names:
-                # Check first: the library fails on e.g. BF16 with numpy's own TypeError.
+                # Checked first: the library fails on e.g. BF16 with numpy's own TypeError.
                 code = f.get_slice(name).get_dtype()
                 if code not in _DTYPES:
                     raise WeightFileError(
                         f"{path}: tensor {name!r} has unsupported dtype {code!r}; "
                         f"densenet-suite reads {', '.join(_DTYPES)}"
                     )
-            # The library copies out of its mapping; require() guards alignment and writability.
+            # require() copies where the library's array is unaligned or read-only.
             tensors = {name: np.require(f.get_tensor(name), requirements=["C", "A", "W"]) for name in names}
     except FileNotFoundError:
         raise WeightFileError(f"{path}: file not found") from None
     except safetensors.SafetensorError as e:
-        raise WeightFileError(f"{path}: {_diagnose(path, e)}") from None
+        raise WeightFileError(f"{path}: {_explain(path, str(e).removeprefix(_LIBRARY_PREFIX))}") from None
     except OSError as e:
         problem = "is a directory, not a weight file" if path.is_dir() else f"cannot read: {e.strerror or e}"
         raise WeightFileError(f"{path}: {problem}") from None
@@ -226,58 +190,69 @@ def _in_written_order(tensors: dict[str, np.ndarray], metadata: dict[str, str], 
     return ordered | {name: t for name, t in tensors.items() if name not in ordered}
 
 
-def _diagnose(path: Path, error: Exception) -> str:
-    """What is wrong with a file the library refused, in words: the library's own are terse."""
-    detail = str(error).removeprefix(_LIBRARY_PREFIX)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError as e:
-        return f"cannot read: {e.strerror or e}"
-    header_len = int.from_bytes(head[:8], "little") if size >= 8 else None
-    # A real header may begin with 0x80 (its length's low byte), so only call it a pickle or a
-    # zip archive when the bytes do not also make sense as safetensors.
-    plausible = header_len is not None and header_len <= size - 8 and head[8:9] == b"{"
-    if not plausible and head[:2] == b"PK":
-        if _zip_kind(path) == "npz":
-            return "this is a .npz archive, not safetensors; give it the .npz suffix"
+def _prefix_problem(path: Path, detail: str) -> str:
+    """The 8-byte header length was refused: often not a safetensors file at all."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK":
+        with contextlib.suppress(zipfile.BadZipFile, OSError, ValueError), zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            if names and all(n.endswith(".npy") for n in names):
+                return "this is a .npz archive, not safetensors; give it the .npz suffix"
+        return PICKLE_MESSAGE  # torch.save's zip archive; anything else zipped is no weight file either
+    if head[:1] == b"\x80":
         return PICKLE_MESSAGE
-    if not plausible and head[:1] == b"\x80":
-        return PICKLE_MESSAGE
-    if header_len is None:
+    if size < 8:
         return f"file is {size} bytes, too short for the 8-byte safetensors header length (truncated?)"
-    if header_len > size - 8:
+    length = int.from_bytes(head, "little")
+    if length > size - 8:
         return (
-            f"header length {header_len} is larger than the {size - 8} bytes after it "
-            "(truncated or not a safetensors file)"
+            f"header length {length} is larger than the {size - 8} bytes after it (truncated or not a safetensors file)"
         )
-    if "not fully covered" in detail:
-        return _data_size_problem(path, header_len, size)
-    if "too large" in detail:
-        return f"header length {header_len} is over the safetensors limit; not a safetensors file? ({detail})"
-    if detail.startswith(("invalid offset", "invalid shape")):
-        detail += (
-            "; each tensor's data_offsets must span its shape times its dtype's size and begin where the "
-            "previous tensor ends"
-        )
-    return f"corrupted safetensors header: {detail}"
+    return f"header length {length} is over the safetensors limit; not a safetensors file? ({detail})"
 
 
-def _data_size_problem(path: Path, header_len: int, size: int) -> str:
-    """Truncated or trailing bytes: the library only says the data does not match the header."""
-    available = size - 8 - header_len
-    try:
-        with open(path, "rb") as f:
-            f.seek(8)
-            header = json.loads(f.read(header_len))
-        # The library has checked the header, so the tensors' bytes are contiguous from 0.
-        needed = max((e["data_offsets"][1] for k, e in header.items() if k != METADATA_KEY), default=0)
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
-        return f"the {available} bytes of tensor data do not match the header (truncated, or trailing bytes)"
+def _data_size_problem(path: Path, detail: str) -> str:
+    """Truncated or trailing bytes: the library only says that the data does not match the header,
+    and counting needs the header's last offset (the library checked the header before saying so)."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    available = path.stat().st_size - 8 - length
+    needed = max((e["data_offsets"][1] for k, e in header.items() if k != METADATA_KEY), default=0)
     if available < needed:
         return f"truncated: the header describes {needed} bytes of tensor data, but only {available} follow it"
     return f"{available - needed} trailing bytes after the last tensor (the header describes {needed} bytes of data)"
+
+
+def _offsets_problem(path: Path, detail: str) -> str:
+    return (
+        f"corrupted safetensors header: {detail}; each tensor's data_offsets must span its shape times "
+        "its dtype's size and begin where the previous tensor ends"
+    )
+
+
+# The library's refusals whose words need more, by a fragment of its message; the rest read well
+# enough as "corrupted safetensors header: <its message>".
+_EXPLANATIONS: dict[str, Callable[[Path, str], str]] = {
+    "header too small": _prefix_problem,
+    "invalid header length": _prefix_problem,
+    "header too large": _prefix_problem,
+    "not fully covered": _data_size_problem,
+    "invalid offset": _offsets_problem,
+    "invalid shape": _offsets_problem,
+}
+
+
+def _explain(path: Path, detail: str) -> str:
+    explain = next((f for fragment, f in _EXPLANATIONS.items() if fragment in detail), None)
+    if explain is None:
+        return f"corrupted safetensors header: {detail}"
+    try:
+        return explain(path, detail)
+    except (OSError, ValueError) as e:  # the file changed or went away since the library read it
+        return f"cannot read: {getattr(e, 'strerror', None) or e}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,28 +281,24 @@ def load_npz(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read a ``.npz`` with ``allow_pickle=False``: ``(tensors in file order, metadata)``."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            head = f.read(2)
+        loaded = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise WeightFileError(f"{path}: file not found") from None
-    except OSError as e:
-        raise WeightFileError(f"{path}: cannot read: {e.strerror or e}") from e
-    if head[:1] == b"\x80" or (head == b"PK" and _zip_kind(path) == "torch"):
-        raise WeightFileError(f"{path}: {PICKLE_MESSAGE}")
-
-    tensors: dict[str, np.ndarray] = {}
-    metadata: dict[str, str] = {}
-    try:
-        loaded = np.load(path, allow_pickle=False)
     except ValueError as e:
-        if "pickle" in str(e):
-            raise WeightFileError(f"{path}: {PICKLE_MESSAGE}") from None
+        # numpy takes what is neither a zip nor a .npy for a pickle, and refuses it.
+        problem = PICKLE_MESSAGE if "pickle" in str(e) else f"not a valid .npz file: {e}"
+        raise WeightFileError(f"{path}: {problem}") from None
+    except (EOFError, zipfile.BadZipFile) as e:
         raise WeightFileError(f"{path}: not a valid .npz file: {e}") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
-        raise WeightFileError(f"{path}: not a valid .npz file: {e}") from None
+    except OSError as e:
+        raise WeightFileError(f"{path}: cannot read: {e.strerror or e}") from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise WeightFileError(f"{path}: this is a single .npy array, not a .npz archive of named tensors")
+    tensors: dict[str, np.ndarray] = {}
+    metadata: dict[str, str] = {}
     with loaded:
+        if any(name.endswith(".pkl") for name in loaded.files):  # torch.save's zip archive
+            raise WeightFileError(f"{path}: {PICKLE_MESSAGE}")
         for name in loaded.files:
             try:
                 array = loaded[name]
@@ -343,22 +314,28 @@ def load_npz(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             if not isinstance(array, np.ndarray):
                 raise WeightFileError(f"{path}: entry {name!r} is not a .npy array; not a plain .npz file")
             if name == METADATA_KEY:
-                if array.ndim != 0 or array.dtype.kind != "U":
-                    raise WeightFileError(
-                        f"{path}: {METADATA_KEY} must be a 0-d unicode string of JSON, "
-                        f"got dtype {array.dtype} shape {array.shape}"
-                    )
-                try:
-                    meta = json.loads(str(array[()]))
-                except ValueError as e:
-                    raise WeightFileError(f"{path}: {METADATA_KEY} is not valid JSON: {e}") from None
-                metadata = _check_metadata(meta, path)
+                metadata = _npz_metadata(array, path)
                 continue
             _supported_dtype(name, array, path)
-            if not array.dtype.isnative:
-                array = array.astype(array.dtype.newbyteorder("="))
-            tensors[name] = array
+            tensors[name] = array.astype(array.dtype.newbyteorder("=")) if not array.dtype.isnative else array
     return tensors, metadata
+
+
+def _npz_metadata(array: np.ndarray, path: Path) -> dict[str, str]:
+    if array.ndim != 0 or array.dtype.kind != "U":
+        raise WeightFileError(
+            f"{path}: {METADATA_KEY} must be a 0-d unicode string of JSON, got dtype {array.dtype} shape {array.shape}"
+        )
+    try:
+        meta = json.loads(str(array[()]))
+    except ValueError as e:
+        raise WeightFileError(f"{path}: {METADATA_KEY} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise WeightFileError(f"{path}: {METADATA_KEY} must be a JSON object, got {type(meta).__name__}")
+    for key, value in meta.items():
+        if not isinstance(value, str):
+            raise WeightFileError(f"{path}: {METADATA_KEY} values must be strings, but {key!r} is {json.dumps(value)}")
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------

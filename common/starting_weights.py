@@ -20,7 +20,7 @@ from common import peers
 from common.config import DenseNetConfig
 from common.data.pipeline import sha256
 from common.errors import WeightFileError
-from common.weights import RUNNING_VAR, CanonicalFile, config_differences, init_canonical, load_canonical
+from common.weights import CanonicalFile, config_differences, init_canonical, load_canonical
 
 __all__ = ["FORMATS", "HEAD", "StartingWeights", "read_init", "starting_weights"]
 
@@ -70,7 +70,7 @@ def starting_weights(path: str | os.PathLike, fmt: str, config: DenseNetConfig, 
         "format": fmt,
         "sha256": sha256(path),
         "source": found.metadata.get("source", "unknown"),
-        "running_var": found.metadata.get("running_var", RUNNING_VAR),
+        "running_var": found.metadata["running_var"],
         "config": found.config.to_dict(),
         "head_replaced": None,
     }

@@ -61,8 +61,7 @@ RUNNING_VAR = "unbiased"
 RUNNING_VAR_CONVENTIONS = ("unbiased", "biased")
 
 # Fields that decide the names and shapes of the tensors; a file must state every one of them.
-# (``drop_rate`` changes no tensor: it may be absent and is not compared. Files written before
-# ``lr`` left the configuration carry it; DenseNetConfig.from_dict ignores it.)
+# (``drop_rate`` changes no tensor: it may be absent and is not compared.)
 STRUCTURAL_FIELDS = (
     "num_channels",
     "growth_rate",
@@ -345,9 +344,10 @@ def load_canonical(path: PathLike, expected_config: DenseNetConfig | None = None
         # A variance below zero makes sqrt(var + eps) NaN in every framework (zero is a dead channel).
         if k.endswith("running_var") and k in tensors and tensors[k].dtype.kind == "f" and np.any(tensors[k] < 0):
             problems.append(f"{k}: running variance must not be negative, found {float(np.min(tensors[k])):g}")
-    convention = metadata.get("running_var", RUNNING_VAR)  # files written before the key existed
+    convention = metadata.get("running_var")
     if convention not in RUNNING_VAR_CONVENTIONS:
-        problems.append(f"metadata running_var is {convention!r}, expected one of {', '.join(RUNNING_VAR_CONVENTIONS)}")
+        stated = "has no running_var entry" if convention is None else f"running_var is {convention!r}"
+        problems.append(f"metadata {stated}, expected one of {', '.join(RUNNING_VAR_CONVENTIONS)}")
     _raise(f"{path}: tensors", problems)
     return CanonicalFile(config, {k: tensors[k] for k in spec}, dict(metadata), optimizer_state)
 

@@ -314,9 +314,10 @@ def test_from_dict_partial_uses_defaults() -> None:
     assert DenseNetConfig.from_dict({"growth_rate": 12}) == D2L.replace(growth_rate=12)
 
 
-def test_from_dict_ignores_the_retired_lr() -> None:
-    # Canonical weight files written before lr left the configuration carry it.
-    assert DenseNetConfig.from_dict({**D2L.to_dict(), "lr": 0.1}) == D2L
+def test_from_dict_refuses_lr_like_any_unknown_key() -> None:
+    # Training's learning rate is TrainSettings.lr; a configuration that names one is refused.
+    with pytest.raises(ConfigError, match=r"unknown configuration keys \['lr'\]"):
+        DenseNetConfig.from_dict({**D2L.to_dict(), "lr": 0.1})
     assert "lr" not in D2L.to_dict()
 
 

@@ -126,12 +126,6 @@ def _edit(path: Path, change: Callable[[dict[str, np.ndarray], dict[str, str]], 
     write_weights(tensors, path, metadata)
 
 
-def test_config_with_the_retired_lr_still_loads(tiny_file: Path) -> None:
-    # Files written before lr left DenseNetConfig carry it in their configuration.
-    _edit(tiny_file, lambda t, m: m.update(config=json.dumps({**json.loads(m["config"]), "lr": 0.1})))
-    assert load_weights(tiny_file)[0] == TINY
-
-
 def _tensor_problems(path: Path) -> list[str]:
     def change(t: dict[str, np.ndarray], m: dict[str, str]) -> None:
         del t["dense1.conv2.conv.bias"]
@@ -192,6 +186,16 @@ def _config_unknown_key(path: Path) -> list[str]:
     return ["not a valid configuration", "dropout"]
 
 
+def _config_with_lr(path: Path) -> list[str]:
+    _edit(path, lambda t, m: m.update(config=json.dumps({**TINY.to_dict(), "lr": 0.1})))
+    return ["not a valid configuration", "unknown configuration keys ['lr']"]
+
+
+def _no_running_var(path: Path) -> list[str]:
+    _edit(path, lambda t, m: m.pop("running_var"))
+    return ["metadata has no running_var entry, expected one of unbiased, biased"]
+
+
 def _config_invalid_value(path: Path) -> list[str]:
     _edit(path, lambda t, m: m.update(config=json.dumps({**TINY.to_dict(), "growth_rate": -4})))
     return ["not a valid configuration", "growth_rate must be a positive int"]
@@ -225,6 +229,8 @@ BROKEN = {
         _bad_config_json,
         _config_not_object,
         _config_unknown_key,
+        _config_with_lr,
+        _no_running_var,
         _config_invalid_value,
         _config_missing_field,
         _truncated,

@@ -23,7 +23,7 @@ from common.config import CONFIGS, DenseNetConfig, count_bn_stats, count_params,
 from common.errors import BackendError, Interrupted, WeightFileError
 from common.registry import BACKENDS, load_backend
 from common.safetensors_io import SUFFIXES, read_weights, write_weights
-from common.weights import RUNNING_VAR, init_canonical, load_canonical, save_weights
+from common.weights import init_canonical, load_canonical, save_weights
 
 __all__ = ["GluonZoo", "add_convert", "add_init", "add_parsers", "cmd_convert", "cmd_init"]
 
@@ -149,7 +149,7 @@ def _convert(args: argparse.Namespace, src: Path, dst: Path, adapters: list) -> 
         found = load_canonical(src, config_from_args(args) if config_options_given(args) else None)
         config, weights = found.config, found.weights
         source = found.metadata.get("source", "unknown")
-        running_var = found.metadata.get("running_var", RUNNING_VAR)
+        running_var = found.metadata["running_var"]  # load_canonical requires it
     else:
         config, weights = _read_peer(src, args.from_format, args)
         source = args.from_format
