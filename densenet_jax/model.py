@@ -1,26 +1,23 @@
 """DenseNet in JAX/Flax linen, as d2l section 8.7 builds it: input widths inferred at ``init``,
 NHWC, channels on the last axis, a ``training`` field and a mutable ``batch_stats`` collection.
 
-Departures from the book (docs/departures.md): channel counts accumulate across dense blocks (the
-book's loop restarts from 64), explicit symmetric padding instead of 'same', exact (two-pass) batch
-variance, the dense block is the only place that concatenates, BatchNorm epsilon/momentum come from
-``common.config`` and inputs are checked. ``memory_efficient=True`` (not in the book) keeps only
-each dense layer's new features and recomputes the rest of the layer in the backward pass
-(docs/performance.md).
+Departures from the book (docs/departures.md): channel counts accumulate across dense blocks
+(the book's loop restarts from 64), explicit symmetric padding instead of 'same', exact
+(two-pass) batch variance, the dense block is the only place that concatenates, BatchNorm
+epsilon/momentum come from ``common.config`` and inputs are checked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from common.checks import check_images
 from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, min_input_size
 from common.errors import ConfigError
+from densenet_jax.memory_efficient import can_recompute, forward_recomputed
 
 
 def _batch_norm(training: bool) -> nn.BatchNorm:
@@ -46,9 +43,7 @@ class ConvBlock(nn.Module):
     bias: bool = True
 
     @nn.compact
-    def __call__(self, X: jnp.ndarray | Sequence[jnp.ndarray]) -> jnp.ndarray:
-        if isinstance(X, (list, tuple)):  # the memory-efficient dense block hands over the pieces
-            X = jnp.concatenate(X, axis=-1)
+    def __call__(self, X: jnp.ndarray) -> jnp.ndarray:
         if self.bn_size is not None:
             X = nn.relu(_batch_norm(self.training)(X))
             X = nn.Conv(self.bn_size * self.num_channels, kernel_size=(1, 1), use_bias=self.bias)(X)
@@ -63,58 +58,9 @@ def conv_block(num_channels: int, training: bool = True, **kwargs) -> ConvBlock:
     return ConvBlock(num_channels, training, **kwargs)
 
 
-def _recomputed(block: ConvBlock):
-    """``block`` (unbound, without dropout) as ``(params, batch_stats, features) -> (Y, updated
-    batch_stats)`` whose backward pass keeps nothing but its inputs and recomputes the rest.
-
-    ``jax.checkpoint`` (``nn.remat``) cannot do this on XLA:CPU: its recomputation depends only on
-    values the forward pass already has, so the compiler merges it back into the forward pass or
-    runs it early, and the buffers stay (docs/performance.md). Here the recomputation reads the
-    output's cotangent, so it can only run once the backward pass reaches the layer. The 3x3
-    convolution is not run again: its backward pass needs its input, not its output, and XLA
-    drops the unused forward value.
-    """
-
-    def apply(params, batch_stats, features):
-        return block.apply({"params": params, "batch_stats": batch_stats}, features, mutable=["batch_stats"])
-
-    @jax.custom_vjp
-    def run(params, batch_stats, features):
-        Y, updates = apply(params, batch_stats, features)
-        return Y, updates["batch_stats"]
-
-    def forward(params, batch_stats, features):
-        Y, updates = apply(params, batch_stats, features)
-        return (Y, updates["batch_stats"]), (params, batch_stats, features)
-
-    def backward(residuals, cotangents):
-        params, batch_stats, features = residuals
-        dY = cotangents[0]
-        # 0 * (one element of dY): nothing to the value, but a dependency the compiler keeps (it
-        # does not fold x * 0 for floats, x being possibly NaN), on the smallest piece.
-        late = dY.reshape(-1)[0] * 0
-        features = (*features[:-1], features[-1] + late.astype(features[-1].dtype))
-        _, vjp = jax.vjp(lambda p, f: apply(p, batch_stats, f)[0], params, features)
-        dparams, dfeatures = vjp(dY)
-        # The running statistics are no function's input to differentiate: zeros, and the
-        # recomputation's own update of them is dropped.
-        return dparams, jax.tree_util.tree_map(jnp.zeros_like, batch_stats), dfeatures
-
-    run.defvjp(forward, backward)
-    return run
-
-
 class DenseBlock(nn.Module):
     """``num_convs`` conv blocks, each fed the concatenation of the input and all earlier outputs:
-    (N, H, W, C) -> (N, H, W, C + num_convs * num_channels).
-
-    ``memory_efficient``: in training, each conv block runs through :func:`_recomputed`, a
-    ``jax.custom_vjp`` whose backward pass recomputes the concatenation, BatchNorms, ReLUs and
-    the bottleneck's convolution from the layer's inputs; only each layer's new features are
-    kept. The forward pass updates ``batch_stats`` once; the recomputation's update is dropped.
-    Its dropout (DenseNet-BC with ``drop_rate``) comes after the recomputed part, from this
-    block's own ``Dropout`` modules, so its masks are not the standard network's.
-    """
+    (N, H, W, C) -> (N, H, W, C + num_convs * num_channels)."""
 
     num_convs: int
     num_channels: int
@@ -127,23 +73,12 @@ class DenseBlock(nn.Module):
     def setup(self) -> None:
         layer = {"bn_size": self.bn_size, "drop_rate": self.drop_rate, "bias": self.bias}
         self.net = [conv_block(self.num_channels, self.training, **layer) for _ in range(self.num_convs)]
-        if self.memory_efficient and self.drop_rate:
+        if self.memory_efficient and self.drop_rate:  # applied after the recomputed part (memory_efficient.py)
             self.dropout = [nn.Dropout(self.drop_rate, deterministic=not self.training) for _ in self.net]
 
     def __call__(self, X: jnp.ndarray) -> jnp.ndarray:
-        recompute = self.training and not self.is_initializing() and self.is_mutable_collection("batch_stats")
-        if self.memory_efficient and recompute:
-            features = (X,)  # each layer's new features; nothing else of a layer is kept
-            for i, blk in enumerate(self.net):
-                variables = blk.variables
-                run = _recomputed(blk.clone(parent=None, drop_rate=0.0))
-                Y, batch_stats = run(variables["params"], variables["batch_stats"], features)
-                for name, stats in batch_stats.items():
-                    blk.put_variable("batch_stats", name, stats)
-                if self.drop_rate:
-                    Y = self.dropout[i](Y)
-                features = (*features, Y)
-            return jnp.concatenate(features, axis=-1)
+        if self.memory_efficient and can_recompute(self):
+            return forward_recomputed(self, X)
         for blk in self.net:
             Y = blk(X)
             X = jnp.concatenate((X, Y), axis=-1)
@@ -184,6 +119,8 @@ class DenseNet(nn.Module):
     ``lr`` is the book's learning rate, kept as ``net.lr`` for the book's trainer; the network
     itself does not use it. The book's fields do not name the image channels: the network takes
     1 (Fashion-MNIST) unless built with :meth:`for_config` from a configuration that says otherwise.
+    ``memory_efficient`` keeps only each dense layer's new features and recomputes the rest of the
+    layer in the backward pass (memory_efficient.py): same function, same weights, less memory.
     """
 
     num_channels: int = 64
@@ -197,8 +134,6 @@ class DenseNet(nn.Module):
     drop_rate: float = 0.0
     conv_bias: bool = True
     training: bool = True
-    # Keep only each dense layer's new features and recompute the rest in the backward pass
-    # (DenseBlock): same function, same variables, less memory.
     memory_efficient: bool = False
     # The whole configuration, in_channels included; for_config sets it, otherwise it is derived
     # from the fields above.

@@ -1,9 +1,8 @@
 """DenseNet in MXNet Gluon, as d2l section 8.7 builds it: deferred init, NCHW, channels on axis 1.
 
 Departures from the book (docs/departures.md): every block is a HybridBlock so ``hybridize()``
-compiles the whole network, BatchNorm epsilon/momentum come from ``common.config`` and inputs are
-checked. ``memory_efficient=True`` (not in the book) keeps only each dense layer's new features and
-recomputes the rest of the layer in the backward pass (docs/performance.md).
+compiles the whole network, BatchNorm epsilon/momentum come from ``common.config`` and inputs
+are checked.
 """
 
 from __future__ import annotations
@@ -13,8 +12,9 @@ import numpy as np
 from common.checks import check_images
 from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, min_input_size
 from densenet_mxnet._compat import mxnet as mx  # restores numpy's removed aliases, then imports MXNet
+from densenet_mxnet.memory_efficient import can_recompute, forward_recomputed
 
-autograd, nn = mx.autograd, mx.gluon.nn
+nn = mx.gluon.nn
 is_np_array = mx.util.is_np_array
 
 
@@ -49,60 +49,9 @@ def conv_block(num_channels: int, **kwargs) -> ConvBlock:
     return ConvBlock(num_channels, **kwargs)
 
 
-def _concat(features):
-    # The book runs in MXNet's numpy mode (npx.set_np()), where concat is np.concatenate;
-    # legacy nd arrays keep the old operator.
-    return mx.np.concatenate(features, axis=1) if is_np_array() else mx.nd.concat(*features, dim=1)
-
-
-class _Recomputed(autograd.Function):
-    """``layers(concatenate(features))`` whose intermediate results are not kept: the forward
-    pass runs outside autograd's recording, the backward pass runs it again, recorded, and
-    backpropagates through that. Gluon's compiled graphs cannot do this (MXNet's backward
-    mirroring, ``MXNET_MEMORY_OPT``, exists only for the symbolic executor, not for Gluon's
-    CachedOp), so this is autograd's own custom-function mechanism, imperative only.
-
-    On the CPU MXNet's BatchNorm updates its running statistics in its backward pass, which runs
-    once, on the recording: they take each batch once."""
-
-    def __init__(self, layers: list) -> None:
-        super().__init__()
-        self.layers = layers
-
-    def _run(self, features):
-        X = _concat(features)
-        for layer in self.layers:
-            X = layer(X)
-        return X
-
-    def forward(self, *features):
-        self.save_for_backward(*features)
-        self.training = autograd.is_training()
-        with autograd.pause(train_mode=self.training):
-            return self._run(features)
-
-    def backward(self, dY):
-        features = [f.detach() for f in self.saved_tensors]
-        for f in features:
-            f.attach_grad()
-        with autograd.record(train_mode=self.training):
-            Y = self._run(features)
-        Y.backward(dY)  # also writes the gradients of the layers' parameters
-        # Autograd copies what this returns into its own arrays only once it returns: wait for
-        # the backward pass just pushed to the engine, or a later step may read them half-written.
-        for f in features:
-            f.grad.wait_to_read()
-        return tuple(f.grad for f in features)
-
-
 class DenseBlock(nn.HybridBlock):
     """``num_convs`` conv blocks, each fed the concatenation of the input and all earlier outputs:
-    (N, C, H, W) -> (N, C + num_convs * num_channels, H, W).
-
-    ``memory_efficient``: while autograd records, each conv block's concatenation, first
-    BatchNorm, ReLU and first convolution run through :class:`_Recomputed` and are recomputed in
-    the backward pass; such a block stays imperative when the network is hybridized.
-    """
+    (N, C, H, W) -> (N, C + num_convs * num_channels, H, W)."""
 
     def __init__(self, num_convs: int, num_channels: int, memory_efficient: bool = False, **kwargs) -> None:
         super().__init__()
@@ -111,27 +60,12 @@ class DenseBlock(nn.HybridBlock):
         for _ in range(num_convs):
             self.net.add(conv_block(num_channels, **kwargs))
 
-    def hybridize(self, active: bool = True, **kwargs) -> None:
-        if not self.memory_efficient:
-            return super().hybridize(active, **kwargs)
-        # Compiled pieces inside a recomputation would keep what it exists to drop.
-        return super().hybridize(False)
-
-    def forward(self, X):  # noqa: N803
-        if self.memory_efficient and autograd.is_recording() and isinstance(X, mx.nd.NDArray):
-            features = [X]  # each layer's new features, stored once; their concatenations are not
-            for blk in self.net:
-                layers = list(blk)
-                # Everything up to the dropout: the concatenation, BatchNorms, ReLUs and convolutions.
-                split = len(layers) - 1 if isinstance(layers[-1], nn.Dropout) else len(layers)
-                Y = _Recomputed(layers[:split])(*features)
-                for layer in layers[split:]:
-                    Y = layer(Y)
-                features.append(Y)
-            return _concat(features)
-        return super().forward(X)
+    def hybridize(self, active: bool = True, **kwargs) -> None:  # a recomputation runs imperatively
+        super().hybridize(active and not self.memory_efficient, **kwargs)
 
     def hybrid_forward(self, F, X):  # noqa: N803  (Gluon's signature)
+        if self.memory_efficient and can_recompute(X):
+            return forward_recomputed(self, X)
         for i in range(len(self.net)):
             Y = self.net[i](X)
             # The book runs in MXNet's numpy mode (npx.set_np()), where concat is np.concatenate;
@@ -166,8 +100,7 @@ class DenseNet(nn.HybridBlock):
     The book's arguments do not name the image channels: the network takes 1 (Fashion-MNIST)
     unless built with :meth:`for_config` from a configuration that says otherwise.
     ``memory_efficient`` keeps only each dense layer's new features and recomputes the rest of the
-    layer in the backward pass (:class:`DenseBlock`): same function, same weights, less memory; the
-    network then hybridizes stage by stage, the dense blocks staying imperative.
+    layer in the backward pass (memory_efficient.py): same function, same weights, less memory.
     """
 
     def __init__(
@@ -197,11 +130,11 @@ class DenseNet(nn.HybridBlock):
         )
         self.lr = lr
         self.memory_efficient = memory_efficient
-        layer = {"bn_size": bn_size, "drop_rate": drop_rate, "bias": conv_bias}
+        layer = {"bn_size": bn_size, "drop_rate": drop_rate, "bias": conv_bias, "memory_efficient": memory_efficient}
         self.net = nn.HybridSequential()
         self.net.add(self.b1(num_channels, conv_bias))
         for i, num_convs in enumerate(arch):
-            self.net.add(DenseBlock(num_convs, growth_rate, memory_efficient=memory_efficient, **layer))
+            self.net.add(DenseBlock(num_convs, growth_rate, **layer))
             num_channels += num_convs * growth_rate
             if i != len(arch) - 1:
                 num_channels = self.config.transition_channels(num_channels)
@@ -220,12 +153,8 @@ class DenseNet(nn.HybridBlock):
     def hybridize(self, active: bool = True, **kwargs) -> None:
         if not self.memory_efficient:
             return super().hybridize(active, **kwargs)
-        # One compiled graph would swallow the dense blocks' recomputation: compile the other
-        # stages one by one and run the network (and the dense blocks) imperatively.
-        super().hybridize(False)
-        for stage in self.net:
+        for stage in self.net:  # one by one: one graph would swallow the dense blocks' recomputation
             stage.hybridize(active, **kwargs)
-        return None
 
     @staticmethod
     def b1(num_channels: int = 64, bias: bool = True) -> nn.HybridSequential:

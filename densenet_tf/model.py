@@ -1,23 +1,20 @@
 """DenseNet in TensorFlow/Keras, as d2l section 8.7 builds it: Keras layers built on first call,
 NHWC, channels on the last axis, a ``training`` argument that reaches every BatchNorm.
 
-Departures from the book (docs/departures.md): explicit symmetric padding instead of 'same' (which
-pads stride-2 layers asymmetrically), ``training`` passed through so BatchNorm really trains, the
-dense block is the only place that concatenates, BatchNorm epsilon/momentum come from
-``common.config`` and inputs are checked. ``memory_efficient=True`` (not in the book) keeps only
-each dense layer's new features and recomputes the rest of the layer in the backward pass
-(docs/performance.md).
+Departures from the book (docs/departures.md): explicit symmetric padding instead of 'same'
+(which pads stride-2 layers asymmetrically), ``training`` passed through so BatchNorm really
+trains, the dense block is the only place that concatenates, BatchNorm epsilon/momentum come
+from ``common.config`` and inputs are checked.
 """
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.eager import record  # TensorFlow's own switch, as tf.recompute_grad uses it
 
 from common.checks import check_images
 from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, min_input_size
+from densenet_tf.memory_efficient import can_recompute, forward_recomputed
 
 layers = tf.keras.layers
 
@@ -77,91 +74,9 @@ def conv_block(num_channels: int, **kwargs) -> ConvBlock:
     return ConvBlock(num_channels, **kwargs)
 
 
-def _recomputed_layer(recomputed: list[layers.Layer]):
-    """``features -> (conv(head(concat(features))), mean, variance[, mean, variance])`` for a conv
-    block's layers up to its 3x3 convolution, keeping nothing but ``features`` for the backward
-    pass, which recomputes the concatenation, BatchNorms, ReLUs and bottleneck (a
-    ``tf.custom_gradient``).
-
-    The 3x3 convolution is not run again: its backward pass needs its input and kernel, not its
-    output, so its gradients are TensorFlow's own backprop kernels, called directly
-    (``tf.recompute_grad`` of the whole block would rerun it). The BatchNorms normalise with the
-    batch statistics as Keras's do in training (the same ``keras.ops`` calls) but update nothing:
-    the backward pass runs them again, and the moving statistics must take each batch once. They
-    return the statistics instead, for the caller to apply once.
-    """
-    *head, conv = recomputed
-
-    def run_head(features):
-        X, stats = tf.concat(features, axis=-1), []
-        for layer in head:
-            if isinstance(layer, layers.BatchNormalization):
-                mean, variance = keras.ops.moments(X, axes=[0, 1, 2])
-                X = keras.ops.batch_normalization(
-                    X, mean, variance, axis=-1, offset=layer.beta, scale=layer.gamma, epsilon=layer.epsilon
-                )
-                stats += [mean, variance]
-            else:
-                X = layer(X, training=True)
-        return X, stats
-
-    @tf.custom_gradient
-    def run(*features: tf.Tensor):
-        # tf.custom_gradient lets an enclosing GradientTape record what runs here, which would
-        # keep every intermediate result; tf.recompute_grad stops it the same way.
-        with record.stop_recording():
-            H, stats = run_head(features)
-            Y = conv(H)
-
-        def backward(dY, *_stat_grads, variables=None):
-            # The statistics only feed the moving averages, never the loss: their cotangents are zero.
-            inputs = list(features)
-            if not tf.executing_eagerly():
-                # In a graph, a recomputation that depends on nothing new is merged with the forward
-                # pass or run early, and the memory stays; make it read dY (tf.recompute_grad does
-                # the same), without changing a value: 0 unless dY's first element is NaN.
-                first = tf.cast(tf.reshape(dY, [-1])[0], tf.bool)
-                late = tf.where(first == first, tf.constant(0, dY.dtype), tf.constant(np.nan, dY.dtype))
-                inputs[-1] = inputs[-1] + late
-            with tf.GradientTape() as tape:
-                tape.watch(inputs)
-                H, _ = run_head(inputs)
-            kernel = tf.convert_to_tensor(conv.kernel)
-            strides, padding = [1, *conv.strides, 1], conv.padding.upper()
-            dH = tf.raw_ops.Conv2DBackpropInput(
-                input_sizes=tf.shape(H), filter=kernel, out_backprop=dY, strides=strides, padding=padding
-            )
-            own = {id(conv.kernel.value): tf.raw_ops.Conv2DBackpropFilter(
-                input=H, filter_sizes=tf.shape(kernel), out_backprop=dY, strides=strides, padding=padding
-            )}  # fmt: skip
-            if conv.use_bias:
-                own[id(conv.bias.value)] = tf.reduce_sum(dY, axis=[0, 1, 2])
-            variables = variables or []
-            rest = [v for v in variables if id(v) not in own]
-            grads = tape.gradient(H, [*inputs, *rest], output_gradients=dH)
-            by_variable = {**dict(zip((id(v) for v in rest), grads[len(features) :])), **own}
-            return grads[: len(features)], [by_variable[id(v)] for v in variables]
-
-        return (Y, *stats), backward
-
-    return run
-
-
-def _update_moving_statistics(bn: layers.BatchNormalization, mean: tf.Tensor, variance: tf.Tensor) -> None:
-    """Keras's own update of the moving statistics (``BatchNormalization.call`` in training)."""
-    mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
-    bn.moving_mean.assign(bn.moving_mean * bn.momentum + mean * (1.0 - bn.momentum))
-    bn.moving_variance.assign(bn.moving_variance * bn.momentum + variance * (1.0 - bn.momentum))
-
-
 class DenseBlock(layers.Layer):
     """``num_convs`` conv blocks, each fed the concatenation of the input and all earlier outputs:
-    (N, H, W, C) -> (N, H, W, C + num_convs * num_channels).
-
-    ``memory_efficient``: in training, each conv block (all but its dropout) runs through
-    :func:`_recomputed_layer` and is recomputed in the backward pass; the block keeps only each
-    layer's new features.
-    """
+    (N, H, W, C) -> (N, H, W, C + num_convs * num_channels)."""
 
     def __init__(self, num_convs: int, num_channels: int, memory_efficient: bool = False, **kwargs) -> None:
         layer_kwargs = {k: kwargs.pop(k) for k in ("bn_size", "drop_rate", "bias") if k in kwargs}
@@ -170,26 +85,12 @@ class DenseBlock(layers.Layer):
         self.net = [conv_block(num_channels, **layer_kwargs) for _ in range(num_convs)]
 
     def call(self, X: tf.Tensor, training: bool = False) -> tf.Tensor:
-        # The recomputed function must find every variable already made (built on the first call).
-        if self.memory_efficient and training and all(blk.built for blk in self.net):
-            return self._call_recomputed(X)
+        if self.memory_efficient and can_recompute(self, training):
+            return forward_recomputed(self, X)
         for blk in self.net:
             Y = blk(X, training=training)
             X = tf.concat([X, Y], axis=-1)
         return X
-
-    def _call_recomputed(self, X: tf.Tensor) -> tf.Tensor:
-        features = [X]  # each layer's new features, stored once; nothing else of a layer is
-        for blk in self.net:
-            split = len(blk.net) - 1 if isinstance(blk.net[-1], layers.Dropout) else len(blk.net)
-            Y, *stats = _recomputed_layer(blk.net[:split])(*features)
-            norms = [layer for layer in blk.net if isinstance(layer, layers.BatchNormalization)]
-            for bn, mean, variance in zip(norms, stats[::2], stats[1::2]):
-                _update_moving_statistics(bn, mean, variance)
-            for layer in blk.net[split:]:
-                Y = layer(Y, training=True)
-            features.append(Y)
-        return tf.concat(features, axis=-1)
 
 
 class TransitionBlock(layers.Layer):
@@ -223,7 +124,7 @@ class DenseNet(tf.keras.Model):
     The book's arguments do not name the image channels: the network takes 1 (Fashion-MNIST)
     unless built with :meth:`for_config` from a configuration that says otherwise.
     ``memory_efficient`` keeps only each dense layer's new features and recomputes the rest of the
-    layer in the backward pass (:class:`DenseBlock`): same function, same weights, less memory.
+    layer in the backward pass (memory_efficient.py): same function, same weights, less memory.
     """
 
     def __init__(
@@ -254,10 +155,10 @@ class DenseNet(tf.keras.Model):
         )
         self.lr = lr
         self.memory_efficient = memory_efficient
-        layer = {"bn_size": bn_size, "drop_rate": drop_rate, "bias": conv_bias}
+        layer = {"bn_size": bn_size, "drop_rate": drop_rate, "bias": conv_bias, "memory_efficient": memory_efficient}
         self.net = tf.keras.Sequential([self.b1(num_channels, conv_bias)])
         for i, num_convs in enumerate(arch):
-            self.net.add(DenseBlock(num_convs, growth_rate, memory_efficient=memory_efficient, **layer))
+            self.net.add(DenseBlock(num_convs, growth_rate, **layer))
             num_channels += num_convs * growth_rate
             if i != len(arch) - 1:
                 num_channels = self.config.transition_channels(num_channels)

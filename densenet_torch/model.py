@@ -1,22 +1,17 @@
 """DenseNet in PyTorch, as d2l section 8.7 builds it: lazy modules, NCHW, channels on axis 1.
 
-Departures from the book (docs/departures.md): the dense block is the only place that concatenates,
-BatchNorm epsilon/momentum come from ``common.config`` and inputs are checked.
-``memory_efficient=True`` (not in the book) keeps only each dense layer's new features and
-recomputes the rest of the layer in the backward pass (docs/performance.md).
+Departures from the book (docs/departures.md): the dense block is the only place that
+concatenates, BatchNorm epsilon/momentum come from ``common.config`` and inputs are checked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from common.checks import check_images
 from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, min_input_size
+from densenet_torch.memory_efficient import can_recompute, forward_recomputed
 
 
 def _batch_norm() -> nn.LazyBatchNorm2d:
@@ -46,42 +41,9 @@ def conv_block(num_channels: int, **kwargs) -> ConvBlock:
     return ConvBlock(num_channels, **kwargs)
 
 
-@contextmanager
-def _running_stats_kept(layers: list[nn.Module]) -> Iterator[None]:
-    """The recomputation in the backward pass leaves the running statistics as the forward pass
-    left them: BatchNorm counts each batch once.
-
-    Restored rather than switched off: a BatchNorm that tracks no statistics saves fewer tensors
-    for its backward, and the checkpoint requires the recomputation to save what the forward did.
-    ``.data`` writes without bumping the version counters autograd checks.
-    """
-    norms = [m for m in layers if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    kept = [[b.detach().clone() for b in m.buffers()] for m in norms]
-    try:
-        yield
-    finally:
-        for m, values in zip(norms, kept):
-            for b, value in zip(m.buffers(), values):
-                b.data.copy_(value)
-
-
-def _run(layers: list[nn.Module], X: torch.Tensor) -> torch.Tensor:
-    for layer in layers:
-        # In place, so that the recomputation allocates less. Autograd allows it: BatchNorm keeps
-        # its input, not its output, and ReLU keeps its output.
-        X = torch.relu_(X) if isinstance(layer, nn.ReLU) else layer(X)
-    return X
-
-
 class DenseBlock(nn.Module):
     """``num_convs`` conv blocks, each fed the concatenation of the input and all earlier outputs:
-    (N, C, H, W) -> (N, C + num_convs * num_channels, H, W).
-
-    ``memory_efficient``: when training, each conv block (all but its dropout) runs under
-    ``torch.utils.checkpoint``: only each layer's new features are kept, and the backward pass
-    recomputes the rest. torchvision's ``memory_efficient`` recomputes less (up to the first
-    convolution) and keeps more (the bottleneck's output and its BatchNorm-ReLU).
-    """
+    (N, C, H, W) -> (N, C + num_convs * num_channels, H, W)."""
 
     def __init__(self, num_convs: int, num_channels: int, memory_efficient: bool = False, **kwargs) -> None:
         super().__init__()
@@ -89,36 +51,12 @@ class DenseBlock(nn.Module):
         self.net = nn.Sequential(*(conv_block(num_channels, **kwargs) for _ in range(num_convs)))
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        if self.memory_efficient and torch.is_grad_enabled() and not self.has_lazy_modules():
-            return self._forward_recomputed(X)
+        if self.memory_efficient and can_recompute(self):
+            return forward_recomputed(self, X)
         for blk in self.net:
             Y = blk(X)
             X = torch.cat((X, Y), dim=1)
         return X
-
-    def has_lazy_modules(self) -> bool:
-        # Lazy modules take their shapes on the first call, which must not happen inside a checkpoint.
-        return any(isinstance(p, nn.parameter.UninitializedParameter) for p in self.parameters())
-
-    def _forward_recomputed(self, X: torch.Tensor) -> torch.Tensor:
-        features = [X]  # each layer's new features, stored once; nothing else of a layer is
-        for blk in self.net:
-            layers = list(blk)
-            split = len(layers) - 1 if isinstance(layers[-1], nn.Dropout) else len(layers)
-            recomputed, tail = layers[:split], layers[split:]
-
-            def run(*features: torch.Tensor, recomputed: list[nn.Module] = recomputed) -> torch.Tensor:
-                return _run(recomputed, torch.cat(features, dim=1))
-
-            Y = checkpoint(
-                run,
-                *features,
-                use_reentrant=False,
-                # (forward, recomputation): the running statistics take this batch once.
-                context_fn=lambda recomputed=recomputed: (nullcontext(), _running_stats_kept(recomputed)),
-            )
-            features.append(_run(tail, Y))
-        return torch.cat(features, dim=1)
 
 
 class TransitionBlock(nn.Sequential):
@@ -146,7 +84,7 @@ class DenseNet(nn.Module):
     The book's arguments do not name the image channels: the network takes 1 (Fashion-MNIST)
     unless built with :meth:`for_config` from a configuration that says otherwise.
     ``memory_efficient`` keeps only each dense layer's new features and recomputes the rest of the
-    layer in the backward pass (:class:`DenseBlock`): same function, same weights, less memory.
+    layer in the backward pass (memory_efficient.py): same function, same weights, less memory.
     """
 
     def __init__(
@@ -176,11 +114,10 @@ class DenseNet(nn.Module):
         )
         self.lr = lr
         self.memory_efficient = memory_efficient
-        layer = {"bn_size": bn_size, "drop_rate": drop_rate, "bias": conv_bias}
+        layer = {"bn_size": bn_size, "drop_rate": drop_rate, "bias": conv_bias, "memory_efficient": memory_efficient}
         self.net = nn.Sequential(self.b1(num_channels, conv_bias))
         for i, num_convs in enumerate(arch):
-            blk = DenseBlock(num_convs, growth_rate, memory_efficient=memory_efficient, **layer)
-            self.net.add_module(f"dense_blk{i + 1}", blk)
+            self.net.add_module(f"dense_blk{i + 1}", DenseBlock(num_convs, growth_rate, **layer))
             num_channels += num_convs * growth_rate
             if i != len(arch) - 1:
                 num_channels = self.config.transition_channels(num_channels)

@@ -584,7 +584,6 @@ def test_max_pool_transitions(name: str, request: pytest.FixtureRequest) -> None
     import numpy as np
 
     from common.config import DenseNetConfig
-    from common.teach.exercises import use_max_pool_in_transitions
     from tests.conftest import get_adapter
 
     adapter = get_adapter(name, request.config)
@@ -592,14 +591,15 @@ def test_max_pool_transitions(name: str, request: pytest.FixtureRequest) -> None
     X = np.random.default_rng(0).random((2, 1, 32, 32), dtype=np.float32)
     avg = adapter.build(config, seed=0)
     swapped = adapter.build(config, seed=0)
-    assert use_max_pool_in_transitions(name, swapped.net) == 2
+    assert adapter.use_max_pool_in_transitions(swapped) == 2
     a, b = adapter.stages(avg, X), adapter.stages(swapped, X)
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
     np.testing.assert_array_equal(a["dense1"], b["dense1"])
     assert not np.allclose(a["transition1"], b["transition1"])
     assert np.all(b["transition1"] >= a["transition1"] - 1e-6)  # a max is at least the mean
+    jax = get_adapter("jax", request.config)
     with pytest.raises(Exception, match="PyTorch or TensorFlow"):
-        use_max_pool_in_transitions("jax", None)
+        jax.use_max_pool_in_transitions(None)
 
 
 @pytest.mark.slow

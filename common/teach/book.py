@@ -234,5 +234,9 @@ OURS: dict[int, tuple[Piece, ...]] = {
     7: (_p("tf", "model", "_batch_norm"), _p("jax", "model", "_batch_norm")),
     8: (_p("torch", "model", "DenseNet.check_input"),),
     9: (_p("jax", "model", "_global_avg_pool"), _p("jax", "model", "DenseNet.create_net::_global_avg_pool")),
-    10: (_p("torch", "model", "DenseBlock._forward_recomputed"), _p("jax", "model", "DenseBlock.setup")),
+    10: (
+        _p("torch", "model", "DenseBlock.forward"),
+        _p("torch", "memory_efficient", "forward_recomputed"),
+        _p("jax", "model", "DenseBlock.setup"),
+    ),
 }

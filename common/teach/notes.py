@@ -135,6 +135,14 @@ def _dense_block(ctx: Context) -> list[tuple[str, str, str]]:
             "<code>hybridize()</code> compiles the whole network, not just the parts between dense blocks "
             "(departure 4).",
         ),
+        (
+            "memory-efficient",
+            "<code>memory_efficient=True</code> (off by default) hands the block, in training, to "
+            "<code>memory_efficient.forward_recomputed</code>: two lines in each file; the row "
+            "<a href='#memory-efficient'>below</a> shows the four modules.",
+            "Everything else here is the book's loop, so this row reads the same with the option on or off "
+            "(departure 10).",
+        ),
     ]
 
 
@@ -244,6 +252,60 @@ def _head(ctx: Context) -> list[tuple[str, str, str]]:
     ]
 
 
+def _memory_efficient(ctx: Context) -> list[tuple[str, str, str]]:
+    # The measurements are docs/performance.md's (DenseNet-121, batch 32, 224x224, one process per
+    # case): minutes per backend, too slow to rerun when the page is built.
+    return [
+        (
+            "mechanism",
+            "Each framework's own: PyTorch runs the layer under <code>torch.utils.checkpoint</code>; MXNet "
+            "through an <code>autograd.Function</code> whose forward runs under <code>autograd.pause</code> "
+            "and whose backward records the layer again; JAX through a <code>jax.custom_vjp</code> around the "
+            "conv block's own <code>apply</code>; Keras through a <code>tf.custom_gradient</code> whose "
+            "forward runs under <code>record.stop_recording()</code>.",
+            "DenseNet-121's training step, against the standard network (docs/performance.md): memory 0.28x "
+            "for 1.22x the time in PyTorch, 0.40x for 1.07x in JAX, 0.22x for 1.19x in Keras eager and 0.32x "
+            "for 1.27x in <code>tf.function</code>, 0.38x for 0.89x in MXNet eager on its NaiveEngine.",
+        ),
+        (
+            "3x3 convolution",
+            "PyTorch and MXNet run it again in the backward pass. JAX and Keras do not: its backward needs its "
+            "input, not its output, so XLA drops the unused forward value and Keras calls "
+            "<code>Conv2DBackpropInput</code> / <code>Conv2DBackpropFilter</code> directly.",
+            "The 3x3 convolutions are 43% of DenseNet-121's forward FLOPs, yet in PyTorch skipping them bought "
+            "nothing (4.22 s a step against 4.28 s for the checkpoint), so PyTorch keeps its own mechanism.",
+        ),
+        (
+            "running statistics",
+            "A recomputed BatchNorm runs its training forward twice. PyTorch puts the statistics back after the "
+            "recomputation (<code>_running_stats_kept</code>); MXNet updates them in BatchNorm's backward pass "
+            "on the CPU, which runs once; Flax writes the forward pass's update and drops the recomputation's; "
+            "Keras normalises with <code>keras.ops</code> and applies its moving-average update once, outside.",
+            "Counting a batch twice would move a statistic by about 0.1 of the batch statistic, four orders of "
+            "magnitude above the bounds <code>tests/test_memory_efficient.py</code> holds every backend to.",
+        ),
+        (
+            "compilers",
+            "XLA and TensorFlow's graph optimiser merge a recomputation that needs nothing new back into the "
+            "forward pass (<code>jax.checkpoint</code> was undone that way): the JAX and graph-mode TF backward "
+            "passes make it read the output's gradient <code>dY</code>. Gluon cannot recompute inside a "
+            "compiled graph: a memory-efficient MXNet network hybridizes stage by stage "
+            "(<code>DenseNet.hybridize</code>), its dense blocks staying imperative.",
+            "With <code>nn.remat</code> XLA:CPU kept the standard program's 990.5 MiB of temporary buffers "
+            "(DenseNet-121, batch 8); the <code>custom_vjp</code> needs 387.0 MiB. Hybridized MXNet reaches "
+            "only 0.80-0.88x the memory for 1.69-1.87x the time, so <code>densenet train</code> trains it "
+            "eagerly.",
+        ),
+        (
+            "dropout",
+            "DenseNet-BC's dropout stays outside the recomputed part in all four. JAX draws it from the dense "
+            "block's own <code>Dropout</code> modules, the others from the conv block's layer.",
+            "Same function and weights as the standard network in all four; JAX's dropout masks differ from "
+            "its standard network's (Flax derives them from the module's path).",
+        ),
+    ]
+
+
 def _training_step(ctx: Context) -> list[tuple[str, str, str]]:
     return [
         (
@@ -314,6 +376,7 @@ _NOTES = {
     "stem": _stem,
     "assembly": _assembly,
     "head": _head,
+    "memory-efficient": _memory_efficient,
     "training-step": _training_step,
     "weights": _weights,
 }

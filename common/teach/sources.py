@@ -161,7 +161,8 @@ def _cells(**per_backend: tuple[tuple[str, str], ...]) -> dict[str, tuple[Piece,
     }
 
 
-# The rows of the page, in the book's order. A selector that stops matching makes the build fail,
+# The rows of the page, in the book's order; the memory-efficient dense block, which the book does not
+# have, comes before the training step whose memory it changes. A selector that stops matching makes the build fail,
 # naming it: the page cannot silently show stale code.
 ROWS: tuple[Row, ...] = (
     Row(
@@ -228,6 +229,38 @@ ROWS: tuple[Row, ...] = (
             mxnet=(("model", "DenseNet.__init__::last = ..self.net.add(last)"),),
             jax=(("model", "DenseNet.create_net::_global_avg_pool"), ("model", "_global_avg_pool")),
             tf=(("model", "DenseNet.__init__::GlobalAvgPool2D"),),
+        ),
+    ),
+    Row(
+        "memory-efficient",
+        "Memory-efficient dense block (not in the book)",
+        "memory_efficient=True: each dense layer keeps only its new features, and the backward pass recomputes "
+        "the rest (Pleiss et al. 2017). One module per framework, memory_efficient.py, which DenseBlock calls.",
+        _cells(
+            torch=(
+                ("memory_efficient", "forward_recomputed"),
+                ("memory_efficient", "can_recompute"),
+                ("memory_efficient", "_run"),
+                ("memory_efficient", "_running_stats_kept"),
+            ),
+            mxnet=(
+                ("memory_efficient", "forward_recomputed"),
+                ("memory_efficient", "can_recompute"),
+                ("memory_efficient", "_Recomputed"),
+                ("memory_efficient", "_concat"),
+                ("model", "DenseNet.hybridize"),
+            ),
+            jax=(
+                ("memory_efficient", "forward_recomputed"),
+                ("memory_efficient", "can_recompute"),
+                ("memory_efficient", "_recomputed"),
+            ),
+            tf=(
+                ("memory_efficient", "forward_recomputed"),
+                ("memory_efficient", "can_recompute"),
+                ("memory_efficient", "_recomputed_layer"),
+                ("memory_efficient", "_update_moving_statistics"),
+            ),
         ),
     ),
     Row(
