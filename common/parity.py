@@ -42,6 +42,7 @@ from common.config import DenseNetConfig, plan
 from common.errors import BackendUnavailable
 from common.harness import seeded_batches
 from common.optim import DECOUPLED_WEIGHT_DECAY, FOLDED_LR, SGD, Convention, LRSchedule, sgd_update
+from common.process.threads import environment as thread_environment
 from common.registry import BACKENDS, canonical_name, load_backend
 from common.training.engine import Engine, LocalGroup
 from common.weights import init_canonical
@@ -642,20 +643,14 @@ def _naive_optimizer_rows(
 
 
 # Environment of each setting `densenet parity-sweep` measures: the thread count every framework
-# uses, and oneDNN (MKL-DNN) on or off where a framework can switch it (TensorFlow and MXNet by
-# environment variable, PyTorch through densenet_torch's DENSENET_ONEDNN; XLA does not use it).
+# uses (what `--threads` sets, common.process.threads), and oneDNN (MKL-DNN) on or off where a
+# framework can switch it (TensorFlow and MXNet by environment variable, PyTorch through
+# densenet_torch's DENSENET_ONEDNN; XLA does not use it).
 def sweep_environment(threads: int, onednn: bool) -> dict[str, str]:
     """Variables that pin every framework to ``threads`` threads and turn oneDNN on or off."""
-    n = str(threads)
     flag = "1" if onednn else "0"
     return {
-        "OMP_NUM_THREADS": n,
-        "MKL_NUM_THREADS": n,
-        "OPENBLAS_NUM_THREADS": n,
-        "TF_NUM_INTRAOP_THREADS": n,
-        "TF_NUM_INTEROP_THREADS": "1",
-        "XLA_FLAGS": f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "
-        f"intra_op_parallelism_threads={n}",
+        **thread_environment(threads),
         "TF_ENABLE_ONEDNN_OPTS": flag,
         "MXNET_MKLDNN_ENABLED": flag,
         "DENSENET_ONEDNN": flag,

@@ -118,6 +118,40 @@ def test_folder_with_train_and_val_folders(tmp_path: Path) -> None:
         folder.load(tmp_path / "pics", 3, 12)
 
 
+def test_deep_grey_images_are_scaled_by_their_bit_depth(tmp_path: Path) -> None:
+    """A 16-bit grey PNG keeps its brightness: Pillow's own conversion clipped it (mean 128 of
+    255 came out 254.6). The mean after loading is the file's, scaled to 8 bits."""
+    rng = np.random.default_rng(0)
+    means = []
+    for name in ("dark", "mid"):
+        (tmp_path / "pics" / name).mkdir(parents=True)
+        for i in range(3):
+            high = 20000 if name == "dark" else 65535
+            pixels = rng.integers(0, high, (16, 16)).astype(np.uint16)
+            PIL.fromarray(pixels).save(tmp_path / "pics" / name / f"{i}.png")
+            means.append(pixels.mean() / 65535 * 255)
+    with PIL.open(tmp_path / "pics" / "mid" / "0.png") as image:
+        assert image.mode == "I;16"  # what the test is about: Pillow reads 16 bits
+    found = folder.load(tmp_path / "pics", 1, 16, val_fraction=0.34)
+    images = np.concatenate([found.train.images, found.val.images]).astype(np.float64)
+    labels = np.concatenate([found.train.labels, found.val.labels])
+    for label, expected in ((0, np.mean(means[:3])), (1, np.mean(means[3:]))):
+        assert images[labels == label].mean() == pytest.approx(expected, abs=0.5)  # rounding to 8 bits
+    assert images.max() > 200 and images[labels == 0].max() < 80  # scaled, not clipped
+    # As colour: the grey repeated into each channel, at the same brightness.
+    rgb = folder.load(tmp_path / "pics", 3, 16, val_fraction=0.34)
+    assert np.array_equal(rgb.train.images[:, 0], found.train.images[:, 0])
+    assert np.array_equal(rgb.train.images[:, 2], found.train.images[:, 0])
+
+
+def test_full_scale_of_each_deep_mode() -> None:
+    png16 = b"\x89PNG\r\n\x1a\n" + bytes(16) + bytes([16])
+    assert folder._full_scale("I;16", b"") == folder._full_scale("I;16B", b"") == 65535
+    assert folder._full_scale("I", png16) == 65535  # older Pillow: a 16-bit PNG as 32-bit integers
+    assert folder._full_scale("F", b"") == 1.0
+    assert folder._full_scale("L", b"") is None and folder._full_scale("RGB", b"") is None
+
+
 def test_bad_folders_and_images_are_named(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "pics", {"a": 3, "b": 3})
     (root / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")

@@ -182,3 +182,71 @@ def test_evaluate_feeds_a_colour_network_grey_images_repeated(
     )
     assert code == 0, err
     assert json.loads(out)["images"] == 16 and json.loads(out)["config"]["in_channels"] == 3
+
+
+@pytest.mark.torch
+def test_evaluate_reads_the_image_folder_a_run_trained_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
+) -> None:
+    """`densenet evaluate --dataset folder` judges the weights on the validation images training
+    judged them on (its recorded --val-fraction), with the accuracy training recorded."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import get_adapter
+
+    get_adapter("torch", request.config)
+    root = Path(__file__).resolve().parents[1]
+    pictures = make_folder(tmp_path / "pics", {"circle": 10, "square": 10, "star": 10}, mode="L")
+    out = tmp_path / "run"
+    argv = ["train", "--backend", "torch", "--dataset", "folder", "--data-dir", str(pictures), "--num-classes", "3"]
+    argv += [
+        "--val-fraction",
+        "0.3",
+        "--resize",
+        "32",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "6",
+        "--lr",
+        "0.05",
+    ]  # learns: 0.67
+    argv += [
+        "--num-channels",
+        "8",
+        "--growth-rate",
+        "8",
+        "--arch",
+        "2,2",
+        "--quiet",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-m", "common", *argv], capture_output=True, text=True, cwd=root, env=env)
+    assert done.returncode == 0, done.stderr
+    info = json.loads((out / "run.json").read_text())
+    assert info["threads"] == 1  # the count the run computed with, recorded
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+
+    weights = out / "weights.safetensors"
+    evaluate = ["evaluate", "--weights", weights, "--backend", "torch", "--dataset", "folder", "--data-dir", pictures]
+    code, stdout, err = cli(capsys, *evaluate, "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["images"] == info["data"]["val_images"] == 9 and result["split"] == "val"
+    assert "0.3 of each class" in result["split_from"] and "the file's training settings" in result["split_from"]
+    assert result["test_acc"] == last["test_acc"]
+    assert result["test_loss"] == pytest.approx(last["test_loss"], rel=1e-5)
+    # Another split is another judgement: --val-fraction overrides the recorded one.
+    code, stdout, err = cli(capsys, *evaluate, "--val-fraction", "0.5", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["images"] == 15
+    # Data of other classes than the head predicts is refused, naming both.
+    other = make_folder(tmp_path / "two", {"a": 4, "b": 4}, mode="L")
+    code, _, err = cli(capsys, *evaluate[:-1], other)
+    assert code == 2 and "which predicts 3 classes; folder in" in err and "has 2 (a, b)" in err, err

@@ -12,6 +12,7 @@ import re
 
 from common.config import CONFIGS, DenseNetConfig, named_config
 from common.errors import BackendError
+from common.process import threads
 from common.registry import canonical_name
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "HelpFormatter",
     "add_config_options",
     "add_network_options",
+    "add_threads_options",
     "backend_list",
     "backend_names",
     "config_from_args",
@@ -270,3 +272,35 @@ def backend_list(text: str | None) -> list[str] | None:
     if text is None or text.strip().lower() == "all":
         return None
     return backend_names(text)
+
+
+# The commands that compute with a framework or numpy, each taking --threads
+# (common.process.threads); an exercise is named with its command. `parity-sweep --threads 1,2`
+# is its own: the counts to sweep, each setting a process set up with the same table.
+THREADED = (
+    *("compare", "summary", "parity", "train", "evaluate", "data-speed", "bench", "golden", "convert", "teach"),
+    *("exercise pooling", "exercise memory", "exercise dense-mlp"),
+)
+
+
+def _subcommand(p: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def add_threads_options(sub: argparse._SubParsersAction) -> None:
+    """``--threads N`` on every command of :data:`THREADED`; ``apply_threads`` tells ``main`` to
+    set the count up before the command runs."""
+    for path in THREADED:
+        first, *rest = path.split()
+        p = sub.choices[first]
+        for name in rest:
+            p = _subcommand(p, name)
+        p.add_argument(
+            "--threads",
+            type=threads.thread_count,
+            metavar="N",
+            help=f"threads every framework computes with, set before any loads (default: ${threads.ENV}, else "
+            "$OMP_NUM_THREADS, else the cores this process may run on)",
+        )
+        p.set_defaults(apply_threads=True)

@@ -157,13 +157,61 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _recorded_settings(metadata: dict[str, str]) -> dict[str, object]:
+    """The training settings a run recorded in its weight file's metadata ({} when none)."""
+    try:
+        value = json.loads(metadata.get("settings", "{}"))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _recorded_resize(metadata: dict[str, str]) -> int | None:
     """The resize a training run recorded in its weight file's metadata, if any."""
-    try:
-        value = json.loads(metadata.get("settings", "{}")).get("resize")
-    except (ValueError, AttributeError):
-        return None
+    value = _recorded_settings(metadata).get("resize")
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _evaluation_split(args: argparse.Namespace, found, resize: int) -> tuple[data.Dataset, str]:
+    """The data set ``--dataset`` names, read for the file's network, and how its split was made.
+
+    A folder without val/ is split with ``--val-fraction``, else with the fraction the file's
+    training recorded (so its validation images are the ones it was judged on), else the default.
+    """
+    config = found.config
+    if args.dataset != "folder" and config.num_classes != 10:  # refused before any data is read or fetched
+        name = "Fashion-MNIST" if args.dataset == "fashion-mnist" else "CIFAR-10"
+        raise DenseNetError(
+            f"{args.weights} holds DenseNet {config.describe()}; evaluating on {name} needs num_classes=10 and "
+            f"in_channels=1 or 3 (images converted to the network's channels)"
+        )
+    if config.in_channels not in (1, 3):
+        raise DenseNetError(
+            f"{args.weights} holds DenseNet {config.describe()}; evaluating needs in_channels=1 or 3 "
+            f"(images converted to the network's channels)"
+        )
+    recorded = _recorded_settings(found.metadata)
+    val_fraction, split_from = args.val_fraction, "--val-fraction"
+    if args.dataset == "folder" and val_fraction is None:
+        trained = recorded.get("val_fraction") if recorded.get("dataset") == "folder" else None
+        if isinstance(trained, float) and 0 < trained < 1:
+            val_fraction, split_from = trained, "the file's training settings; --val-fraction overrides"
+        else:
+            split_from = f"the default, {DEFAULT_VAL}"
+    dataset = data.open_dataset(
+        args.dataset, args.data_dir, channels=config.in_channels, size=resize, val_fraction=val_fraction
+    )
+    if dataset.num_classes != config.num_classes:
+        shown = ", ".join(dataset.classes[:5]) + (", ..." if dataset.num_classes > 5 else "")
+        raise DenseNetError(
+            f"{args.weights} holds DenseNet {config.describe()}, which predicts {config.num_classes} classes; "
+            f"{dataset.name} in {dataset.info.get('dir')} has {dataset.num_classes} ({shown})"
+        )
+    if args.dataset != "folder" or "train/ and val/" in str(dataset.info.get("layout", "")):
+        split_from = f"the {dataset.test_name} split of {dataset.name}"
+    else:
+        split_from = f"the {dataset.test_name} split of {dataset.name}, {dataset.info['layout']} ({split_from})"
+    return dataset, split_from
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -172,11 +220,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     expected = config_from_args(args) if config_options_given(args) else None
     found = load_canonical(args.weights, expected)
     config = found.config
-    if config.in_channels not in (1, 3) or config.num_classes != 10:
-        raise DenseNetError(
-            f"{args.weights} holds DenseNet {config.describe()}; evaluating on Fashion-MNIST needs "
-            "num_classes=10 and in_channels=1 (or 3: the grey images repeated)"
-        )
     recorded = _recorded_resize(found.metadata)
     if args.resize is not None:
         resize, why = args.resize, "--resize"
@@ -185,7 +228,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         resize, why = 96, "the default; the file records no training resize"
     check_memory(config, resize, args.batch_size)
-    split = data.subset(data.load("test", args.data_dir), args.limit)
+    dataset, split_from = _evaluation_split(args, found, resize)
+    split = data.subset(dataset.test, args.limit)
+    note = dataset.channel_note(config.in_channels)
+    if note and not args.json:
+        print(f"note: {note}", file=sys.stderr)
     adapter = load_backend(backend)
     model = adapter.build(config)
     adapter.set_weights(model, found.weights)
@@ -200,11 +247,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     used = {"config": config.to_dict(), "resize": resize, "resize_from": why}
     if args.json:
         result = {"backend": adapter.name, "weights": args.weights, "test_loss": loss, "test_acc": acc}
-        print(json.dumps({**result, "images": len(split.labels), **used}))
+        on = {"dataset": dataset.name, "split": dataset.test_name, "split_from": split_from}
+        print(json.dumps({**result, "images": len(split.labels), **on, **used}))
     else:
         print(f"{args.weights}: DenseNet {config.describe()} (the file's configuration)")
         print(
-            f"{adapter.name} on {len(split.labels)} test images at {resize}x{resize} ({why}): "
+            f"{adapter.name} on {len(split.labels)} images of {split_from}, at {resize}x{resize} ({why}): "
             f"accuracy {acc:.4f}, loss {loss:.4f} ({time.perf_counter() - start:.1f} s)"
         )
     return 0
@@ -374,14 +422,31 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="test accuracy of a canonical weight file in any backend",
-        description="Evaluates with the file's configuration, at the resize its training recorded (96 if none).",
+        description="Evaluates with the file's configuration, at the resize its training recorded (96 if none), on "
+        "the test split of --dataset (an image folder's validation split).",
     )
     p.add_argument("--weights", required=True, metavar="FILE", help="canonical weight file")
     p.add_argument("--backend", required=True, help=", ".join(BACKENDS))
     p.add_argument("--resize", type=positive_int, help="image side (default: the file's training resize, else 96)")
     p.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH, help="images per forward pass")
     p.add_argument("--limit", type=positive_int, help="the first N test images (default: all)")
-    p.add_argument("--data-dir", help="directory with the Fashion-MNIST .gz files (used as it is, or refused)")
+    p.add_argument(
+        "--dataset",
+        choices=data.DATASETS,
+        default="fashion-mnist",
+        help="what `densenet train --dataset` read: cifar10's binary files or an image folder in --data-dir",
+    )
+    p.add_argument(
+        "--data-dir",
+        help="the data set's directory, used as it is or refused: the four Fashion-MNIST .gz files (default: "
+        "found or downloaded), CIFAR-10's .bin files, or an image folder",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=fraction,
+        help="--dataset folder without val/: share of each class held out (default: the file's training's, else "
+        f"{DEFAULT_VAL})",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_config_options(p, title="network the file must hold (default: whatever it holds)")
     p.set_defaults(func=cmd_evaluate)

@@ -6,7 +6,8 @@ Two layouts::
     DIR/CLASS/*.png                                     a seeded split: --val-fraction of each class
 
 Classes are the folder names in sorted order (label 0 is the first). Every image is converted to
-the network's channels (Pillow's "L" for 1, "RGB" for 3: alpha is dropped, grey repeated) and
+the network's channels (Pillow's "L" for 1, "RGB" for 3: alpha is dropped, grey repeated; grey of
+16 bits is scaled by its depth to 8 bits first, so white stays white and mid-grey mid-grey) and
 stretched to a ``size`` x ``size`` square with Pillow's bilinear filter (antialiased when
 shrinking) as it is read; the pipeline then only scales it to [0, 1] (and augments it). Files
 with other suffixes and hidden files are left alone; an image Pillow cannot read is an error
@@ -32,6 +33,8 @@ DEFAULT_VAL_FRACTION = 0.1
 SPLIT_SEED = 0
 MAX_NAMED = 10  # bad files named in one message
 MODES = {1: "L", 3: "RGB"}  # Pillow's mode for the network's in_channels
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_BIT_DEPTH = 24  # byte offset of the bit depth in a PNG's header (IHDR, always the first chunk)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,30 @@ def _pillow():
     return Image, UnidentifiedImageError
 
 
+def _full_scale(mode: str, raw: bytes) -> float | None:
+    """The sample value of white in a grey image of more than 8 bits (Pillow's modes ``I;16*``,
+    ``I`` and ``F``), or None for an 8-bit mode, which Pillow converts correctly itself."""
+    if mode.startswith("I;16"):
+        return 2.0**16 - 1
+    if mode == "I":  # 32-bit integers: how some Pillow versions open a 16-bit PNG; the file says its depth
+        bits = raw[PNG_BIT_DEPTH] if raw.startswith(PNG_SIGNATURE) and len(raw) > PNG_BIT_DEPTH else 16
+        return 2.0**bits - 1
+    if mode == "F":  # floating-point samples have no bit depth: white is 1.0 by convention
+        return 1.0
+    return None
+
+
+def _to_8_bit(image, raw: bytes):
+    """``image`` with 8-bit samples: a deeper grey image scaled by its bit depth (Pillow's own
+    ``convert("L")`` clips it at 255, so a 16-bit image of mean 32768 came out nearly white)."""
+    full = _full_scale(image.mode, raw)
+    if full is None:
+        return image
+    Image, _ = _pillow()
+    scaled = np.clip(np.asarray(image, np.float64) / full, 0.0, 1.0)
+    return Image.fromarray(np.rint(scaled * 255).astype(np.uint8))
+
+
 def _read(files: list[Path], channels: int, size: int, root: Path) -> tuple[np.ndarray, list[str], int]:
     """uint8 (N, channels, size, size), one ``relative path<TAB>sha256`` line per file, and how
     many images had other channels than ``channels`` (colour read as grey, or grey as colour)."""
@@ -84,7 +111,7 @@ def _read(files: list[Path], channels: int, size: int, root: Path) -> tuple[np.n
             raw = path.read_bytes()
             with Image.open(io.BytesIO(raw)) as image:
                 converted += len([band for band in image.getbands() if band != "A"]) != channels
-                image = image.convert(mode)
+                image = _to_8_bit(image, raw).convert(mode)
                 if image.size != (size, size):
                     image = image.resize((size, size), Image.Resampling.BILINEAR)
                 pixels = np.asarray(image, np.uint8)

@@ -25,6 +25,7 @@ from common.config import plan
 from common.distributed.group import Group
 from common.distributed.sharding import check_divisible
 from common.plot import PlotUnavailable, plot_runs
+from common.process import threads
 from common.progress import Progress
 from common.registry import load_backend
 from common.starting_weights import StartingWeights, starting_weights
@@ -137,6 +138,7 @@ def _run_info(settings: TrainSettings, adapter: Adapter, found: _Data, rundir: R
         "framework": adapter.framework,
         "version": adapter.version(),
         "malloc": allocator.in_use(),
+        "threads": threads.current(),  # every framework's pools (common.process.threads)
         **allocator.engine_record(settings.backend),
         "data": {**found.dataset.info, "evaluated_on": found.dataset.test_name, "augment": _augment_info(settings)},
         "init": found.start.record if found.start is not None else None,

@@ -1,0 +1,1 @@
+"""Process setup before a framework loads: threads (and later the allocator)."""
