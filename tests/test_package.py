@@ -56,6 +56,7 @@ def test_the_wheel_holds_what_commands_read(wheel_names: set[str]) -> None:
         "common/golden/rgb_nonsquare.safetensors",
         "common/teach/static/site.css",
         "common/teach/static/site.js",
+        "common/teach/templates/page.html.j2",
         "common/teach/docs/departures.md",
         "common/teach/docs/training_curves.png",
         "common/teach/docs/results/parity_float32.json",

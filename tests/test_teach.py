@@ -240,6 +240,21 @@ def test_page_states_the_measured_facts(site: Path) -> None:
     assert "training_curves.png" in text and (site / "training_curves.png").is_file()
 
 
+def test_notes_are_text_the_page_escapes() -> None:
+    """The notes hold no HTML: code spans and in-page links are Markdown-ish, which the template's
+    ``md`` filter turns into markup after escaping everything else."""
+    from common.teach import notes
+
+    config = D2L
+    ctx = notes.Context(config, 96, facts.stage_facts(config, 96), facts.padding_facts(96), facts.naive_rows(config))
+    for row in ROWS:
+        for note in notes.row_notes(row.key, ctx):
+            for text in note:
+                assert "<" not in text and "&" not in text and text.count("`") % 2 == 0, (row.key, text)
+    md = str(page.inline_md("a `x<y>` **b** & [c](#stem) [d](d.md) <i>"))
+    assert md == "a <code>x&lt;y&gt;</code> <strong>b</strong> &amp; <a href='#stem'>c</a> [d](d.md) &lt;i&gt;"
+
+
 def test_benchmark_chart(tmp_path: Path) -> None:
     bench = tmp_path / "bench.json"
     rows = [{"backend": "torch", "peak_mb": 512.0}, {"backend": "tf", "peak_mb": 1024.5}]
@@ -479,16 +494,60 @@ def test_notebooks_match_their_scripts() -> None:
     assert sync(ROOT / "notebooks", check=True) == [], "run `densenet notebooks` after editing a script"
 
 
-def test_percent_script_conversion() -> None:
-    from common.teach.notebooks import code_of, to_notebook
+NOTEBOOK_HEADER = (
+    "# ---\n# jupyter:\n#   jupytext:\n#     formats: ipynb,py:percent\n#   kernelspec:\n"
+    "#     display_name: Python 3\n#     language: python\n#     name: python3\n# ---\n"
+)
 
-    text = "# ---\n# jupyter:\n# ---\n\n# %% [markdown]\n# # Title\n#\n# text\n\n# %%\nx = 1\n\n\nx\n"
+
+def test_percent_script_conversion() -> None:
+    """Jupytext's reading of a percent script, with ids that make the file a function of the script."""
+    from common.teach.notebooks import code_of, dumps, to_notebook
+
+    text = NOTEBOOK_HEADER + "\n# %% [markdown]\n# # Title\n#\n# text\n\n# %%\nx = 1\n\n\nx\n"
     nb = to_notebook(text)
     assert [c["cell_type"] for c in nb["cells"]] == ["markdown", "code"]
-    assert nb["cells"][0]["source"] == ["# Title\n", "\n", "text"]
+    assert [c["id"] for c in nb["cells"]] == ["cell-1", "cell-2"]
+    assert nb["cells"][0]["source"] == "# Title\n\ntext"
     assert code_of(nb) == "x = 1\n\n\nx\n"
-    with pytest.raises(ValueError, match="before the first"):
-        to_notebook("x = 1\n# %%\ny = 2\n")
+    written = dumps(nb)
+    assert written == dumps(to_notebook(text)) and written.endswith("}\n")
+    saved = json.loads(written)
+    assert saved["metadata"]["jupytext"] == {"formats": "ipynb,py:percent"}
+    assert saved["metadata"]["kernelspec"]["name"] == "python3" and saved["nbformat_minor"] == 5
+    assert all(c["outputs"] == [] and c["execution_count"] is None for c in saved["cells"] if c["cell_type"] == "code")
+    # Code before the first marker is a cell of its own, as jupytext (and Jupyter with it) reads it.
+    assert [c["source"] for c in to_notebook("x = 1\n# %%\ny = 2\n")["cells"]] == ["x = 1", "y = 2"]
+
+
+def test_notebooks_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``densenet notebooks`` writes what differs, ``--check`` only reports it; a script jupytext
+    cannot read is named."""
+    script = tmp_path / "densenet_x.py"
+    script.write_text(NOTEBOOK_HEADER + "# %%\nx = 1\n", encoding="utf-8")
+    assert main(["notebooks", "--dir", str(tmp_path), "--check"]) == 1
+    assert "densenet_x.ipynb differs from its script" in capsys.readouterr().err
+    assert main(["notebooks", "--dir", str(tmp_path)]) == 0
+    assert f"wrote {tmp_path / 'densenet_x.ipynb'}" in capsys.readouterr().out
+    for _ in range(2):  # stable: nothing to write, nothing differs
+        assert main(["notebooks", "--dir", str(tmp_path), "--check"]) == 0
+    assert main(["notebooks", "--dir", str(tmp_path)]) == 0
+    assert "every notebook already matches its script" in capsys.readouterr().out
+    script.write_text("# ---\n# jupyter:\n#   kernelspec:\n#     name: python3\n# ---\n# %%\nx = 1\n")
+    assert main(["notebooks", "--dir", str(tmp_path), "--check"]) == 2
+    assert "densenet_x.py: jupytext cannot make a valid notebook of it" in capsys.readouterr().err
+
+
+def test_teach_extra_missing_is_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Without the ``teach`` extra the commands say what to install (None in sys.modules makes
+    the import fail, as a missing package does)."""
+    (tmp_path / "densenet_x.py").write_text(NOTEBOOK_HEADER + "# %%\nx = 1\n", encoding="utf-8")
+    monkeypatch.setitem(sys.modules, "jupytext", None)
+    assert main(["notebooks", "--dir", str(tmp_path), "--check"]) == 1
+    assert "needs jupytext" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "jinja2", None)
+    assert main(["teach", "--out", str(tmp_path / "site"), "--quiet"]) == 1
+    assert "densenet teach needs Jinja2" in capsys.readouterr().err
 
 
 @pytest.mark.slow

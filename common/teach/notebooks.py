@@ -3,82 +3,53 @@
 The ``.py`` file is what people edit and review (``# %%`` starts a code cell, ``# %% [markdown]``
 a text cell whose lines are comments); the ``.ipynb`` beside it is generated from it, without
 outputs, by :func:`to_notebook` (``densenet notebooks`` writes them, ``--check`` only compares).
-Jupytext reads the same files (the header names the pairing), but nothing here needs it.
+The conversion is jupytext's own, so the pair is what jupytext (or Jupyter with its jupytext
+extension, which the script's header pairs with the notebook) makes of the script, but for the
+cell ids, which are numbered here instead of random.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["code_of", "notebook_paths", "sync", "to_notebook"]
+from common.errors import DenseNetError, Failed
 
-_CELL = re.compile(r"^# %%(?P<title>[^\[]*)(?:\[(?P<kind>\w+)\])?\s*$")
-_KERNEL = {"display_name": "Python 3", "language": "python", "name": "python3"}
+__all__ = ["code_of", "dumps", "notebook_paths", "sync", "to_notebook"]
 
-
-def _strip_header(lines: list[str]) -> list[str]:
-    """Drop the jupytext YAML header (``# ---`` ... ``# ---``) if the file starts with one."""
-    if lines and lines[0].strip() == "# ---":
-        for i in range(1, len(lines)):
-            if lines[i].strip() == "# ---":
-                return lines[i + 1 :]
-    return lines
+# The scripts' format. Jupytext also reads the pairing their header names into the notebook's
+# metadata, and the ``.ipynb`` keeps it, so Jupyter with jupytext opens the two as one notebook.
+FORMAT = "py:percent"
 
 
-def _uncomment(line: str) -> str:
-    if line.startswith("# "):
-        return line[2:]
-    return line[1:] if line.startswith("#") else line
+def _jupytext() -> Any:
+    """Jupytext, imported only when a notebook is converted (the ``teach`` extra)."""
+    try:
+        import jupytext
+    except ImportError:
+        raise Failed(
+            "densenet notebooks needs jupytext, which is not installed: pip install 'densenet-suite[teach]'"
+        ) from None
+    return jupytext
 
 
-def _trim(lines: list[str]) -> list[str]:
-    while lines and not lines[0].strip():
-        lines = lines[1:]
-    while lines and not lines[-1].strip():
-        lines = lines[:-1]
-    return lines
+def to_notebook(text: str) -> Any:
+    """The nbformat 4.5 notebook of a percent script (an ``nbformat.NotebookNode``): its cells, no
+    outputs, with ids that depend only on the cells' order."""
+    notebook = _jupytext().reads(text, fmt=FORMAT)
+    # nbformat gives every new cell a random id, so each conversion would differ from the last
+    # and `--check` could never pass; numbering them keeps the file a function of the script.
+    for number, cell in enumerate(notebook.cells, start=1):
+        cell["id"] = f"cell-{number}"
+    return notebook
 
 
-def to_notebook(text: str) -> dict[str, Any]:
-    """The nbformat 4.5 notebook of a percent script: its cells, no outputs."""
-    cells: list[dict[str, Any]] = []
-    kind, body = None, []
-
-    def flush() -> None:
-        lines = _trim(body)
-        if kind is None:
-            if lines:
-                raise ValueError("code before the first '# %%' cell marker")
-            return
-        source = [_uncomment(line) for line in lines] if kind == "markdown" else lines
-        cell: dict[str, Any] = {"cell_type": kind, "id": f"cell-{len(cells) + 1}", "metadata": {}}
-        cell["source"] = [line + "\n" for line in source[:-1]] + source[-1:]
-        if kind == "code":
-            cell.update(execution_count=None, outputs=[])
-        cells.append(cell)
-
-    for line in _strip_header(text.splitlines()):
-        match = _CELL.match(line)
-        if match:
-            flush()
-            kind, body = ("markdown" if match.group("kind") == "markdown" else "code"), []
-        else:
-            body.append(line)
-    flush()
-    return {
-        "cells": cells,
-        "metadata": {"kernelspec": _KERNEL, "language_info": {"name": "python"}},
-        "nbformat": 4,
-        "nbformat_minor": 5,
-    }
-
-
-def dumps(notebook: dict[str, Any]) -> str:
-    """The notebook as Jupyter writes it (one-space indent, sorted keys), so diffs stay small."""
-    return json.dumps(notebook, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+def dumps(notebook: Any) -> str:
+    """The notebook as Jupyter saves it (nbformat's JSON: one-space indent, sorted keys, a final
+    newline), validated against the nbformat schema on the way."""
+    text = _jupytext().writes(notebook, fmt="ipynb")
+    # ``writes`` leaves off the final newline that ``nbformat.write`` (so Jupyter) adds to a file.
+    return text if text.endswith("\n") else text + "\n"
 
 
 def code_of(notebook: dict[str, Any]) -> str:
@@ -96,7 +67,16 @@ def sync(directory: Path, check: bool = False) -> list[Path]:
     stale = []
     for script in notebook_paths(directory):
         target = script.with_suffix(".ipynb")
-        text = dumps(to_notebook(script.read_text(encoding="utf-8")))
+        try:
+            text = dumps(to_notebook(script.read_text(encoding="utf-8")))
+        except Failed:
+            raise
+        except Exception as exc:
+            # Jupytext and nbformat fail in their own types (a YAML error in the header, a schema
+            # violation in its kernelspec); say which script, as a user error, not a bug. The first
+            # line is the reason; nbformat's further lines print the whole schema path.
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DenseNetError(f"{script}: jupytext cannot make a valid notebook of it: {reason}") from exc
         if not target.is_file() or target.read_text(encoding="utf-8") != text:
             stale.append(target)
             if not check:

@@ -1,7 +1,9 @@
 """What differs between the four implementations of each row, and why it matters, with numbers.
 
 Each note is ``(aspect, what differs, why it matters)``; the numbers come from the facts
-computed when the page is built (:class:`Context`), never typed in.
+computed when the page is built (:class:`Context`), never typed in. The notes are text, not HTML:
+backticks mark code and ``[text](#id)`` a link within the page; the template escapes everything
+else (``common.teach.page.inline_md``), so a number or a name can never break the markup.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 
 def row_notes(key: str, ctx: Context) -> list[tuple[str, str, str]]:
-    """The notes of one row (HTML-safe text with ``<code>``; see :func:`_notes`)."""
+    """The notes of one row: plain text, with `code` spans and ``[text](#id)`` links to the page's
+    own sections, which the page's ``md`` filter turns into markup (and escapes the rest)."""
     return _NOTES[key](ctx)
 
 
@@ -71,15 +74,15 @@ def _conv_block(ctx: Context) -> list[tuple[str, str, str]]:
         (
             "layout",
             "PyTorch and MXNet hold activations NCHW, JAX and Keras NHWC; conv kernels are OIHW and HWIO.",
-            "The same weights need a transpose at the boundary: <code>common/layout.py</code> is the one place "
+            "The same weights need a transpose at the boundary: `common/layout.py` is the one place "
             "that does it, so every file you read here is the framework's own idiom.",
         ),
         (
             "input width",
-            "No constructor names its input channels: <code>LazyConv2d</code>/<code>LazyBatchNorm2d</code> "
+            "No constructor names its input channels: `LazyConv2d`/`LazyBatchNorm2d` "
             "materialise on the first forward, Gluon defers initialisation to the first call, Flax infers "
-            "shapes in <code>init(key, X)</code>, Keras builds a layer on its first call.",
-            "The book's <code>conv_block(num_channels)</code> works unchanged in all four; the adapters run "
+            "shapes in `init(key, X)`, Keras builds a layer on its first call.",
+            "The book's `conv_block(num_channels)` works unchanged in all four; the adapters run "
             "one image of the smallest size at build time so the weights exist before they are loaded.",
         ),
         (
@@ -96,7 +99,7 @@ def _conv_block(ctx: Context) -> list[tuple[str, str, str]]:
         (
             "padding",
             f"PyTorch, MXNet and Flax pad the {k}x{k} conv by {p} in the layer; Keras gets an explicit "
-            f"<code>ZeroPadding2D({p})</code> before a valid conv.",
+            f"`ZeroPadding2D({p})` before a valid conv.",
             "At stride 1 'same' would also pad (1, 1), so no harm here; the explicit form is kept everywhere for "
             "the stride-2 stem, where 'same' is asymmetric (see the stem).",
         ),
@@ -108,11 +111,11 @@ def _dense_block(ctx: Context) -> list[tuple[str, str, str]]:
     return [
         (
             "concat axis",
-            "<code>torch.cat(dim=1)</code>, <code>F.concat(dim=1)</code>, <code>jnp.concatenate(axis=-1)</code>, "
-            "<code>tf.concat(axis=-1)</code>: the channel axis of each layout.",
-            "The book's example, <code>DenseBlock(2, 10)</code> on 4 images of 3 channels at 8x8, gives "
+            "`torch.cat(dim=1)`, `F.concat(dim=1)`, `jnp.concatenate(axis=-1)`, "
+            "`tf.concat(axis=-1)`: the channel axis of each layout.",
+            "The book's example, `DenseBlock(2, 10)` on 4 images of 3 channels at 8x8, gives "
             "(4, 23, 8, 8) in NCHW and (4, 8, 8, 23) in NHWC: 3 + 2 x 10 channels "
-            "(<code>tests/test_backends.py::test_book_examples_native_api</code>).",
+            "(`tests/test_backends.py::test_book_examples_native_api`).",
         ),
         (
             "contract",
@@ -122,7 +125,7 @@ def _dense_block(ctx: Context) -> list[tuple[str, str, str]]:
         ),
         (
             "growth",
-            f"Each block adds <code>num_convs x growth_rate</code> channels: the book's network grows "
+            f"Each block adds `num_convs x growth_rate` channels: the book's network grows "
             f"{c.num_channels} stem channels to {ctx.stage('dense1').nchw[1]} after the first block "
             f"({c.arch[0]} x {c.growth_rate}).",
             "Concatenation keeps every earlier feature map alive until the block ends: memory grows with the "
@@ -130,16 +133,15 @@ def _dense_block(ctx: Context) -> list[tuple[str, str, str]]:
         ),
         (
             "compilation",
-            "MXNet's block is a <code>HybridBlock</code> whose <code>hybrid_forward(F, X)</code> works on "
-            "symbols and arrays; the book's is a plain <code>Block</code>.",
-            "<code>hybridize()</code> compiles the whole network, not just the parts between dense blocks "
-            "(departure 4).",
+            "MXNet's block is a `HybridBlock` whose `hybrid_forward(F, X)` works on "
+            "symbols and arrays; the book's is a plain `Block`.",
+            "`hybridize()` compiles the whole network, not just the parts between dense blocks (departure 4).",
         ),
         (
             "memory-efficient",
-            "<code>memory_efficient=True</code> (off by default) hands the block, in training, to "
-            "<code>memory_efficient.forward_recomputed</code>: two lines in each file; the row "
-            "<a href='#memory-efficient'>below</a> shows the four modules.",
+            "`memory_efficient=True` (off by default) hands the block, in training, to "
+            "`memory_efficient.forward_recomputed`: two lines in each file; the row "
+            "[below](#memory-efficient) shows the four modules.",
             "Everything else here is the book's loop, so this row reads the same with the option on or off "
             "(departure 10).",
         ),
@@ -152,18 +154,18 @@ def _transition(ctx: Context) -> list[tuple[str, str, str]]:
     return [
         (
             "channels",
-            "All four call <code>config.transition_channels(channels)</code>, "
-            f"<code>int(channels * {c.compression:g})</code>: the book's <code>//= 2</code>.",
+            "All four call `config.transition_channels(channels)`, "
+            f"`int(channels * {c.compression:g})`: the book's `//= 2`.",
             f"In the book's network the first transition takes {ctx.stage('dense1').nchw[1]} channels to "
             f"{t1.nchw[1]} and {ctx.stage('dense1').nchw[2]}x{ctx.stage('dense1').nchw[3]} to "
-            f"{t1.nchw[2]}x{t1.nchw[3]}; the book's example <code>transition_block(10)</code> on the dense "
+            f"{t1.nchw[2]}x{t1.nchw[3]}; the book's example `transition_block(10)` on the dense "
             "block's 23 channels at 8x8 gives 10 channels at 4x4.",
         ),
         (
             "pooling",
-            "<code>AvgPool2d</code>, <code>AvgPool2D</code>, <code>nn.avg_pool</code>, <code>AvgPool2D</code>: "
+            "`AvgPool2d`, `AvgPool2D`, `nn.avg_pool`, `AvgPool2D`: "
             "2x2 windows at stride 2, no padding, odd sides floored in all four.",
-            "The book asks what max pooling would change here: <code>densenet exercise pooling</code> trains both "
+            "The book asks what max pooling would change here: `densenet exercise pooling` trains both "
             "(docs/exercises.md, exercise 1).",
         ),
     ]
@@ -187,7 +189,7 @@ def _stem(ctx: Context) -> list[tuple[str, str, str]]:
         (
             "max-pool padding",
             "PyTorch, MXNet and Flax pad max pooling with -inf. Keras has no padded max pool: "
-            "<code>MaxPoolPadded</code> pads with -inf by <code>tf.pad</code>, then pools 'valid'.",
+            "`MaxPoolPadded` pads with -inf by `tf.pad`, then pools 'valid'.",
             "Padding never wins the max, whatever the sign of the input.",
         ),
         (
@@ -206,25 +208,25 @@ def _assembly(ctx: Context) -> list[tuple[str, str, str]]:
     return [
         (
             "channel count",
-            "The book's JAX <code>create_net</code> restarts from <code>self.num_channels</code> on every pass; "
+            "The book's JAX `create_net` restarts from `self.num_channels` on every pass; "
             "PyTorch, MXNet and TF accumulate. Here all four accumulate.",
             f"The book's JAX network is another network: {book:,} parameters against {ours:,} "
             f"(transitions {'/'.join(map(str, widths))} here). Departure 1.",
         ),
         (
             "training mode",
-            "PyTorch: <code>net.train()</code> flips a flag on every module. MXNet: <code>autograd.record()</code> "
-            "/ <code>train_mode()</code>, a global scope. Flax: a <code>training</code> field, so a training "
-            "network is another module (<code>net.clone(training=True)</code>). Keras: a <code>training=</code> "
+            "PyTorch: `net.train()` flips a flag on every module. MXNet: `autograd.record()` "
+            "/ `train_mode()`, a global scope. Flax: a `training` field, so a training "
+            "network is another module (`net.clone(training=True)`). Keras: a `training=` "
             "argument every layer must pass on.",
             "The book's TF layers drop it, so its BatchNorm never trains and the book's TF run stops at 0.828 "
             "accuracy; here it reaches 0.9110 like the others (docs/training.md, departure 2).",
         ),
         (
             "stage names",
-            "Stages are attributes (<code>dense_blk1</code>) in PyTorch, list entries elsewhere; Flax modules "
-            "are built in <code>setup</code>, lazily, when the network is bound.",
-            "The harness reads the stages by position; <code>densenet compare</code> checks every backend's "
+            "Stages are attributes (`dense_blk1`) in PyTorch, list entries elsewhere; Flax modules "
+            "are built in `setup`, lazily, when the network is bound.",
+            "The harness reads the stages by position; `densenet compare` checks every backend's "
             "stage shapes against the plan below.",
         ),
     ]
@@ -236,12 +238,12 @@ def _head(ctx: Context) -> list[tuple[str, str, str]]:
     return [
         (
             "pooling",
-            "<code>AdaptiveAvgPool2d((1, 1))</code> + <code>Flatten</code>, <code>GlobalAvgPool2D</code> + "
-            "<code>Flatten</code>, <code>jnp.mean(axis=(1, 2))</code>, <code>GlobalAvgPool2D</code> (its "
-            "<code>Flatten</code> is a no-op kept from the book).",
+            "`AdaptiveAvgPool2d((1, 1))` + `Flatten`, `GlobalAvgPool2D` + "
+            "`Flatten`, `jnp.mean(axis=(1, 2))`, `GlobalAvgPool2D` (its "
+            "`Flatten` is a no-op kept from the book).",
             f"A global pool takes any size the network can take ({ctx.stage(f'dense{len(c.arch)}').nchw[2]}x"
             f"{ctx.stage(f'dense{len(c.arch)}').nchw[3]} here); the book's JAX head pooled over "
-            "<code>x.shape[1:3]</code> with a lambda (departure 9).",
+            "`x.shape[1:3]` with a lambda (departure 9).",
         ),
         (
             "dense layer",
@@ -258,48 +260,48 @@ def _memory_efficient(ctx: Context) -> list[tuple[str, str, str]]:
     return [
         (
             "mechanism",
-            "Each framework's own: PyTorch runs the layer under <code>torch.utils.checkpoint</code>; MXNet "
-            "through an <code>autograd.Function</code> whose forward runs under <code>autograd.pause</code> "
-            "and whose backward records the layer again; JAX through a <code>jax.custom_vjp</code> around the "
-            "conv block's own <code>apply</code>; Keras through a <code>tf.custom_gradient</code> whose "
-            "forward runs under <code>record.stop_recording()</code>.",
+            "Each framework's own: PyTorch runs the layer under `torch.utils.checkpoint`; MXNet "
+            "through an `autograd.Function` whose forward runs under `autograd.pause` "
+            "and whose backward records the layer again; JAX through a `jax.custom_vjp` around the "
+            "conv block's own `apply`; Keras through a `tf.custom_gradient` whose "
+            "forward runs under `record.stop_recording()`.",
             "DenseNet-121's training step, against the standard network (docs/performance.md): memory 0.28x "
             "for 1.22x the time in PyTorch, 0.40x for 1.07x in JAX, 0.22x for 1.19x in Keras eager and 0.32x "
-            "for 1.27x in <code>tf.function</code>, 0.38x for 0.89x in MXNet eager on its NaiveEngine.",
+            "for 1.27x in `tf.function`, 0.38x for 0.89x in MXNet eager on its NaiveEngine.",
         ),
         (
             "3x3 convolution",
             "PyTorch and MXNet run it again in the backward pass. JAX and Keras do not: its backward needs its "
             "input, not its output, so XLA drops the unused forward value and Keras calls "
-            "<code>Conv2DBackpropInput</code> / <code>Conv2DBackpropFilter</code> directly.",
+            "`Conv2DBackpropInput` / `Conv2DBackpropFilter` directly.",
             "The 3x3 convolutions are 43% of DenseNet-121's forward FLOPs, yet in PyTorch skipping them bought "
             "nothing (4.22 s a step against 4.28 s for the checkpoint), so PyTorch keeps its own mechanism.",
         ),
         (
             "running statistics",
             "A recomputed BatchNorm runs its training forward twice. PyTorch puts the statistics back after the "
-            "recomputation (<code>_running_stats_kept</code>); MXNet updates them in BatchNorm's backward pass "
+            "recomputation (`_running_stats_kept`); MXNet updates them in BatchNorm's backward pass "
             "on the CPU, which runs once; Flax writes the forward pass's update and drops the recomputation's; "
-            "Keras normalises with <code>keras.ops</code> and applies its moving-average update once, outside.",
+            "Keras normalises with `keras.ops` and applies its moving-average update once, outside.",
             "Counting a batch twice would move a statistic by about 0.1 of the batch statistic, four orders of "
-            "magnitude above the bounds <code>tests/test_memory_efficient.py</code> holds every backend to.",
+            "magnitude above the bounds `tests/test_memory_efficient.py` holds every backend to.",
         ),
         (
             "compilers",
             "XLA and TensorFlow's graph optimiser merge a recomputation that needs nothing new back into the "
-            "forward pass (<code>jax.checkpoint</code> was undone that way): the JAX and graph-mode TF backward "
-            "passes make it read the output's gradient <code>dY</code>. Gluon cannot recompute inside a "
+            "forward pass (`jax.checkpoint` was undone that way): the JAX and graph-mode TF backward "
+            "passes make it read the output's gradient `dY`. Gluon cannot recompute inside a "
             "compiled graph: a memory-efficient MXNet network hybridizes stage by stage "
-            "(<code>DenseNet.hybridize</code>), its dense blocks staying imperative.",
-            "With <code>nn.remat</code> XLA:CPU kept the standard program's 990.5 MiB of temporary buffers "
-            "(DenseNet-121, batch 8); the <code>custom_vjp</code> needs 387.0 MiB. Hybridized MXNet reaches "
-            "only 0.80-0.88x the memory for 1.69-1.87x the time, so <code>densenet train</code> trains it "
+            "(`DenseNet.hybridize`), its dense blocks staying imperative.",
+            "With `nn.remat` XLA:CPU kept the standard program's 990.5 MiB of temporary buffers "
+            "(DenseNet-121, batch 8); the `custom_vjp` needs 387.0 MiB. Hybridized MXNet reaches "
+            "only 0.80-0.88x the memory for 1.69-1.87x the time, so `densenet train` trains it "
             "eagerly.",
         ),
         (
             "dropout",
             "DenseNet-BC's dropout stays outside the recomputed part in all four. JAX draws it from the dense "
-            "block's own <code>Dropout</code> modules, the others from the conv block's layer.",
+            "block's own `Dropout` modules, the others from the conv block's layer.",
             "Same function and weights as the standard network in all four; JAX's dropout masks differ from "
             "its standard network's (Flax derives them from the module's path).",
         ),
@@ -311,7 +313,7 @@ def _training_step(ctx: Context) -> list[tuple[str, str, str]]:
         (
             "running statistics",
             "Updated by the training-mode forward in PyTorch and Keras, returned as a new "
-            "<code>batch_stats</code> collection by Flax (only when it is mutable), and written in the "
+            "`batch_stats` collection by Flax (only when it is mutable), and written in the "
             "backward pass by MXNet on CPU.",
             "A step must read the statistics after forward and backward; the parity suite compares them after "
             "one full step.",
@@ -328,14 +330,14 @@ def _training_step(ctx: Context) -> list[tuple[str, str, str]]:
             "PyTorch runs eagerly in channels-last memory, on TCMalloc (torch.compile costs 43 s per batch "
             "shape on these CPUs and trains no faster); MXNet hybridizes; JAX jits the whole step, optax "
             "included; TF wraps it in "
-            "<code>tf.function</code>.",
-            "Each is the framework's fast path; <code>tests/test_backends.py::test_compiled_equals_eager</code> "
+            "`tf.function`.",
+            "Each is the framework's fast path; `tests/test_backends.py::test_compiled_equals_eager` "
             "checks the compiled forward against the eager one.",
         ),
         (
             "state",
             "PyTorch, MXNet and Keras mutate the network; Flax's step is a pure function returning new "
-            "<code>params</code> and <code>batch_stats</code>.",
+            "`params` and `batch_stats`.",
             "Which is why the JAX step is a module-level jitted function and the others are methods.",
         ),
     ]
@@ -346,25 +348,25 @@ def _weights(ctx: Context) -> list[tuple[str, str, str]]:
     return [
         (
             "names",
-            "BatchNorm: <code>weight/bias/running_mean/running_var</code> (PyTorch), "
-            "<code>gamma/beta/running_mean/running_var</code> (MXNet), "
-            "<code>gamma/beta/moving_mean/moving_variance</code> (Keras), <code>scale/bias</code> in "
-            "<code>params</code> and <code>mean/var</code> in <code>batch_stats</code> (Flax).",
+            "BatchNorm: `weight/bias/running_mean/running_var` (PyTorch), "
+            "`gamma/beta/running_mean/running_var` (MXNet), "
+            "`gamma/beta/moving_mean/moving_variance` (Keras), `scale/bias` in "
+            "`params` and `mean/var` in `batch_stats` (Flax).",
             f"One canonical name per tensor ({len(canonical_spec(c))} tensors: {count_params(c):,} parameters and "
             f"{count_bn_stats(c):,} running statistics), so a file written by one framework loads bit-identically "
-            "in the others (<code>tests/test_weights.py</code>).",
+            "in the others (`tests/test_weights.py`).",
         ),
         (
             "order",
             "Every adapter lists its conv, BatchNorm and dense layers in forward order and pairs them with "
-            "<code>common.config.canonical_layers</code>.",
-            "<code>jax.jit</code> returns dicts with sorted keys (<code>net_10</code> before <code>net_2</code>): "
+            "`common.config.canonical_layers`.",
+            "`jax.jit` returns dicts with sorted keys (`net_10` before `net_2`): "
             "the JAX adapter rebuilds the order from Flax's names.",
         ),
         (
             "layout",
             "Conv kernels OIHW (PyTorch, MXNet) or HWIO (Keras, Flax); dense (out, in) or (in, out).",
-            "Converted once, in <code>common/layout.py</code>, at the edge of each adapter.",
+            "Converted once, in `common/layout.py`, at the edge of each adapter.",
         ),
     ]
 
