@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from common.adapter import Adapter
 from common.errors import BackendError, BackendUnavailable
+
+if TYPE_CHECKING:  # for the annotation only: common.distributed imports this module
+    from common.distributed.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -24,6 +32,9 @@ class BackendEntry:
     """The framework's name as people write it (``"PyTorch"``)."""
     extra: str
     """The pip extra that installs the framework (``pip install 'densenet-suite[<extra>]'``)."""
+    launch: str = "launch"
+    """The module of the package that says how the backend's processes are started (its
+    :class:`Launch`, ``LAUNCH``), read without the framework: :func:`launch_spec`."""
 
 
 BACKENDS: dict[str, BackendEntry] = {
@@ -47,6 +58,35 @@ _loaded: dict[str, Adapter[Any]] = {}
 # else: the CLI and load_backend run this line before any framework is imported, whereas
 # densenet_tf can come too late (another framework's optional imports may load TensorFlow first).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a backend's processes are started, known without importing its framework: what
+    ``common`` asks of a backend before any of its code runs (the CLI choosing a ``malloc``,
+    the bench preparing a case's process, the local launcher starting workers), so that no
+    module of ``common`` but this one knows a backend by name.
+
+    Each backend package defines one as ``LAUNCH`` in its ``launch.py``, a module that imports
+    no framework; :func:`launch_spec` reads it without importing the package (whose
+    ``__init__`` imports the framework). The defaults fit a backend that needs nothing special.
+    """
+
+    malloc: str = "system"
+    """The ``malloc`` its training and benchmark processes run on (``common.bench.allocator``):
+    ``tcmalloc`` where the framework takes every CPU tensor from ``malloc``, else ``system``."""
+    engine: Engine | None = None
+    """Its distributed engine's recipe for local jobs (``common.distributed.engine``), or None."""
+
+    def eager_env(self, base: Mapping[str, str], memory_efficient: bool) -> dict[str, str]:
+        """``base`` for a process that trains this backend's network eagerly (memory-efficient
+        or not): what the framework must read from its environment before it is imported."""
+        return dict(base)
+
+    def runtime_record(self) -> dict[str, str]:
+        """What a result measured in this process records of the framework's runtime, beyond
+        ``malloc`` (MXNet: the engine it ran on)."""
+        return {}
 
 
 def canonical_name(name: str) -> str:
@@ -73,6 +113,42 @@ def load_backend(name: str) -> Adapter[Any]:
             ) from exc
         _loaded[key] = getattr(module, entry.adapter_class)()
     return _loaded[key]
+
+
+def launch_spec(name: str) -> Launch:
+    """How the backend's processes are started (``<package>/launch.py``'s ``LAUNCH``), read
+    without importing the backend's package or framework."""
+    key = canonical_name(name)
+    entry = BACKENDS[key]
+    module_name = f"{entry.package}.{entry.launch}"
+    module = sys.modules.get(module_name)
+    if module is None:
+        if entry.package in sys.modules:  # the package (and its framework) is loaded: import as usual
+            module = importlib.import_module(module_name)
+        else:
+            module = _load_alone(key, module_name)
+    return module.LAUNCH
+
+
+def _load_alone(key: str, module_name: str) -> ModuleType:
+    """The module ``package.name`` from its file, without running the package's ``__init__``
+    (which imports the framework). It is registered under its own name, so a later ordinary
+    import (the backend's ``distributed.py`` in a worker) gets this same module."""
+    package, _, name = module_name.rpartition(".")
+    found = importlib.util.find_spec(package)  # a top-level name: found, not imported
+    locations = list(found.submodule_search_locations or []) if found else []
+    path = next((Path(d) / f"{name}.py" for d in locations if (Path(d) / f"{name}.py").is_file()), None)
+    spec = importlib.util.spec_from_file_location(module_name, path) if path is not None else None
+    if spec is None or spec.loader is None:
+        raise BackendUnavailable(f"backend {key!r}: {module_name} is not installed (reinstall densenet-suite)")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,9 @@ def compilation_cache_dir() -> Path | None:
     """Where XLA's compiled programs are kept between processes: ``$DENSENET_JAX_CACHE`` (a
     directory; ``off`` for none), else ``$XDG_CACHE_HOME/densenet-suite/jax`` (``~/.cache``).
 
-    Compiling is most of a short JAX run here (building the book's network took 6.5 s and its first
-    training step 13 s; 1.3 s and 2.0 s from the cache), and every process compiled the very same
-    programs again: tests, each ``densenet`` command, each distributed worker."""
+    Compiling is most of a short JAX run (docs/performance.md#what-each-backend-runs-by-default-and-why),
+    and every process compiled the very same programs again: tests, each ``densenet`` command, each
+    distributed worker."""
     chosen = os.environ.get(CACHE_ENV, "")
     if chosen.lower() in ("off", "0", "none"):
         return None
@@ -65,13 +65,14 @@ _use_compilation_cache()
 
 # --- BatchNorm's sums as matrix products ---------------------------------------------------------
 #
-# XLA:CPU reduces over the batch and spatial axes about 3x slower than it multiplies by a row of
-# ones (47 MB of activations: 57 ms against 18 ms here), and a training step has dozens of such
-# sums: BatchNorm's mean and variance, and in the backward pass the gradients of its scale and
-# bias and the input's. The book's network stays the book's: Flax's ``nn.BatchNorm``, with its
-# variables. In training, the adapter intercepts its call and computes the same function, with
-# the same variables and the same two-pass variance, with every sum over the batch a matrix
-# product, and a backward pass written out (``_bn_train``) so that its sums are products too.
+# XLA:CPU reduces over the batch and spatial axes far more slowly than it multiplies by a row of
+# ones (docs/performance.md#what-each-backend-runs-by-default-and-why), and a training step has
+# dozens of such sums: BatchNorm's mean and variance, and in the backward pass the gradients of
+# its scale and bias and the input's. The book's network stays the book's: Flax's
+# ``nn.BatchNorm``, with its variables. In training, the adapter intercepts its call and computes
+# the same function, with the same variables and the same two-pass variance, with every sum over
+# the batch a matrix product, and a backward pass written out (``_bn_train``) so that its sums
+# are products too.
 
 _stats_as_products = True
 """Off only for the bench's ``flax-bn`` mode, which measures Flax's own BatchNorm."""
@@ -290,7 +291,7 @@ class JaxAdapter(Adapter[JaxRuntime]):
 
     def forward(self, model: JaxModel, X: np.ndarray, *, training: bool = False, compiled: bool = True) -> np.ndarray:
         """Logits ``(N, num_classes)``; jitted unless ``compiled=False`` (op-by-op Flax dispatches
-        hundreds of small operations one by one: a DenseNet-121 forward at 64x64 took 96 s)."""
+        hundreds of small operations one by one; docs/performance.md has what that costs)."""
         return super().forward(model, X, training=training, compiled=compiled)
 
     def bench_step(self, model, phase, mode, X, y, lr=0.01):

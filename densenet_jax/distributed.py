@@ -11,11 +11,16 @@ batch, where XLA computes each BatchNorm's batch mean and variance over the whol
 with all-reduces, so the step is the single-process one. Without it, ``jax.shard_map`` runs the
 step per device, each BatchNorm normalising with its own shard's statistics, and ``lax.pmean``
 averages the gradients, the loss and the running-statistic updates over the mesh.
+
+A process that goes away breaks the others' gloo collectives; :meth:`JaxGroup.peer_gone` tells
+that from this process's own errors, so that the command says so in one line
+(``common.distributed.group.PeerLost``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from functools import partial
 
 import jax
@@ -28,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from common.adapter import Model
 from common.config import DenseNetConfig
-from common.distributed.group import DistributedError, Group
+from common.distributed.group import DistributedError, Group, collective, telling_line
 from common.layout import to_layout
 from common.optim import SGD
 from densenet_jax.adapter import JaxAdapter, JaxRuntime, _x64, loss_value_and_grad
@@ -145,6 +150,7 @@ class JaxGroup(Group):
     def get_weights(self, adapter, model):
         return adapter.get_weights(model)  # replicated arrays: every process reads its own copy
 
+    @collective
     def train_step(self, adapter, model, X, y, lr):
         X = np.ascontiguousarray(to_layout(np.asarray(X, model.dtype), "NHWC"))
         y = adapter.check_labels(X, y, model.config.num_classes).astype(np.int32)
@@ -202,6 +208,7 @@ class JaxGroup(Group):
             self._local[id(model)] = local, self._version[id(model)]
         return adapter.forward(local, X, compiled=True)
 
+    @collective
     def sum(self, values: np.ndarray) -> np.ndarray:
         values = np.asarray(values, np.float64)
         if self.world == 1:
@@ -212,6 +219,17 @@ class JaxGroup(Group):
     def close(self) -> None:
         if self.world > 1:
             jax.distributed.shutdown()
+
+    def peer_gone(self, exc: Exception) -> str | None:
+        # XLA's runtime errors: a gloo connection the peer closed, or the coordination service
+        # reporting it missing (UNAVAILABLE, DEADLINE_EXCEEDED).
+        message = str(exc)
+        if isinstance(exc, RuntimeError) and re.search(_PEER, message, re.I):
+            return telling_line(message, _PEER)
+        return None
+
+
+_PEER = r"gloo|connection (closed|reset)|by peer|UNAVAILABLE|DEADLINE_EXCEEDED|heartbeat"
 
 
 def connect(timeout_s: float = 120.0) -> JaxGroup:

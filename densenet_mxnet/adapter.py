@@ -72,8 +72,8 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
     def trains_compiled(self, model: MXNetModel) -> bool:
         # A memory-efficient network's dense blocks stay imperative when hybridized, and the
         # compiled stages between them keep static memory plans: eagerly on MXNet's NaiveEngine
-        # (common.bench.allocator) it took 0.61x the memory of hybridized, in 0.94-1.17x the time
-        # (DenseNet-121, batch 32, 224x224, two runs; docs/performance.md).
+        # (common.bench.allocator) it takes less memory in about the same time
+        # (docs/performance.md#memory-and-time-measured).
         return self.prefers_compiled and not model.net.memory_efficient
 
     @staticmethod

@@ -10,7 +10,7 @@ through the same kvstore after each step.
 
 ``--sync-bn`` is refused: ``gluon.contrib.nn.SyncBatchNorm`` synchronises the GPUs of one
 process through an in-process buffer, never across kvstore processes
-(``common.distributed.launch.MXNET_SYNC_BN``). One distributed model per process (the Trainer
+(``densenet_mxnet.launch.SYNC_BN_REFUSAL``). One distributed model per process (the Trainer
 numbers its kvstore keys from 0), in float32 (the kvstore carries float32).
 """
 
@@ -22,8 +22,7 @@ import numpy as np
 
 from common.adapter import Model
 from common.config import DenseNetConfig
-from common.distributed.group import DistributedError, Group, SyncBatchNormUnavailable
-from common.distributed.launch import MXNET_SYNC_BN
+from common.distributed.group import DistributedError, Group, check_sync_bn
 from densenet_mxnet._compat import mxnet as mx
 from densenet_mxnet.adapter import MXNetAdapter
 from densenet_mxnet.optim import make_optimizer
@@ -82,7 +81,7 @@ class MXNetGroup(Group):
 
     def build(self, adapter: MXNetAdapter, config: DenseNetConfig, seed=0, dtype="float32", sync_bn=False) -> Model:
         if sync_bn:
-            raise SyncBatchNormUnavailable(f"--sync-bn with --backend mxnet: {MXNET_SYNC_BN}")
+            check_sync_bn(self.backend)  # refused, with why
         if dtype != "float32":
             # Measured: a float64 step through dist_sync lands float32 roundings away from the
             # float64 oracle (weights 3e-10, running statistics 7e-8 relative): values cross

@@ -11,8 +11,20 @@ import tensorflow as tf
 
 from common.adapter import Adapter, Model, check_dtype
 from common.config import DenseNetConfig, min_input_size
-from densenet_tf.model import DenseBlock, DenseNet, transition_block
+from common.process import threads
+from densenet_tf.model import DenseBlock, DenseNet, TransitionBlock, transition_block
 from densenet_tf.optim import SuiteSGD, make_optimizer
+
+# `--threads N` (common.process.threads): TF_NUM_INTRAOP_THREADS and TF_NUM_INTEROP_THREADS size the
+# pools; set through the API as well so that tf.config.threading reports the count (it says 0,
+# "the default", for what came from the environment). Refused once TensorFlow has started its
+# runtime, in a process that used it before loading the adapter: the variables hold then.
+if (_threads := threads.requested()) is not None:
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(_threads)
+    except RuntimeError:
+        pass
 
 _BN_LEAVES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
 
@@ -192,3 +204,10 @@ class TFAdapter(Adapter[TFRuntime]):
         loss, _, grads, variables, logits = self._loss_and_grads(model, X, y)
         model.runtime.sgd.apply_gradients([(grads[k], variables[k]) for k in variables])
         return loss, logits
+
+    def use_max_pool_in_transitions(self, model: TFModel) -> int:
+        # A pool holds no weights: the layer is replaced in place, canonical weights unchanged.
+        blocks = [layer for layer in model.net.net.layers if isinstance(layer, TransitionBlock)]
+        for blk in blocks:
+            blk.net[-1] = tf.keras.layers.MaxPool2D(pool_size=2, strides=2)
+        return len(blocks)

@@ -12,6 +12,9 @@ the count their batch variance averaged over, then averaged over the replicas (`
 the replica context).
 
 TensorFlow's gRPC server binds every interface whatever ``TF_CONFIG`` says (common.distributed.launch).
+A worker that goes away breaks the others' collectives (``UnavailableError``: the connection reset
+by the peer), which :meth:`TFGroup.peer_gone` tells from this worker's own errors, so that the
+command says so in one line (``common.distributed.group.PeerLost``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import tensorflow as tf
 
 from common.adapter import Model
 from common.config import DenseNetConfig
-from common.distributed.group import DistributedError, Group
+from common.distributed.group import DistributedError, Group, collective, telling_line
 from densenet_tf.adapter import TFAdapter
 from densenet_tf.optim import make_optimizer
 
@@ -69,6 +72,7 @@ class TFGroup(Group):
         self._steps: dict[int, tuple[keras.optimizers.Optimizer, tf.types.experimental.GenericFunction]] = {}
         self._sync: dict[int, bool] = {}
 
+    @collective  # mirrored variables take worker 0's initial values
     def build(self, adapter: TFAdapter, config: DenseNetConfig, seed=0, dtype="float32", sync_bn=False) -> Model:
         with self.strategy.scope():
             model = adapter.build(config, seed=seed, dtype=dtype)
@@ -100,6 +104,7 @@ class TFGroup(Group):
             tensors[k].assign(ctx.all_reduce(tf.distribute.ReduceOp.MEAN, tf.identity(new)))
         return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, loss), logits
 
+    @collective
     def train_step(self, adapter, model, X, y, lr):
         opt = optimizer(adapter, model, self.strategy, lr)
         X = adapter.prepare(model, X)
@@ -117,10 +122,12 @@ class TFGroup(Group):
         logits = self.strategy.experimental_local_results(logits)[0]
         return float(loss), logits.numpy()
 
+    @collective
     def get_optimizer_state(self, adapter, model):
         optimizer(adapter, model, self.strategy)  # not the adapter's: made outside the scope
         return adapter.get_optimizer_state(model)
 
+    @collective
     def set_optimizer_state(self, adapter, model, state):
         optimizer(adapter, model, self.strategy)
         adapter.set_optimizer_state(model, state)  # assigns every mirrored copy the same values
@@ -134,6 +141,7 @@ class TFGroup(Group):
     def forward(self, adapter, model, X):
         return adapter.forward(model, X, compiled=True)
 
+    @collective
     def sum(self, values: np.ndarray) -> np.ndarray:
         value = tf.constant(np.asarray(values, np.float64))
         per = self.strategy.run(lambda v: tf.distribute.get_replica_context().all_reduce("sum", v), args=(value,))
@@ -141,6 +149,21 @@ class TFGroup(Group):
 
     def close(self) -> None:
         pass  # MultiWorkerMirroredStrategy has no shutdown; the collectives end with the process
+
+    def peer_gone(self, exc: Exception) -> str | None:
+        # A collective whose peer vanished: gRPC's UNAVAILABLE (connection reset or refused), a
+        # deadline passed waiting for it, or the collective aborted or cancelled because of it.
+        if isinstance(exc, _PEER_ERRORS):
+            return telling_line(str(exc), r"connection|socket|peer|unavailable|deadline")
+        return None
+
+
+_PEER_ERRORS = (
+    tf.errors.UnavailableError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.AbortedError,
+    tf.errors.CancelledError,
+)
 
 
 def connect(timeout_s: float = 120.0) -> TFGroup:

@@ -12,13 +12,25 @@ import torch.nn.functional as F
 
 from common.adapter import Adapter, Model, check_dtype
 from common.config import DenseNetConfig, min_input_size
-from densenet_torch.model import DenseBlock, DenseNet, transition_block
+from common.process import threads
+from densenet_torch.model import DenseBlock, DenseNet, TransitionBlock, transition_block
 from densenet_torch.optim import make_optimizer
 
 # PyTorch has no environment switch for oneDNN; `densenet parity-sweep` measures rounding with it
 # off as well (common.parity.sweep_environment).
 if os.environ.get("DENSENET_ONEDNN") == "0":
     torch.backends.mkldnn.enabled = False
+
+# `--threads N` (common.process.threads): OMP_NUM_THREADS already sized the intra-op pool when
+# torch was imported; the inter-op pool has no variable, only this call, which works once and
+# only before the pool starts (a process that used torch before loading the adapter keeps its own).
+if (_threads := threads.requested()) is not None:
+    torch.set_num_threads(_threads)
+    if torch.get_num_interop_threads() != _threads:
+        try:
+            torch.set_num_interop_threads(_threads)
+        except RuntimeError:
+            pass
 
 
 @dataclass
@@ -41,9 +53,8 @@ class TorchAdapter(Adapter[TorchRuntime]):
     framework = "PyTorch"
     layout = "NCHW"
     running_var_unbiased = True
-    # torch.compile adds only 1.12x to channels-last eager in a training step here (158 against
-    # 142 img/s, the book's network at 96x96, batch 128) for 37 s of compiling per batch shape, so
-    # training and evaluation run eagerly; docs/performance.md has the measurements.
+    # torch.compile does not repay its compiling per batch shape, so training and evaluation run
+    # eagerly: docs/performance.md#what-each-backend-runs-by-default-and-why.
     prefers_compiled = False
     # "nchw": eager in the book's contiguous NCHW memory format, for the comparison.
     bench_modes = ("eager", "compile", "nchw")
@@ -64,8 +75,9 @@ class TorchAdapter(Adapter[TorchRuntime]):
         if dtype == "float64":
             net.double()  # every parameter and buffer; activations follow the input's dtype
         model = Model(config, net, TorchRuntime(), dtype=dtype)
-        # oneDNN's convolutions, BatchNorm and pooling run faster on NHWC memory on these CPUs
-        # (1.19x a training step, 1.45x inference); the tensors keep their NCHW shapes.
+        # oneDNN's convolutions, BatchNorm and pooling run faster on NHWC memory
+        # (docs/performance.md#what-each-backend-runs-by-default-and-why); the tensors keep their
+        # NCHW shapes.
         self.set_memory_format(model, torch.channels_last)
         return model
 
@@ -196,3 +208,10 @@ class TorchAdapter(Adapter[TorchRuntime]):
         loss.backward()
         opt.step()
         return float(loss.detach()), logits.detach().numpy()
+
+    def use_max_pool_in_transitions(self, model: TorchModel) -> int:
+        # A pool holds no weights: the module is replaced in place, canonical weights unchanged.
+        blocks = [m for m in model.net.modules() if isinstance(m, TransitionBlock)]
+        for blk in blocks:
+            blk[-1] = torch.nn.MaxPool2d(kernel_size=2, stride=2)
+        return len(blocks)

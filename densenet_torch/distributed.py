@@ -10,12 +10,17 @@ buffers), so that every worker evaluates, and worker 0 saves, the same network.
 
 ``--sync-bn`` (``torch.nn.SyncBatchNorm``) is refused: PyTorch implements it for CUDA (and
 XPU/HPU) tensors only and raises ``SyncBatchNorm expected input tensor to be on GPU`` on CPU,
-where this suite's PyTorch backend runs (``common.distributed.launch.TORCH_SYNC_BN``).
+where this suite's PyTorch backend runs (``densenet_torch.launch.SYNC_BN_REFUSAL``).
+
+A worker that goes away closes its gloo connections; the others' collectives then fail with
+``Connection closed by peer``, which :meth:`TorchGroup.peer_gone` tells from this worker's own
+errors, so that the command says so in one line (``common.distributed.group.PeerLost``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from datetime import timedelta
 
@@ -26,8 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from common.adapter import Model
 from common.config import DenseNetConfig
-from common.distributed.group import DistributedError, Group, SyncBatchNormUnavailable
-from common.distributed.launch import TORCH_SYNC_BN
+from common.distributed.group import DistributedError, Group, check_sync_bn, collective, telling_line
 from densenet_torch.adapter import TorchAdapter
 from densenet_torch.optim import make_optimizer
 
@@ -68,9 +72,10 @@ class TorchGroup(Group):
         self.replicas = self.world
         self._ddp: dict[int, DistributedDataParallel] = {}  # by id(model)
 
+    @collective  # DistributedDataParallel broadcasts worker 0's weights
     def build(self, adapter: TorchAdapter, config: DenseNetConfig, seed=0, dtype="float32", sync_bn=False) -> Model:
         if sync_bn:
-            raise SyncBatchNormUnavailable(f"--sync-bn with --backend torch: {TORCH_SYNC_BN}")
+            check_sync_bn(self.backend)  # refused, with why
         model = adapter.build(config, seed=seed, dtype=dtype)
         # broadcast_buffers=False: running statistics are averaged after each step instead. PyTorch
         # 2.13 deprecates the name in favour of forward_sync_buffers, which would still broadcast
@@ -83,6 +88,7 @@ class TorchGroup(Group):
     def _buffers(self, model: Model) -> list[torch.Tensor]:
         return [b for name, b in model.net.named_buffers() if name.endswith(("running_mean", "running_var"))]
 
+    @collective
     def train_step(self, adapter, model, X, y, lr):
         opt = optimizer(model, lr)
         opt.zero_grad(set_to_none=True)
@@ -112,6 +118,7 @@ class TorchGroup(Group):
     def forward(self, adapter, model, X):
         return adapter.forward(model, X)
 
+    @collective
     def sum(self, values: np.ndarray) -> np.ndarray:
         t = torch.from_numpy(np.array(values, dtype=np.float64))
         dist.all_reduce(t)
@@ -120,6 +127,14 @@ class TorchGroup(Group):
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+    def peer_gone(self, exc: Exception) -> str | None:
+        # gloo's errors are RuntimeErrors (DistBackendError in recent PyTorch) that name gloo: a
+        # peer's closed connection, or a collective it did not join within the timeout.
+        message = str(exc)
+        if isinstance(exc, RuntimeError) and re.search(r"gloo|connection (closed|reset) by peer", message, re.I):
+            return telling_line(message, r"peer|timed out|connection")
+        return None
 
 
 def connect(timeout_s: float = 120.0) -> TorchGroup:

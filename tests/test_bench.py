@@ -15,6 +15,7 @@ from common import bench
 from common.bench import MODES, BenchCase, allocator, parse_modes
 from common.errors import DenseNetError
 from common.parity import PARITY_CASE
+from common.process import threads
 from tests.helpers import get_adapter, run_cli
 
 TINY = ["--num-channels", "16", "--growth-rate", "16", "--arch", "2,2", "--input-size", "32", "--batch-size", "2"]
@@ -22,8 +23,11 @@ NUMBERS = ("first_step_s", "median_s", "q1_s", "q3_s", "min_s", "max_s", "images
 
 
 @pytest.mark.torch
-def test_a_tiny_run_reports_every_case_as_json(capsys: pytest.CaptureFixture[str], tmp_path, request) -> None:
+def test_a_tiny_run_reports_every_case_as_json(
+    capsys: pytest.CaptureFixture[str], tmp_path, request, monkeypatch: pytest.MonkeyPatch
+) -> None:
     get_adapter("torch", request.config)
+    monkeypatch.setenv(threads.ENV, "1")  # as `--threads 1` leaves it, without changing this process's pools
     plot = tmp_path / "bench.png"
     code, out, _ = run_cli(
         capsys, "bench", *TINY, "--steps", "2", "--backends", "torch", "--modes", "eager", "--json", "--plot", plot
@@ -33,6 +37,7 @@ def test_a_tiny_run_reports_every_case_as_json(capsys: pytest.CaptureFixture[str
     assert report["schema"] == 1
     assert report["settings"]["batch_size"] == 2 and report["settings"]["input_size"] == [32, 32]
     assert report["settings"]["config"]["growth_rate"] == 16
+    assert report["settings"]["threads"] == 1
     assert {"cpus", "platform", "python"} <= set(report["machine"])
     assert [(r["backend"], r["mode"], r["phase"]) for r in report["rows"]] == [
         ("torch", "eager", "train"),
@@ -43,6 +48,7 @@ def test_a_tiny_run_reports_every_case_as_json(capsys: pytest.CaptureFixture[str
         assert all(row[k] > 0 for k in NUMBERS), row
         assert row["min_s"] <= row["q1_s"] <= row["median_s"] <= row["q3_s"] <= row["max_s"]
         assert row["version"]
+        assert row["threads"] == 1  # each case's process inherits the count
         # As densenet train runs PyTorch: on TCMalloc where installed, unless DENSENET_MALLOC says not.
         on_tcmalloc = allocator.find_tcmalloc() and allocator.choice() == "tcmalloc"
         assert row["malloc"] == ("tcmalloc" if on_tcmalloc else "system")

@@ -125,11 +125,14 @@ BAD_ARGUMENTS = [
     (["compare", "--compression", "nan"], 2, "argument --compression"),
     (["compare", "--config", "nope"], 2, "unknown configuration 'nope'"),
     (["compare", "--dtype", "float16"], 2, "argument --dtype"),
+    (["compare", "--threads", "x"], 2, "argument --threads: expected a thread count from 1 to 1024, got 'x'"),
     (["summary"], 2, "--backend"),
     (["summary", "--backend", "caffe"], 2, "unknown backend"),
     (["summary", "--backend", "torch", "--seed", "-1"], 2, "argument --seed"),
     (["summary", "--backend", "torch", "--input-size", "100000"], 2, "100000x100000 images in batches of 1"),
     (["summary", "--backend", "torch", "--input-size", "28"], 2, "too small"),
+    (["summary", "--backend", "torch", "--growth-rate", "100000"], 2, "TB of weights); this machine has"),
+    (["summary", "--backend", "torch", "--threads", "0"], 2, "argument --threads: expected a thread count from 1"),
     (["parity", "--seed", "-1"], 2, "argument --seed"),
     (["parity", "--seeds", "3-1"], 2, "an empty range"),
     (["parity", "--seeds", "0,,1"], 2, "an empty item"),
@@ -152,6 +155,7 @@ BAD_ARGUMENTS = [
     (["train", "--backend", "torch", "--lr", "nan"], 2, "argument --lr"),
     (["train", "--backend", "torch", "--lr", "-1"], 2, "argument --lr"),
     (["train", "--backend", "torch", "--epochs", "0"], 2, "argument --epochs"),
+    (["train", "--backend", "torch", "--threads", "1025"], 2, "argument --threads"),
     (["train", "--backend", "torch", "--workers", "2", "--memory-efficient"], 2, "--memory-efficient trains in one"),
     (["train", "--backend", "torch", "--workers", "2", "--sync-bn"], 2, "SyncBatchNorm runs on GPUs only"),
     (["train", "--backend", "torch", "--out", "{file}"], 2, "is a file, not a directory"),
@@ -269,7 +273,7 @@ def test_a_bad_argument_in_a_fresh_process() -> None:
         timeout=120,
         cwd=ROOT,
     )
-    assert_one_clear_error(proc.returncode, proc.stderr, 2, "need about", "of memory")
+    assert_one_clear_error(proc.returncode, proc.stderr, 2, "needs about", "of memory")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -143,6 +144,48 @@ def test_a_hung_job_is_stopped_at_its_timeout():
     notes = []
     status = launch("torch", [sys.executable, "-c", "import time; time.sleep(60)"], 2, timeout_s=2, say=notes.append)
     assert status == 124 and time.monotonic() - started < 20 and "did not finish within 2 s" in notes[0]
+
+
+def test_a_worker_killed_by_a_signal_is_named_with_it():
+    # Worker 1 kills itself outright; worker 0 would wait a minute.
+    code = "import os, time; os.kill(os.getpid(), 9) if os.environ['RANK'] == '1' else time.sleep(60)"
+    notes = []
+    status = launch("torch", [sys.executable, "-c", code], 2, timeout_s=60, say=notes.append)
+    assert status == -9 and notes == ["worker 1 died (killed by SIGKILL); stopping the other workers"]
+
+
+def test_an_engine_error_for_a_vanished_peer_is_one_clear_line():
+    """A collective that fails because another worker went away is PeerLost (exit 1, one line),
+    an error of the worker's own stays what it is, and after this worker was interrupted the
+    interrupt wins (the peers left because of it)."""
+    from common import lifeline
+    from common.distributed import PeerLost, group
+
+    class Fake(group.Group):
+        backend, rank, world, replicas = "fake", 0, 2, 2
+        build = train_step = set_weights = get_weights = forward = sum = close = None  # type: ignore[assignment]
+
+        def peer_gone(self, exc):
+            return group.telling_line(str(exc), "peer") if "gloo" in str(exc) else None
+
+        @group.collective
+        def step(self, error: Exception):
+            raise error
+
+    vanished = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1. Check it.")
+    with pytest.raises(PeerLost) as caught:
+        Fake().step(vanished)
+    assert str(caught.value) == (
+        "worker 0: another worker of the group is gone (Connection closed by peer [127.0.0.1]:1); this one stops too"
+    )
+    assert caught.value.exit_status == 1
+    with pytest.raises(ValueError, match="own"):
+        Fake().step(ValueError("its own"))
+    with lifeline.interrupts(), pytest.raises(lifeline.Interrupt):
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # as the launcher passes Ctrl-C on
+            time.sleep(10)
+        Fake().step(RuntimeError("MISMATCH of original and normalized active exception types"))
 
 
 # --- one launch per backend: the steps --------------------------------------------------------

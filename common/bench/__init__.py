@@ -23,10 +23,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from common import resources
+from common import lifeline, resources
 from common.bench import allocator
 from common.config import DenseNetConfig
 from common.errors import BackendError, DenseNetError
+from common.process import threads
 from common.render import format_table
 
 __all__ = [
@@ -151,6 +152,7 @@ def run_case(case: BenchCase) -> dict[str, Any]:
         "rss_before_mb": rss_before / 2**20,
         "peak_mb": _peak_bytes() / 2**20,
         "malloc": allocator.in_use(),
+        "threads": threads.current(),  # inherited from the bench (common.process.threads)
         **allocator.engine_record(case.backend),
     }
 
@@ -161,12 +163,11 @@ def case_command(case: BenchCase) -> list[str]:
 
 
 def case_malloc(case: BenchCase) -> str:
-    """The ``malloc`` a case runs on: PyTorch's on what ``densenet train`` uses (TCMalloc unless
-    ``DENSENET_MALLOC=system``), the book's mode and every other framework on the system's."""
+    """The ``malloc`` a case runs on: what ``densenet train`` uses for its backend (PyTorch's:
+    TCMalloc unless ``DENSENET_MALLOC=system``), the book's mode and every other framework on
+    the system's."""
     # `nchw` is the book's PyTorch code run the book's way, so it keeps the book's malloc too.
-    if case.backend == "torch" and case.mode != "nchw":
-        return allocator.choice()
-    return "system"
+    return "system" if case.mode == "nchw" else allocator.wanted(case.backend)
 
 
 def _child_env(case: BenchCase) -> dict[str, str]:
@@ -181,23 +182,21 @@ def _child_env(case: BenchCase) -> dict[str, str]:
 
 def _run_child(case: BenchCase, timeout: float) -> dict[str, Any]:
     """One case in a child process: its JSON result, or an ``error`` saying why there is none. The
-    child is killed on timeout and on Ctrl-C (which is then re-raised)."""
-    proc = subprocess.Popen(
-        case_command(case),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_child_env(case),
-        start_new_session=True,  # Ctrl-C reaches the parent, which ends the child itself
-    )
+    child, in a process group of its own (Ctrl-C reaches the parent, which ends the child itself),
+    is killed with anything it started on timeout, on Ctrl-C, SIGTERM or SIGHUP (then re-raised)
+    and on any other way out; it dies with this process if this one is killed outright
+    (common.lifeline)."""
+    job = lifeline.Job(grace_s=0)
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill(proc)
-        return {"error": f"timed out after {timeout:g} s"}
-    except BaseException:
-        _kill(proc)
-        raise
+        proc = job.start(
+            case_command(case), _child_env(case), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout:g} s"}
+    finally:
+        job.end(signal.SIGKILL)  # nothing to save in a measurement: at once
     if proc.returncode != 0:
         lines = [line for line in (err or out).strip().splitlines() if line.strip()]
         reason = lines[-1] if lines else "no output"
@@ -208,14 +207,6 @@ def _run_child(case: BenchCase, timeout: float) -> dict[str, Any]:
         return json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
         return {"error": f"the child printed no result: {out[-200:]!r}"}
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it started
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 @dataclass
@@ -238,6 +229,7 @@ class BenchReport:
             f"DenseNet {s['config']['describe']}, batch {s['batch_size']} at {s['input_size'][0]}x"
             f"{s['input_size'][1]}, {s['steps']} timed step(s) after {s['warmup']} warm-up, plain SGD, "
             f"{'memory-efficient' if s['memory_efficient'] else 'standard'} network; each case in its own process"
+            + (f", {s['threads']} thread(s)" if "threads" in s else "")
         )
         body = []
         for r in self.rows:
@@ -320,6 +312,7 @@ def run_bench(
         "warmup": warmup,
         "memory_efficient": memory_efficient,
         "timeout_s": timeout,
+        "threads": threads.current(),  # every case inherits it (common.process.threads)
     }
     report = BenchReport(settings)
     for backend in backends:

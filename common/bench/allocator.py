@@ -4,17 +4,15 @@ process runs a memory-efficient network on.
 PyTorch takes every CPU tensor from ``malloc``. glibc's ``malloc`` serves each block over 32 MiB
 (most activations of a training step: 64 channels at 48x48 in a batch of 128 is 75 MB) with a
 fresh ``mmap`` and unmaps it on ``free``, so the kernel zero-fills every such block again on the
-next step. TCMalloc keeps freed memory and hands it out again. On this machine that made the
-book's network train 1.64x faster in PyTorch, DenseNet-121 1.36x, and the memory-efficient
-DenseNet-121 1.43x (docs/performance.md). MXNet and TensorFlow pool their own memory, and JAX's
-step did not change with glibc's reuse either.
+next step. TCMalloc keeps freed memory and hands it out again, and PyTorch trains faster on it
+(docs/performance.md#what-each-backend-runs-by-default-and-why). MXNet and TensorFlow pool their
+own memory, and JAX's step did not change with glibc's reuse either.
 
 MXNet's memory-efficient network has a like problem with MXNet's own engine, solved the same way
 (:func:`mxnet_engine_env`): the threaded engine runs each operation after Python has queued it,
 and keeps every array a queued operation reads alive until then, so the recomputation's
-transient arrays pile up. MXNet's synchronous ``NaiveEngine`` frees them as Python drops them:
-DenseNet-121 at batch 32, 224x224, eager, took 2,256 MiB of step memory in 15.8 s a step, against
-3,365 MiB in 18.7 s on the threaded engine (docs/performance.md).
+transient arrays pile up. MXNet's synchronous ``NaiveEngine`` frees them as Python drops them,
+and the step takes less memory and less time (docs/performance.md#memory-and-time-measured).
 
 ``malloc`` is chosen when a process starts (``LD_PRELOAD``), so ``densenet train`` (in one
 process: distributed PyTorch workers on TCMalloc sometimes aborted at exit, in gloo) and
@@ -33,6 +31,7 @@ from pathlib import Path
 
 from common.distributed.group import WORKER_ENV
 from common.errors import DenseNetError
+from common.registry import launch_spec
 
 ENV = "DENSENET_MALLOC"
 """``tcmalloc`` (the default for PyTorch) or ``system``."""
@@ -124,16 +123,20 @@ def mxnet_engine(env: Mapping[str, str] | None = None) -> str:
     return (os.environ if env is None else env).get(MXNET_ENGINE) or "ThreadedEnginePerDevice"
 
 
+def wanted(backend: str) -> str:
+    """The ``malloc`` a ``backend`` process runs on: the backend's own preference (its
+    ``launch.py``: TCMalloc for PyTorch) as ``$DENSENET_MALLOC`` allows, else the system's."""
+    return choice() if launch_spec(backend).malloc == "tcmalloc" else "system"
+
+
 def engine_record(backend: str) -> dict[str, str]:
-    """What a result of ``backend`` run in this process records of its engine: MXNet's, or nothing."""
-    return {"mxnet_engine": mxnet_engine()} if backend == "mxnet" else {}
+    """What a result of ``backend`` run in this process records of its engine: MXNet's, or nothing
+    (the backend's ``launch.py`` says)."""
+    return launch_spec(backend).runtime_record()
 
 
 def mxnet_engine_env(base: Mapping[str, str], backend: str, memory_efficient: bool) -> dict[str, str]:
     """``base`` for a process that trains a ``backend`` network eagerly: a memory-efficient MXNet
     one runs on the synchronous ``NaiveEngine`` (module docstring), unless ``base`` already names
-    an engine; anything else runs on ``base`` as it is."""
-    env = dict(base)
-    if backend == "mxnet" and memory_efficient and not env.get(MXNET_ENGINE):
-        env[MXNET_ENGINE] = SYNCHRONOUS_ENGINE
-    return env
+    an engine; anything else runs on ``base`` as it is (the backend's ``launch.py`` says)."""
+    return launch_spec(backend).eager_env(base, memory_efficient)

@@ -9,17 +9,21 @@ and the engine's data-parallel training step.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+import re
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
+from common import lifeline
 from common.adapter import Adapter, Model
 from common.config import DenseNetConfig
 from common.errors import DenseNetError, Failed
-from common.registry import BACKENDS, load_backend
+from common.registry import BACKENDS, launch_spec, load_backend
 
 # Every rendezvous and collective waits at most this long (seconds) for the other workers; a
 # worker that died or never started turns into an error instead of a hang.
@@ -35,6 +39,12 @@ class DistributedError(Failed):
 
 class SyncBatchNormUnavailable(DenseNetError, ValueError):
     """``--sync-bn`` where the engine has no BatchNorm that synchronises across processes."""
+
+
+class PeerLost(DistributedError):
+    """Another worker of the group is gone (it died, or was stopped): the engine's collective
+    failed for want of it. One line and exit status 1, like any failure the command expects,
+    instead of the framework's exception, which the CLI would report as an internal error."""
 
 
 def timeout_s() -> float:
@@ -67,6 +77,49 @@ def job_timeout_s() -> float | None:
 def in_worker() -> bool:
     """Whether this process was started by :func:`common.distributed.launch`."""
     return os.environ.get(WORKER_ENV) == "1"
+
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+# The location prefix of gloo's and XLA's messages ("[../gloo/transport/tcp/pair.cc:553] ").
+_SOURCE = re.compile(r"^\[[^\]]*:\d+\]\s*")
+
+
+def telling_line(message: str, pattern: str) -> str:
+    """The first line of an engine's ``message`` that matches ``pattern`` (else its first line),
+    its first sentence (the engines go on with advice meant for their own users), without a
+    source-location prefix, at most 200 characters."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()] or [""]
+    line = next((x for x in lines if re.search(pattern, x, re.IGNORECASE)), lines[0])
+    line = re.split(r"(?<=\.)\s+(?=[A-Z])", _SOURCE.sub("", line))[0].rstrip(".")
+    return line[:200] + ("..." if len(line) > 200 else "")
+
+
+def collective(method: Method) -> Method:
+    """Marks a :class:`Group` method that waits on the other workers: the engine's error for a
+    worker that went away (:meth:`Group.peer_gone`) becomes :class:`PeerLost`.
+
+    When this worker was asked to stop itself (Ctrl-C, passed on by the launcher to every worker),
+    whatever the engine raised is the interrupt's doing: the others left for the same reason, or
+    the framework turned the KeyboardInterrupt raised inside its own code into another exception
+    (TensorFlow's pybind11: ``MISMATCH of original and normalized active exception types``). The
+    interrupt is raised instead, so that training says what it kept, as for Ctrl-C."""
+
+    @functools.wraps(method)
+    def checked(self: Group, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            signum = lifeline.interrupted()
+            if signum is not None:
+                raise lifeline.Interrupt(signum) from None
+            detail = self.peer_gone(exc)
+            if detail is None:
+                raise
+            raise PeerLost(
+                f"worker {self.rank}: another worker of the group is gone ({detail}); this one stops too"
+            ) from None
+
+    return checked  # type: ignore[return-value]
 
 
 class Group(ABC):
@@ -138,6 +191,12 @@ class Group(ABC):
     def close(self) -> None:
         """Leave the group (best effort; the process is about to end)."""
 
+    def peer_gone(self, exc: Exception) -> str | None:
+        """When ``exc``, raised by the engine in a :func:`collective` method, means that another
+        worker went away (a connection it closed, a collective it never joined): the telling line
+        of its message; else None (an error of this worker's own, reported as it is)."""
+        return None
+
 
 def connect(backend: str) -> Group:
     """Join the group the environment describes, with ``backend``'s engine (its
@@ -149,9 +208,8 @@ def connect(backend: str) -> Group:
 
 def check_sync_bn(backend: str) -> None:
     """Refuse ``--sync-bn`` for an engine without a BatchNorm synchronised across processes,
-    before anything starts (no framework imported)."""
-    from common.distributed.launch import ENGINES  # launch imports this module
-
-    reason = ENGINES[backend].sync_bn_refusal
+    before anything starts (no framework imported: the backend's ``launch.py``)."""
+    engine = launch_spec(backend).engine
+    reason = engine.sync_bn_refusal if engine is not None else None
     if reason:
         raise SyncBatchNormUnavailable(f"--sync-bn with --backend {backend}: {reason}")

@@ -2,21 +2,25 @@
 
 It sets, for every worker, the environment the engine's own launcher would set (``torchrun``'s
 variables, the JAX coordinator, ``TF_CONFIG``, MXNet's ``DMLC_*`` roles, with MXNet's scheduler
-and server started beside the workers), on ports picked free on 127.0.0.1. Every socket stays on
-the loopback interface: torch rendezvous through a file and gloo on ``lo``; JAX's coordinator is
-bound to 127.0.0.1; ps-lite binds ``DMLC_NODE_HOST``. TensorFlow's gRPC server binds every
-interface whatever ``TF_CONFIG`` says, so the TF workers run inside a private network namespace
-(``unshare -rn``) where loopback is the only interface; where that is not possible the launcher
-says so on stderr and the TF ports are open on every interface for the length of the run.
+and server started beside the workers), on ports picked free on 127.0.0.1; each backend's
+``launch.py`` gives that recipe (:mod:`common.distributed.engine`), read through the registry
+without importing a framework. Every socket stays on the loopback interface: torch rendezvous
+through a file and gloo on ``lo``; JAX's coordinator is bound to 127.0.0.1; ps-lite binds
+``DMLC_NODE_HOST``. TensorFlow's gRPC server binds every interface whatever ``TF_CONFIG`` says,
+so the TF workers run inside a private network namespace (``unshare -rn``) where loopback is the
+only interface; where that is not possible the launcher says so on stderr and the TF ports are
+open on every interface for the length of the run.
 
-When one worker fails the others are stopped; Ctrl-C stops them all; a ``timeout_s`` bounds the
-whole job. Children get their own process group, so nothing is left behind.
+The workers are one job (:class:`common.lifeline.Job`): one process group, ended on every way
+out. When one worker fails the others are stopped; Ctrl-C, SIGTERM and SIGHUP are passed on to
+every worker as Ctrl-C (each says what it kept), what is left after GRACE_S is killed; a
+``timeout_s`` bounds the whole job. Each worker dies with the launcher even when the launcher is
+killed outright (``PR_SET_PDEATHSIG``), so nothing is left behind.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -26,52 +30,28 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+from common import lifeline
+from common.distributed.engine import LOOPBACK, Engine
 from common.distributed.group import WORKER_ENV, DistributedError
+from common.errors import BackendError
+from common.registry import launch_spec
 from common.resources import child_env
 
-LOOPBACK = "127.0.0.1"
 # Seconds the workers get to stop by themselves (SIGINT/SIGTERM) before they are killed.
 GRACE_S = 10.0
 
 
-@dataclass(frozen=True)
-class Engine:
-    """How one backend's engine is launched (documentation and the launcher's recipe)."""
-
-    name: str
-    ports: int  # loopback ports one local job needs
-    wildcard_bind: bool  # whether its servers bind every interface whatever they are told
-    across_machines: str  # the engine's own way, in one line (docs/distributed.md has the commands)
-    sync_bn_refusal: str | None = None  # why --sync-bn is refused, where it is
-
-
-TORCH_SYNC_BN = (
-    "torch.nn.SyncBatchNorm runs on GPUs only (PyTorch raises 'SyncBatchNorm expected input tensor to be on "
-    "GPU' for CPU tensors) and this suite's PyTorch backend runs on the CPU; train without --sync-bn "
-    "(per-worker BatchNorm statistics, what DistributedDataParallel does)"
-)
-MXNET_SYNC_BN = (
-    "MXNet's SyncBatchNorm (gluon.contrib.nn) synchronises the devices of one process through a shared "
-    "in-process buffer, never across dist_sync kvstore processes; train without --sync-bn "
-    "(per-worker BatchNorm statistics)"
-)
-
-
-ENGINES: dict[str, Engine] = {
-    "torch": Engine(
-        "torch.distributed + DistributedDataParallel (gloo)",
-        0,
-        False,
-        "torchrun --nnodes/--rdzv-endpoint",
-        TORCH_SYNC_BN,
-    ),
-    "jax": Engine("jax.distributed + jit over a device Mesh", 1, False, "coordinator address, process id and count"),
-    "tf": Engine("tf.distribute.MultiWorkerMirroredStrategy", -1, True, "TF_CONFIG per worker"),
-    "mxnet": Engine("MXNet kvstore dist_sync (ps-lite)", 1, False, "tools/launch.py with a host file", MXNET_SYNC_BN),
-}
+def engine_for(backend: str) -> Engine:
+    """``backend``'s distributed engine (its ``launch.py``); no framework is imported."""
+    try:
+        found = launch_spec(backend).engine
+    except BackendError:
+        found = None
+    if found is None:
+        raise DistributedError(f"no distributed engine for backend {backend!r}")
+    return found
 
 
 def free_ports(count: int) -> list[int]:
@@ -91,41 +71,7 @@ def free_ports(count: int) -> list[int]:
 
 def worker_env(backend: str, rank: int, world: int, ports: list[int], workdir: Path) -> dict[str, str]:
     """The environment of local worker ``rank`` of ``world``: what the engine's launcher sets."""
-    env = {WORKER_ENV: "1"}
-    if backend == "torch":
-        # A FileStore instead of torchrun's TCPStore (whose server binds every interface).
-        env |= {
-            "DENSENET_TORCH_INIT": f"file://{workdir / 'torch-store'}",
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "GLOO_SOCKET_IFNAME": "lo",
-        }
-    elif backend == "jax":
-        env |= {
-            "DENSENET_JAX_COORDINATOR": f"{LOOPBACK}:{ports[0]}",
-            "DENSENET_JAX_BIND": f"{LOOPBACK}:{ports[0]}",
-            "DENSENET_JAX_PROCESS_ID": str(rank),
-            "DENSENET_JAX_NUM_PROCESSES": str(world),
-        }
-    elif backend == "tf":
-        cluster = {"worker": [f"{LOOPBACK}:{p}" for p in ports[:world]]}
-        env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": rank}})
-    elif backend == "mxnet":
-        env |= _mxnet_env("worker", world, ports)
-    else:
-        raise DistributedError(f"no distributed engine for backend {backend!r}")
-    return env
-
-
-def _mxnet_env(role: str, world: int, ports: list[int]) -> dict[str, str]:
-    return {
-        "DMLC_ROLE": role,
-        "DMLC_PS_ROOT_URI": LOOPBACK,
-        "DMLC_PS_ROOT_PORT": str(ports[0]),
-        "DMLC_NUM_SERVER": "1",
-        "DMLC_NUM_WORKER": str(world),
-        "DMLC_NODE_HOST": LOOPBACK,  # every ps-lite socket binds this address
-    }
+    return {WORKER_ENV: "1", **engine_for(backend).worker_env(rank, world, ports, workdir)}
 
 
 def without_option(argv: Sequence[str], option: str) -> list[str]:
@@ -154,26 +100,6 @@ def namespace_available() -> bool:
     return probe.returncode == 0
 
 
-def _stop(procs: Sequence[subprocess.Popen], sig: int) -> None:
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                pass
-
-
-def _stop_all(procs: Sequence[subprocess.Popen], first: int = signal.SIGTERM) -> None:
-    """Ask every process group to stop, then kill what is left after GRACE_S."""
-    _stop(procs, first)
-    deadline = time.monotonic() + GRACE_S
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    _stop(procs, signal.SIGKILL)
-    for p in procs:
-        p.wait()
-
-
 def launch(
     backend: str,
     command: Sequence[str],
@@ -182,24 +108,28 @@ def launch(
     timeout_s: float | None = None,
     namespace: bool | None = None,
     say=None,
+    interrupts: Sequence[int] = lifeline.INTERRUPTS,
 ) -> int:
     """Run ``command`` (an argv) as ``workers`` workers of ``backend``'s engine on this machine and
     wait for all of them; returns 0 when every worker succeeded, else the first failure's status
-    (124 after ``timeout_s``, 130 on Ctrl-C).
+    (124 after ``timeout_s``, 130 when interrupted: Ctrl-C, or another of ``interrupts``).
 
-    ``namespace`` (TensorFlow only; default: when available) runs the workers in a private network
-    namespace. ``say`` receives the launcher's notes (default: stderr).
+    ``namespace`` (engines that bind every interface, TensorFlow's; default: when available)
+    runs the workers in a private network namespace. ``say`` receives the launcher's notes
+    (default: stderr). Call it from the main thread: only there can the signals be caught, and
+    the workers die with the thread that started them.
     """
     say = say or (lambda message: print(message, file=sys.stderr, flush=True))
     if workers < 1:
         raise DistributedError(f"the number of workers must be at least 1, got {workers}")
-    if backend == "tf":
+    recipe = engine_for(backend)
+    if recipe.wildcard_bind:
         available = namespace_available()
         if namespace is None:
             namespace = available
             if not available:
                 say(
-                    "note: no private network namespace (unshare -rn) here: TensorFlow's workers listen on "
+                    f"note: no private network namespace (unshare -rn) here: {recipe.wildcard_bind} listen on "
                     "every interface, on their ports, for the length of the run"
                 )
         elif namespace and not available:
@@ -211,62 +141,77 @@ def launch(
                 inner += ["--timeout", str(timeout_s)]
             wrapped = ["unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *inner, "--", *command]
             env = child_env(os.environ)
-            return _supervise([wrapped], [env], [], [], timeout_s, say, names=["namespace"])
-    ports = free_ports(workers if backend == "tf" else ENGINES[backend].ports)
+            return _supervise([wrapped], [env], [], timeout_s, say, interrupts, names=["namespace"])
+    ports = free_ports(recipe.ports_for(workers))
     with tempfile.TemporaryDirectory(prefix="densenet-dist-") as workdir:
         envs = [child_env(os.environ | worker_env(backend, r, workers, ports, Path(workdir))) for r in range(workers)]
-        roles, role_envs = [], []
-        if backend == "mxnet":  # ps-lite's scheduler and one server: `import mxnet` with a role
-            for role in ("scheduler", "server"):
-                roles.append([sys.executable, "-m", "densenet_mxnet.distributed"])
-                role_envs.append(child_env(os.environ | {WORKER_ENV: "1"} | _mxnet_env(role, workers, ports)))
+        helpers = [
+            (h.name, list(h.argv), child_env(os.environ | {WORKER_ENV: "1"} | dict(h.env)))
+            for h in recipe.helpers(workers, ports)
+        ]
         commands = [list(command)] * workers
-        return _supervise(commands, envs, roles, role_envs, timeout_s, say)
+        return _supervise(commands, envs, helpers, timeout_s, say, interrupts)
 
 
-def _supervise(commands, envs, roles, role_envs, timeout_s, say, names=None) -> int:
+def _failure(name: str, code: int) -> str:
+    """The launcher's line for a worker that ended with ``code`` (minus a signal's number)."""
+    if code < 0:
+        try:
+            how = signal.Signals(-code).name
+        except ValueError:
+            how = f"signal {-code}"
+        return f"{name} died (killed by {how}); stopping the other workers"
+    return f"{name} exited with status {code}; stopping the other workers"
+
+
+def _supervise(commands, envs, helpers, timeout_s, say, interrupts, names=None) -> int:
     names = names or [f"worker {r}" for r in range(len(commands))]
+    job = lifeline.Job(GRACE_S)
     procs: list[subprocess.Popen] = []
-    helpers: list[subprocess.Popen] = []
+    started: list[tuple[str, subprocess.Popen]] = []  # the engine's helpers
+    finished = interrupted = False
     deadline = time.monotonic() + timeout_s if timeout_s else None
-    try:
-        for argv, env in zip(roles, role_envs):
-            helpers.append(subprocess.Popen(argv, env=env, start_new_session=True))
-        for argv, env in zip(commands, envs):
-            procs.append(subprocess.Popen(argv, env=env, start_new_session=True))
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [(n, c) for n, c in zip(names, codes) if c not in (None, 0)]
-            if failed:
-                name, code = failed[0]
-                if len(procs) > 1:
-                    say(f"{name} exited with status {code}; stopping the other workers")
-                return code
-            if all(c == 0 for c in codes):
-                return 0
-            dead_helper = next((h for h in helpers if h.poll() not in (None, 0)), None)
-            if dead_helper is not None:
-                say(
-                    f"the MXNet {'scheduler' if dead_helper is helpers[0] else 'server'} exited with status "
-                    f"{dead_helper.returncode}; stopping the workers"
-                )
-                return 1
-            if deadline is not None and time.monotonic() > deadline:
-                say(f"the workers did not finish within {timeout_s:g} s; stopping them")
-                return 124
-            time.sleep(0.05)
-    except KeyboardInterrupt:
-        # The terminal's Ctrl-C reached only this launcher (the workers have their own process
-        # groups): pass it on, so that each worker says what it kept, then make sure they end.
-        _stop_all(procs, signal.SIGINT)
-        return 130
-    finally:
-        _stop_all(procs)
-        # After the workers, ps-lite's scheduler and server end by themselves; else they are stopped.
-        end = time.monotonic() + GRACE_S
-        while any(h.poll() is None for h in helpers) and time.monotonic() < end:
-            time.sleep(0.05)
-        _stop_all(helpers)
+    with lifeline.interrupts(interrupts):
+        try:
+            for name, argv, env in helpers:
+                started.append((name, job.start(argv, env)))
+            for argv, env in zip(commands, envs):
+                procs.append(job.start(argv, env))
+            while True:
+                codes = [job.status(p) for p in procs]
+                failed = [(n, c) for n, c in zip(names, codes) if c not in (None, 0)]
+                if failed:
+                    name, code = failed[0]
+                    if len(procs) > 1:
+                        say(_failure(name, code))
+                    return code
+                if all(c == 0 for c in codes):
+                    finished = True
+                    return 0
+                helper_codes = [(n, job.status(h)) for n, h in started]
+                dead = next(((n, c) for n, c in helper_codes if c not in (None, 0)), None)
+                if dead is not None:
+                    say(f"{dead[0]} exited with status {dead[1]}; stopping the workers")
+                    return 1
+                if deadline is not None and time.monotonic() > deadline:
+                    say(f"the workers did not finish within {timeout_s:g} s; stopping them")
+                    return 124
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            # Ctrl-C, SIGTERM or SIGHUP reached only this launcher (the workers are a process group
+            # of their own): pass it on as Ctrl-C, so that each worker says what it kept; what is
+            # left after GRACE_S (a worker inside a collective whose peer is gone) is killed.
+            interrupted = True
+            with lifeline.held():
+                job.send(procs, signal.SIGINT)
+                job.wait(procs, GRACE_S)
+            return 130
+        finally:
+            if finished:
+                # After the workers, ps-lite's scheduler and server end by themselves; else they are stopped.
+                with lifeline.held():
+                    job.wait([h for _, h in started], GRACE_S)
+            job.end(signal.SIGKILL if interrupted else signal.SIGTERM)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -277,6 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, required=True)
     p.add_argument("--timeout", type=float)
     p.add_argument("command", nargs=argparse.REMAINDER)
+    # The outer launcher supervises this one: it dies with it, asks it to stop with SIGINT (passed
+    # on to the workers) and ends it with SIGTERM, at once (the workers then die with it).
+    supervised = lifeline.guard_parent()
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    return launch(args.backend, command, args.workers, timeout_s=args.timeout, namespace=False)
+    interrupts = (signal.SIGINT,) if supervised else lifeline.INTERRUPTS
+    code = launch(args.backend, command, args.workers, timeout_s=args.timeout, namespace=False, interrupts=interrupts)
+    return lifeline.exit_status(-code) if code < 0 else code  # a worker's signal, as a shell reports it
