@@ -1,32 +1,10 @@
-"""Framework-neutral core of densenet-suite: configuration, channel plan, backend registry,
-layout conversion, canonical weights and the harness. Importing it imports no framework."""
+"""Framework-neutral core of densenet-suite. Importing it imports no framework.
 
-from common.config import D2L, DenseNetConfig, NetworkPlan, Stage, canonical_spec, min_input_size, plan
-from common.errors import (
-    BackendError,
-    BackendUnavailable,
-    ConfigError,
-    DenseNetError,
-    InputError,
-    WeightFileError,
-)
-from common.registry import BACKENDS, available, load_backend
-
-__all__ = [
-    "BACKENDS",
-    "D2L",
-    "BackendError",
-    "BackendUnavailable",
-    "ConfigError",
-    "DenseNetConfig",
-    "DenseNetError",
-    "InputError",
-    "NetworkPlan",
-    "Stage",
-    "WeightFileError",
-    "available",
-    "canonical_spec",
-    "load_backend",
-    "min_input_size",
-    "plan",
-]
+The core sits at the top: ``config`` (the configuration and named configurations), ``arch`` (the
+architecture walked once: plan, canonical tensors, counts), ``adapter`` and ``registry`` (the
+backends by name), ``layout``, ``checks``, ``limits``, ``errors``, ``render`` and ``resources``.
+The rest is grouped by role: ``weights`` (weight files), ``training`` (the engine), ``oracle``
+(the float64 numpy reference and golden vectors), ``verify`` (parity, the shape harness, the
+summary), ``process`` (threads, allocator, process lifetimes), ``distributed``, ``data``,
+``bench``, ``teach`` and ``cli``. Each public name has one import path: its module's.
+"""

@@ -2,7 +2,7 @@
 
 An adapter hides one framework behind numpy: it builds a network or block from a configuration,
 runs it on a float32 NCHW array (converting layout at the edge), reports every stage's output in
-NCHW, and reads and writes the weights in the canonical format (``common.weights``).
+NCHW, and reads and writes the weights in the canonical format (``common.weights.canonical``).
 """
 
 from __future__ import annotations
@@ -14,21 +14,13 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 
+from common.arch import bn_counts, canonical_layers, canonical_spec, is_state, min_input_size, stage_names
 from common.checks import check_images
-from common.config import (
-    BN_MOMENTUM,
-    DenseNetConfig,
-    bn_counts,
-    canonical_layers,
-    canonical_spec,
-    is_state,
-    min_input_size,
-    stage_names,
-)
+from common.config import BN_MOMENTUM, DenseNetConfig
 from common.errors import Unsupported
 from common.layout import from_layout, param_from_native, param_to_native, to_layout
-from common.optim import MOMENTUM_BUFFER, SGD, check_state, state_spec
-from common.weights import check_weights
+from common.training.optim import MOMENTUM_BUFFER, SGD, check_state, state_spec
+from common.weights.canonical import check_weights
 
 RuntimeT = TypeVar("RuntimeT")
 
@@ -40,7 +32,7 @@ class Model(Generic[RuntimeT]):
     Only the adapter that built a model may drive it: ``runtime`` has that backend's type
     (``TorchRuntime``, ``MXNetRuntime``, ``JaxRuntime``, ``TFRuntime``, each in its package's
     ``adapter.py``). Not called "state": that word means the BatchNorm running statistics here
-    (``common.config.is_state``).
+    (``common.arch.is_state``).
     """
 
     config: DenseNetConfig
@@ -59,7 +51,7 @@ class Model(Generic[RuntimeT]):
     """Flax's variable collections (``{"params": ..., "batch_stats": ...}``, nested dicts of
     arrays); ``None`` in the other frameworks, which keep their weights inside ``net``."""
     sgd: SGD = field(default_factory=SGD)
-    """What ``train_step`` computes (``common.optim.SGD``; plain SGD unless
+    """What ``train_step`` computes (``common.training.optim.SGD``; plain SGD unless
     ``Adapter.configure_optimizer`` says otherwise); the framework's optimizer is in ``runtime``."""
 
 
@@ -85,7 +77,7 @@ class Adapter(ABC, Generic[RuntimeT]):
     layout: ClassVar[str]
     # Whether the framework's BatchNorm feeds its running variance the unbiased batch variance
     # (n/(n-1)), as PyTorch does, or the biased one used for normalising (MXNet, Keras, Flax).
-    # The canonical convention is the unbiased one (common.weights.RUNNING_VAR): adapters of the
+    # The canonical convention is the unbiased one (common.weights.canonical.RUNNING_VAR): adapters of the
     # other frameworks correct every training step they run (``canonical_running_stat``).
     running_var_unbiased: ClassVar[bool]
     # Weight of the new batch statistic in the framework's running averages, as it computes it:
@@ -152,13 +144,13 @@ class Adapter(ABC, Generic[RuntimeT]):
 
     def _tensors(self, model: Model[RuntimeT]) -> dict[str, Any]:
         """Canonical name -> the framework's handle on that tensor, by pairing the network's layers
-        with ``common.config.canonical_layers`` (the one place the naming is defined)."""
+        with ``common.arch.canonical_layers`` (the one place the naming is defined)."""
         expected = canonical_layers(model.config)
         layers = self._layers(model)
         if [k for _, k in expected] != [k for k, _ in layers]:
             raise RuntimeError(
                 f"{self.name}: the network's layers ({len(layers)}) do not follow the canonical order "
-                f"({len(expected)}); the model and common.config.canonical_spec disagree"
+                f"({len(expected)}); the model and common.arch.canonical_spec disagree"
             )
         return {
             f"{prefix}.{leaf}": handle
@@ -196,12 +188,12 @@ class Adapter(ABC, Generic[RuntimeT]):
     def _write_velocities(self, model: Model[RuntimeT], velocities: dict[str, np.ndarray]) -> None:
         """Set every parameter's velocity (canonical parameter names, native layout, model dtype)."""
 
-    # --- the optimiser (common.optim) ---------------------------------------------------------
+    # --- the optimiser (common.training.optim) ---------------------------------------------------------
 
     def configure_optimizer(self, model: Model[RuntimeT], sgd: SGD) -> None:
         """Train ``model`` with ``sgd`` from its next step on, velocities starting at zero."""
         if not isinstance(sgd, SGD):
-            raise TypeError(f"expected a common.optim.SGD, got {type(sgd).__name__}")
+            raise TypeError(f"expected a common.training.optim.SGD, got {type(sgd).__name__}")
         model.sgd = sgd
         self._reset_optimizer(model)
 
@@ -220,7 +212,7 @@ class Adapter(ABC, Generic[RuntimeT]):
 
     def set_optimizer_state(self, model: Model[RuntimeT], state: dict[str, np.ndarray]) -> None:
         """Load velocities from :meth:`get_optimizer_state` (of any backend); checks every name and
-        shape first and loads nothing on error (``common.optim.OptimizerError``)."""
+        shape first and loads nothing on error (``common.training.optim.OptimizerError``)."""
         check_state(model.config, model.sgd, state)
         if state:
             self._write_velocities(

@@ -6,7 +6,7 @@ network before any framework runs follows from its layers: the stage names and c
 the spatial size of every stage, the smallest input, the canonical tensor names and shapes, the
 parameter, statistic and multiply-add counts and how many values each BatchNorm averages over.
 
-The backends' ``model.py`` files and ``common.reference.forward`` keep their own book-shaped
+The backends' ``model.py`` files and ``common.oracle.reference.forward`` keep their own book-shaped
 loops on purpose: they are the teaching payload and the independent oracle this walk is checked
 against. Nothing here imports a framework.
 """

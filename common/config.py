@@ -1,8 +1,7 @@
 """The DenseNet configuration, the BatchNorm conventions and the named configurations.
 
 The arithmetic that follows from a configuration (stage plan, canonical tensors, counts) lives in
-:mod:`common.arch`, walked once; its names are re-exported here so ``common.config`` stays the
-one import for both. Nothing here imports a framework.
+:mod:`common.arch`, walked once, and is imported from there. Nothing here imports a framework.
 """
 
 from __future__ import annotations
@@ -12,58 +11,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.arch import (
-    BN_LEAVES,
-    BN_STATE_LEAVES,
-    CONV3,
-    STEM_CONV,
-    STEM_POOL,
-    TRANSITION_POOL,
-    Layer,
-    NetworkPlan,
-    Stage,
-    bn_counts,
-    canonical_layers,
-    canonical_spec,
-    count_bn_stats,
-    count_macs,
-    count_params,
-    is_state,
-    min_input_size,
-    plan,
-    plan_channels,
-    stage_names,
     walk,
 )
 from common.errors import ConfigError
 
 __all__ = [
     "BN_EPS",
-    "BN_LEAVES",
     "BN_MOMENTUM",
-    "BN_STATE_LEAVES",
     "CONFIGS",
-    "CONV3",
     "D2L",
-    "STEM_CONV",
-    "STEM_POOL",
-    "TRANSITION_POOL",
     "DenseNetConfig",
-    "Layer",
-    "NetworkPlan",
-    "Stage",
-    "bn_counts",
-    "canonical_layers",
-    "canonical_spec",
-    "count_bn_stats",
-    "count_macs",
-    "count_params",
-    "is_state",
-    "min_input_size",
     "named_config",
-    "plan",
-    "plan_channels",
-    "stage_names",
-    "walk",
 ]
 
 # BatchNorm conventions every backend is configured with, so they compute the same function.

@@ -73,7 +73,7 @@ class Launch:
     """
 
     malloc: str = "system"
-    """The ``malloc`` its training and benchmark processes run on (``common.bench.allocator``):
+    """The ``malloc`` its training and benchmark processes run on (``common.process.allocator``):
     ``tcmalloc`` where the framework takes every CPU tensor from ``malloc``, else ``system``."""
     engine: Engine | None = None
     """Its distributed engine's recipe for local jobs (``common.distributed.engine``), or None."""

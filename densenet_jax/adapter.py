@@ -24,9 +24,10 @@ from flax.core import unfreeze
 from jax.experimental import enable_x64
 
 from common.adapter import Adapter, Model, check_dtype
-from common.config import BN_MOMENTUM, DenseNetConfig, min_input_size
+from common.arch import min_input_size
+from common.config import BN_MOMENTUM, DenseNetConfig
 from common.errors import Unsupported
-from common.optim import SGD
+from common.training.optim import SGD
 from densenet_jax.model import DenseBlock, DenseNet, transition_block
 from densenet_jax.optim import make_optimizer, velocities, with_velocities
 

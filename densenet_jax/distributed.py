@@ -35,7 +35,7 @@ from common.adapter import Model
 from common.config import DenseNetConfig
 from common.distributed.group import DistributedError, Group, collective, telling_line
 from common.layout import to_layout
-from common.optim import SGD
+from common.training.optim import SGD
 from densenet_jax.adapter import JaxAdapter, JaxRuntime, _x64, loss_value_and_grad
 from densenet_jax.optim import make_optimizer
 

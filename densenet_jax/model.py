@@ -14,8 +14,9 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
+from common.arch import min_input_size
 from common.checks import check_images
-from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, min_input_size
+from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig
 from common.errors import ConfigError
 from densenet_jax.memory_efficient import can_recompute, forward_recomputed
 

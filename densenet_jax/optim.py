@@ -1,4 +1,4 @@
-"""The suite's SGD (``common.optim.SGD``, PyTorch's definition) as an optax chain.
+"""The suite's SGD (``common.training.optim.SGD``, PyTorch's definition) as an optax chain.
 
 ``optax.sgd`` keeps the velocity as PyTorch does (``optax.trace``: ``t = g + momentum * t``,
 Nesterov ``g + momentum * t``) and scales by the rate after; the coupled weight decay is
@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from jax.experimental import enable_x64
 
-from common.optim import SGD, Convention
+from common.training.optim import SGD, Convention
 
 __all__ = ["STOCK", "apply_steps", "make_optimizer", "stock_convention", "velocities", "with_velocities"]
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.adapter import Adapter, Model, check_dtype
-from common.config import BN_MOMENTUM, DenseNetConfig, min_input_size
+from common.arch import min_input_size
+from common.config import BN_MOMENTUM, DenseNetConfig
 from densenet_mxnet._compat import mxnet as mx
 from densenet_mxnet.model import DenseBlock, DenseNet, transition_block
 from densenet_mxnet.optim import make_optimizer
@@ -72,7 +73,7 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
     def trains_compiled(self, model: MXNetModel) -> bool:
         # A memory-efficient network's dense blocks stay imperative when hybridized, and the
         # compiled stages between them keep static memory plans: eagerly on MXNet's NaiveEngine
-        # (common.bench.allocator) it takes less memory in about the same time
+        # (common.process.allocator) it takes less memory in about the same time
         # (docs/performance.md#memory-and-time-measured).
         return self.prefers_compiled and not model.net.memory_efficient
 

@@ -2,7 +2,7 @@
 reads this module without the package's ``__init__``; it imports no framework).
 
 A memory-efficient network trains eagerly on MXNet's synchronous ``NaiveEngine``, which MXNet
-reads from its environment once, when imported (``common.bench.allocator`` says why), and every
+reads from its environment once, when imported (``common.process.allocator`` says why), and every
 result records the engine it ran on. A local distributed job is the ``dist_sync`` kvstore: ps-lite's
 scheduler and one server beside the workers, each a process with its ``DMLC_*`` role, every
 ps-lite socket bound to loopback (``DMLC_NODE_HOST``).
@@ -14,8 +14,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from common.bench.allocator import MXNET_ENGINE, SYNCHRONOUS_ENGINE, mxnet_engine
 from common.distributed.engine import LOOPBACK, Engine, Helper
+from common.process.allocator import MXNET_ENGINE, SYNCHRONOUS_ENGINE, mxnet_engine
 from common.registry import Launch
 
 SYNC_BN_REFUSAL = (

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.arch import min_input_size
 from common.checks import check_images
-from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, min_input_size
+from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig
 from densenet_mxnet._compat import mxnet as mx  # restores numpy's removed aliases, then imports MXNet
 from densenet_mxnet.memory_efficient import can_recompute, forward_recomputed
 

@@ -1,4 +1,4 @@
-"""The suite's SGD (``common.optim.SGD``, PyTorch's definition) as an MXNet optimizer.
+"""The suite's SGD (``common.training.optim.SGD``, PyTorch's definition) as an MXNet optimizer.
 
 MXNet's own ``sgd`` folds the learning rate into the velocity (``mom = momentum * mom - lr * g;
 w += mom``), which is another update as soon as the rate changes; its ``nag`` keeps the velocity
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.optim import FOLDED_LR, SGD, Convention
+from common.training.optim import FOLDED_LR, SGD, Convention
 from densenet_mxnet._compat import mxnet as mx
 
 __all__ = ["STOCK", "SuiteSGD", "apply_steps", "make_optimizer", "stock_convention"]

@@ -1,7 +1,7 @@
 """The MXNet side of the ``gluon`` peer format: the model zoo's own parameter names.
 
 Gluon names parameters by block counters (``densenet0_stage1_conv3_weight``), so only the model
-zoo itself can say what a network's names are; ``common.peers`` pairs them with the canonical
+zoo itself can say what a network's names are; ``common.weights.peers`` pairs them with the canonical
 ones. The neutral core reaches this through the registry (``MXNetAdapter.gluon_zoo_names``).
 """
 

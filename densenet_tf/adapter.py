@@ -10,7 +10,8 @@ import numpy as np
 import tensorflow as tf
 
 from common.adapter import Adapter, Model, check_dtype
-from common.config import DenseNetConfig, min_input_size
+from common.arch import min_input_size
+from common.config import DenseNetConfig
 from common.process import threads
 from densenet_tf.model import DenseBlock, DenseNet, TransitionBlock, transition_block
 from densenet_tf.optim import SuiteSGD, make_optimizer

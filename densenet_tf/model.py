@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from common.arch import min_input_size
 from common.checks import check_images
-from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, min_input_size
+from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig
 from densenet_tf.memory_efficient import can_recompute, forward_recomputed
 
 layers = tf.keras.layers

@@ -1,4 +1,4 @@
-"""The suite's SGD (``common.optim.SGD``, PyTorch's definition) as a Keras optimizer.
+"""The suite's SGD (``common.training.optim.SGD``, PyTorch's definition) as a Keras optimizer.
 
 Keras's ``SGD`` folds the learning rate into the velocity (``v = momentum * v - lr * g``), which
 is another update as soon as the rate changes, and Keras 3's ``weight_decay`` is decoupled
@@ -12,7 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from common.optim import DECOUPLED_WEIGHT_DECAY, FOLDED_LR, SGD, Convention
+from common.training.optim import DECOUPLED_WEIGHT_DECAY, FOLDED_LR, SGD, Convention
 
 __all__ = ["STOCK", "SuiteSGD", "apply_steps", "make_optimizer", "stock_convention"]
 
@@ -21,7 +21,7 @@ STOCK = "keras.optimizers.SGD with weight_decay"
 
 
 class SuiteSGD(keras.optimizers.SGD):
-    """``keras.optimizers.SGD`` computing ``common.optim.SGD``: the velocity holds gradients,
+    """``keras.optimizers.SGD`` computing ``common.training.optim.SGD``: the velocity holds gradients,
     ``coupled_weight_decay * w`` added to them, and the rate only scales the step."""
 
     def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, coupled_weight_decay=0.0, **kwargs) -> None:

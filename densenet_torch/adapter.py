@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from common.adapter import Adapter, Model, check_dtype
-from common.config import DenseNetConfig, min_input_size
+from common.arch import min_input_size
+from common.config import DenseNetConfig
 from common.process import threads
 from densenet_torch.model import DenseBlock, DenseNet, TransitionBlock, transition_block
 from densenet_torch.optim import make_optimizer
 
 # PyTorch has no environment switch for oneDNN; `densenet parity-sweep` measures rounding with it
-# off as well (common.parity.sweep_environment).
+# off as well (common.verify.parity.sweep_environment).
 if os.environ.get("DENSENET_ONEDNN") == "0":
     torch.backends.mkldnn.enabled = False
 

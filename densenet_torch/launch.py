@@ -1,7 +1,7 @@
 """How PyTorch processes are started, known without importing PyTorch (``common.registry.launch_spec``
 reads this module without the package's ``__init__``; it imports no framework).
 
-Training and benchmark processes run on TCMalloc (``common.bench.allocator``: PyTorch takes every
+Training and benchmark processes run on TCMalloc (``common.process.allocator``: PyTorch takes every
 CPU tensor from ``malloc``). A local distributed job is ``torch.distributed`` with gloo: each
 worker gets what ``torchrun`` would set, except the rendezvous, which goes through a file instead
 of torchrun's TCPStore (whose server binds every interface), and gloo stays on ``lo``.

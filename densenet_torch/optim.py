@@ -1,4 +1,4 @@
-"""The suite's SGD (``common.optim.SGD``) is PyTorch's: ``torch.optim.SGD`` computes it as it is."""
+"""The suite's SGD (``common.training.optim.SGD``) is PyTorch's: ``torch.optim.SGD`` computes it as it is."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from common.optim import SGD, Convention
+from common.training.optim import SGD, Convention
 
 __all__ = ["STOCK", "apply_steps", "make_optimizer", "stock_convention"]
 

@@ -81,7 +81,7 @@ print(f"{sum(p.data().size for p in net.collect_params().values()):,} values, ru
 # The suite's summary of the same network (any configuration, every stage's parameters):
 
 # %%
-from common.summary import summarize
+from common.verify.summary import summarize
 
 print(summarize(BACKEND, net.config, 96).to_text())
 
@@ -122,18 +122,19 @@ for m in metrics:
 # %% [markdown]
 # ## Evaluating the result in another framework
 #
-# The run wrote `weights.safetensors` in the canonical layout (`common.weights`): any backend
+# The run wrote `weights.safetensors` in the canonical layout (`common.weights.canonical`): any backend
 # loads it. Here the next installed framework evaluates it on the same test images, and the
-# numpy reference (`common.reference`, no framework at all) computes the same logits.
+# numpy reference (`common.oracle.reference`, no framework at all) computes the same logits.
 
 # %%
 import numpy as np
 
-from common import data, reference
+from common import data
 from common.errors import BackendUnavailable
+from common.oracle import reference
 from common.registry import BACKENDS, load_backend
 from common.training.engine import evaluate
-from common.weights import load_weights
+from common.weights.canonical import load_weights
 
 config, weights = load_weights(run / "weights.safetensors")
 test = data.subset(data.load("test"), settings.test_limit)

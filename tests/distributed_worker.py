@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from common.distributed import SyncBatchNormUnavailable, connect, shard_range
-from common.harness import seeded_batches
-from common.optim import SGD
-from common.parity import PARITY_CASE
 from common.registry import load_backend
-from common.weights import init_canonical
+from common.training.optim import SGD
+from common.verify.harness import seeded_batches
+from common.verify.parity import PARITY_CASE
+from common.weights.canonical import init_canonical
 
 CONFIG, SIZE, BATCH, LR, SEED = PARITY_CASE, (16, 16), 4, 0.01, 0
 # The momentum steps: Nesterov with a weight decay that weighs in (5e-3: removing it moves the

@@ -1,4 +1,4 @@
-"""Which ``malloc`` PyTorch runs on (``common.bench.allocator``): ``densenet train --backend torch``
+"""Which ``malloc`` PyTorch runs on (``common.process.allocator``): ``densenet train --backend torch``
 started as a program runs on TCMalloc where it is installed, ``DENSENET_MALLOC=system`` keeps
 glibc's, a bad value is refused, and the bench starts each case on the allocator its mode names.
 And which engine MXNet runs on: a memory-efficient network trains eagerly on the NaiveEngine."""
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from common.bench import BenchCase, _child_env, allocator, case_malloc
-from common.parity import PARITY_CASE
+from common.verify.parity import PARITY_CASE
 from tests.helpers import get_adapter
 from tests.test_data import make_dataset
 
@@ -78,8 +78,8 @@ def test_an_unknown_allocator_is_refused_with_the_choices(tmp_path: Path) -> Non
 def test_relaunching_loads_tcmalloc_once() -> None:
     """The relaunched process has TCMalloc mapped and does not start again; a distributed worker,
     a process already relaunched, or one told to keep the system's never starts again."""
-    code = "from common.bench import allocator; print(allocator.in_use())"
-    relaunch = f"from common.bench import allocator; allocator.relaunch_on_tcmalloc(['-c', {code!r}]); print('kept')"
+    code = "from common.process import allocator; print(allocator.in_use())"
+    relaunch = f"from common.process import allocator; allocator.relaunch_on_tcmalloc(['-c', {code!r}]); print('kept')"
     done = subprocess.run([sys.executable, "-c", relaunch], env=_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["tcmalloc"]

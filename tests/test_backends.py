@@ -14,17 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.config import (
-    CONFIGS,
-    D2L,
-    DenseNetConfig,
-    canonical_spec,
-    count_bn_stats,
-    count_params,
-    is_state,
-    plan,
-    plan_channels,
-)
+from common.arch import canonical_spec, count_bn_stats, count_params, is_state, plan, plan_channels
+from common.config import CONFIGS, D2L, DenseNetConfig
 from common.errors import InputError
 from common.registry import BACKENDS
 from tests.helpers import cached_model, get_adapter, images

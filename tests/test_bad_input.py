@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.config import D2L, DenseNetConfig, canonical_spec
+from common.arch import canonical_spec
+from common.config import D2L, DenseNetConfig
 from common.errors import BackendError, ConfigError, InputError, WeightFileError
 from common.registry import ALIASES, BACKENDS, canonical_name, load_backend
 from tests.helpers import cached_model, images

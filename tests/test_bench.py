@@ -14,8 +14,8 @@ import pytest
 from common import bench
 from common.bench import MODES, BenchCase, allocator, parse_modes
 from common.errors import DenseNetError
-from common.parity import PARITY_CASE
 from common.process import threads
+from common.verify.parity import PARITY_CASE
 from tests.helpers import get_adapter, run_cli
 
 TINY = ["--num-channels", "16", "--growth-rate", "16", "--arch", "2,2", "--input-size", "32", "--batch-size", "2"]

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 import common.cli
+from common.arch import count_params
 from common.cli import main
-from common.config import DenseNetConfig, count_params
-from common.harness import compare_shapes, seeded_batches
+from common.config import DenseNetConfig
 from common.registry import BACKENDS, BackendEntry
-from common.summary import summarize
+from common.verify.harness import compare_shapes, seeded_batches
+from common.verify.summary import summarize
 
 TINY = ["--num-channels", "8", "--growth-rate", "4", "--arch", "2,2", "--input-size", "32"]
 

@@ -19,8 +19,8 @@ import pytest
 import common.cli
 from common.cli import build_parser, main
 from common.config import DenseNetConfig
-from common.safetensors_io import read_weights, write_weights
-from common.weights import init_canonical, save_weights
+from common.weights.canonical import init_canonical, save_weights
+from common.weights.safetensors_io import read_weights, write_weights
 from tests.helpers import run_cli as run
 from tests.test_data import make_dataset
 
@@ -429,9 +429,9 @@ def test_list_reports_a_missing_distribution(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_weights_of_another_network_are_summarised() -> None:
-    from common.config import canonical_spec
+    from common.arch import canonical_spec
     from common.errors import WeightFileError
-    from common.weights import check_weights
+    from common.weights.canonical import check_weights
 
     d2l = DenseNetConfig()
     with pytest.raises(WeightFileError) as info:
@@ -479,7 +479,7 @@ def test_base_install_is_enough_for_the_cli() -> None:
     assert teaching <= {"pygments", "jinja2", "markupsafe", "jupytext", "torch", "matplotlib"}, teaching
     assert set(third_party) - teaching <= base | {"matplotlib", "PIL"}, third_party
     outside = {f for f in third_party.get("matplotlib", set()) if not f.startswith("common/teach/")}
-    assert outside <= {"common/plot.py"}
+    assert outside <= {"common/training/plot.py"}
     assert third_party.get("PIL", set()) <= {"common/data/folder.py"}
     loaded = subprocess.run(
         [sys.executable, "-c", "import sys, common.cli; common.cli.build_parser(); print('PIL' in sys.modules)"],

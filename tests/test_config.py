@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import (
-    D2L,
-    DenseNetConfig,
+from common.arch import (
     canonical_spec,
     count_bn_stats,
     count_macs,
@@ -28,6 +26,7 @@ from common.config import (
     plan_channels,
     stage_names,
 )
+from common.config import D2L, DenseNetConfig
 from common.errors import ConfigError, InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +57,7 @@ def test_import_common_imports_no_framework() -> None:
         "import sys\n"
         "import common\n"
         "import common.adapter, common.checks, common.config, common.errors\n"
-        "import common.layout, common.registry, common.weights\n"
+        "import common.layout, common.registry, common.weights.canonical\n"
         f"print(','.join(m for m in {FRAMEWORKS!r} if m in sys.modules))\n"
     )
     result = subprocess.run(

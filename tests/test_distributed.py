@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import reference_grad
 from common.distributed import launch, shard_batches, shard_range
 from common.distributed.launch import namespace_available
 from common.distributed.sharding import ShardingError
-from common.harness import seeded_batches
-from common.optim import FOLDED_LR, MOMENTUM_BUFFER, SGD, SUITE, Convention, sgd_update, state_spec
-from common.parity import bound
-from common.weights import init_canonical, load_canonical
+from common.oracle import reference_grad
+from common.training.optim import FOLDED_LR, MOMENTUM_BUFFER, SGD, SUITE, Convention, sgd_update, state_spec
+from common.verify.harness import seeded_batches
+from common.verify.parity import bound
+from common.weights.canonical import init_canonical, load_canonical
 from tests.distributed_worker import BATCH, CONFIG, LR, LRS, MOMENTUM, SEED, SIZE
 from tests.helpers import get_adapter, run_cli
 
@@ -60,10 +60,10 @@ def oracle(
     convention: Convention = SUITE,
     forget_velocity: bool = False,
 ) -> tuple[dict[str, np.ndarray], dict[str, float], list[float]]:
-    """The float64 numpy steps of ``sgd`` (``common.optim.sgd_update``), one per seeded global
+    """The float64 numpy steps of ``sgd`` (``common.training.optim.sgd_update``), one per seeded global
     batch at the rates ``lrs``, BatchNorm statistics taken per shard (``shards`` equal shards; 1:
     the single-process steps), gradients and running statistics averaged over the shards: the
-    weights and velocities after the last step, the scale of each (as common.parity's step checks)
+    weights and velocities after the last step, the scale of each (as common.verify.parity's step checks)
     and the global mean loss of each step. ``forget_velocity``: the velocities are dropped before
     the last step (a resume that lost them)."""
     batches = seeded_batches(CONFIG, SIZE, BATCH, len(lrs), SEED)
@@ -158,8 +158,8 @@ def test_an_engine_error_for_a_vanished_peer_is_one_clear_line():
     """A collective that fails because another worker went away is PeerLost (exit 1, one line),
     an error of the worker's own stays what it is, and after this worker was interrupted the
     interrupt wins (the peers left because of it)."""
-    from common import lifeline
     from common.distributed import PeerLost, group
+    from common.process import lifeline
 
     class Fake(group.Group):
         backend, rank, world, replicas = "fake", 0, 2, 2

@@ -9,15 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import data, peers, reference_grad
+from common import data
 from common.config import DenseNetConfig
 from common.errors import WeightFileError
-from common.parity import PARITY_CASE, bound
-from common.safetensors_io import write_weights
-from common.starting_weights import HEAD, read_init, starting_weights
+from common.oracle import reference_grad
 from common.training.run import train
 from common.training.settings import TrainingError, TrainSettings
-from common.weights import init_canonical, load_weights, save_weights
+from common.verify.parity import PARITY_CASE, bound
+from common.weights import peers
+from common.weights.canonical import init_canonical, load_weights, save_weights
+from common.weights.safetensors_io import write_weights
+from common.weights.starting import HEAD, read_init, starting_weights
 from tests.helpers import participating_backends
 from tests.helpers import run_cli as cli
 from tests.test_datasets import make_cifar, make_folder

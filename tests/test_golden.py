@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import golden
-from common.config import is_state
-from common.safetensors_io import load_file, save_file
+from common.arch import is_state
+from common.oracle import golden
+from common.weights.safetensors_io import load_file, save_file
 
 CASES = {case.name: case for case in golden.CASES}
 

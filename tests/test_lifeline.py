@@ -1,4 +1,4 @@
-"""common.lifeline: SIGTERM and SIGHUP as Ctrl-C, jobs in one process group, children that die
+"""common.process.lifeline: SIGTERM and SIGHUP as Ctrl-C, jobs in one process group, children that die
 with their launcher (issue 24). Framework-free and quick: the children are small Python
 programs; tests/test_faults.py runs the real commands.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from common import lifeline
+from common.process import lifeline
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc: Linux")
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,7 +149,7 @@ def test_exit_statuses_are_read_without_reaping():
 LAUNCHER = """
 import os, sys, time
 from pathlib import Path
-from common import lifeline
+from common.process import lifeline
 no_prctl = "--no-prctl" in sys.argv
 if no_prctl:
     lifeline._PRCTL = None  # as where prctl does not exist: the child's watchdog thread acts

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import DenseNetConfig, count_bn_stats, count_params
+from common.arch import count_bn_stats, count_params
+from common.config import DenseNetConfig
 from common.errors import InputError
 from common.limits import activation_bytes, check_memory, weight_bytes
 

@@ -9,9 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from common import reference_grad
-from common.config import is_state
-from common.parity import PARITY_CASE, bound
+from common.arch import is_state
+from common.oracle import reference_grad
+from common.verify.parity import PARITY_CASE, bound
 from tests.helpers import images
 
 # One dense block of the parity case's widths, as the book builds it and as DenseNet-BC does

@@ -1,4 +1,4 @@
-"""The optimiser (common.optim): one definition of SGD with momentum, Nesterov and weight decay,
+"""The optimiser (common.training.optim): one definition of SGD with momentum, Nesterov and weight decay,
 computed by every framework's own optimizer; the schedules; the optimiser state in canonical form."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from common.optim import (
+from common.registry import BACKENDS
+from common.training.optim import (
     DECOUPLED_WEIGHT_DECAY,
     FOLDED_LR,
     SGD,
@@ -19,8 +20,7 @@ from common.optim import (
     sgd_update,
     state_spec,
 )
-from common.parity import PARITY_CASE
-from common.registry import BACKENDS
+from common.verify.parity import PARITY_CASE
 from tests.helpers import run_cli
 
 WORDS = [
@@ -199,7 +199,7 @@ def test_train_refuses_meaningless_optimiser_options(
 
 def test_a_checkpoint_file_carries_the_velocities_apart_from_the_weights(tmp_path) -> None:
     from common.errors import WeightFileError
-    from common.weights import init_canonical, load_canonical, save_weights
+    from common.weights.canonical import init_canonical, load_canonical, save_weights
 
     w = init_canonical(PARITY_CASE, 0)
     spec = state_spec(PARITY_CASE, SGD(momentum=0.9))

@@ -52,8 +52,8 @@ def test_the_wheel_holds_every_module_of_the_checkout(wheel_names: set[str]) -> 
 
 def test_the_wheel_holds_what_commands_read(wheel_names: set[str]) -> None:
     data = {
-        "common/golden/small.safetensors",
-        "common/golden/rgb_nonsquare.safetensors",
+        "common/oracle/golden/small.safetensors",
+        "common/oracle/golden/rgb_nonsquare.safetensors",
         "common/teach/static/site.css",
         "common/teach/static/site.js",
         "common/teach/templates/page.html.j2",

@@ -9,15 +9,15 @@ import sys
 import numpy as np
 import pytest
 
+from common.arch import bn_counts
 from common.config import BN_MOMENTUM, DenseNetConfig
-from common.parity import (
+from common.verify.parity import (
     ERROR_MODEL,
     FLOAT64_CLAIM,
     ORACLE,
     UNIT_ROUNDOFF,
     Comparison,
     _error,
-    bn_counts,
     bound,
     run_parity,
     sweep_environment,
@@ -125,7 +125,7 @@ def test_bn_counts_follow_the_plan() -> None:
 
 
 def test_naive_defaults_each_cost_something() -> None:
-    from common.parity import run_naive
+    from common.verify.parity import run_naive
 
     rows = {(r.default, r.affects): r for r in run_naive(SMALL, input_size=32, batch=4)}
     assert rows[("BN epsilon 1e-3", "inference logits and stages")].max_abs > 1e-3
@@ -148,7 +148,7 @@ def test_naive_defaults_each_cost_something() -> None:
 
 def test_same_padding_is_symmetric_on_odd_sizes() -> None:
     """At 33x33 'same' pads (3, 3) and (1, 1): exactly the explicit padding, so it costs nothing."""
-    from common.parity import run_naive
+    from common.verify.parity import run_naive
 
     rows = {(r.default, r.affects): r for r in run_naive(SMALL, input_size=33, batch=2)}
     assert rows[("'same' padding on the stride-2 stem", "inference logits and stages")].max_abs == 0.0
@@ -274,9 +274,9 @@ def test_float32_bounds_hold_with_other_threads_and_seeds(
 def test_a_file_trained_in_one_framework_evaluates_the_same_in_all(request: pytest.FixtureRequest, tmp_path) -> None:
     """One running-variance convention in files: train anywhere, evaluate anywhere, same logits;
     and the running variances themselves agree, whichever framework accumulated them."""
-    from common.harness import seeded_batches
     from common.registry import load_backend
-    from common.weights import RUNNING_VAR, init_canonical, load_canonical, save_weights
+    from common.verify.harness import seeded_batches
+    from common.weights.canonical import RUNNING_VAR, init_canonical, load_canonical, save_weights
 
     names = [n for n in participating_backends(request.config)]
     w0 = init_canonical(SMALL, 0)

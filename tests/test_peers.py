@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import peers
+from common.arch import canonical_spec, count_macs, count_params
 from common.cli import main
-from common.config import CONFIGS, DenseNetConfig, canonical_spec, count_macs, count_params, named_config
+from common.config import CONFIGS, DenseNetConfig, named_config
 from common.errors import ConfigError, WeightFileError
-from common.safetensors_io import load_file, read_weights, write_weights
-from common.weights import init_canonical, load_weights
+from common.weights import peers
+from common.weights.canonical import init_canonical, load_weights
+from common.weights.safetensors_io import load_file, read_weights, write_weights
 from tests.helpers import get_adapter, run_cli, torchvision_densenet
 
 D121 = CONFIGS["densenet121"]
@@ -65,7 +66,7 @@ def test_densenet121_in_every_backend(adapter, rng) -> None:
     model = adapter.build(config)
     assert adapter.num_params(model) == count_params(config)
     X = rng.random((1, 1, 40, 40), dtype=np.float32)
-    from common.config import plan
+    from common.arch import plan
 
     assert {k: v.shape for k, v in adapter.stages(model, X).items()} == plan(config, 40).shapes(1)
 
@@ -370,7 +371,7 @@ def test_gluon_zoo_names_from_the_mxnet_backend(request: pytest.FixtureRequest) 
 
 def test_torchvision_densenet121(adapter, request: pytest.FixtureRequest) -> None:
     """torchvision's own densenet121 code (tests/helpers.py::torchvision_densenet), random weights
-    and statistics, converted by common.peers: the same logits in every backend."""
+    and statistics, converted by common.weights.peers: the same logits in every backend."""
     densenet = torchvision_densenet(request.config)
     import torch
 
@@ -396,7 +397,7 @@ TORCHVISION_VECTOR = Path(__file__).parent / "data" / "torchvision_small.safeten
 
 def test_torchvision_recorded_vector(adapter) -> None:
     """torchvision's own DenseNet, run where it imports (tests/data/make_torchvision_vector.py):
-    its state dict, converted by common.peers, gives torchvision's logits in every backend."""
+    its state dict, converted by common.weights.peers, gives torchvision's logits in every backend."""
     tensors, metadata = load_file(TORCHVISION_VECTOR)
     sd = {k.removeprefix("state_dict/"): v for k, v in tensors.items() if k.startswith("state_dict/")}
     config = peers.infer_config(list(sd), {k: v.shape for k, v in sd.items()}, "torchvision")

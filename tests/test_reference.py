@@ -8,10 +8,11 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from common import reference as ref
-from common.config import BN_EPS, DenseNetConfig, canonical_spec, plan, stage_names
+from common.arch import canonical_spec, plan, stage_names
+from common.config import BN_EPS, DenseNetConfig
 from common.errors import InputError, WeightFileError
-from common.weights import init_canonical
+from common.oracle import reference as ref
+from common.weights.canonical import init_canonical
 
 RTOL = 1e-12
 
@@ -280,7 +281,7 @@ def test_init_weights_is_seeded_and_canonical() -> None:
     assert np.all(np.abs(a["dense1.conv1.conv.bias"]) <= 1 / math.sqrt(fan_in))
 
 
-# --- the oracle's gradients (common.reference_grad) ----------------------------------------------
+# --- the oracle's gradients (common.oracle.reference_grad) ----------------------------------------------
 
 GRAD_CASES = {
     "plain": DenseNetConfig(num_channels=4, growth_rate=3, arch=(2, 1)),
@@ -291,8 +292,8 @@ GRAD_CASES = {
 @pytest.mark.parametrize("name", list(GRAD_CASES))
 def test_gradients_match_finite_differences(name: str) -> None:
     """Every hand-written derivative against central differences of the forward pass, in float64."""
-    from common import reference_grad
-    from common.weights import init_canonical
+    from common.oracle import reference_grad
+    from common.weights.canonical import init_canonical
 
     config = GRAD_CASES[name]
     w = {k: v.astype(np.float64) for k, v in init_canonical(config, 0).items()}
@@ -330,8 +331,8 @@ def test_gradients_match_finite_differences(name: str) -> None:
 
 
 def test_sgd_steps_follow_the_gradients() -> None:
-    from common import reference_grad
-    from common.weights import init_canonical
+    from common.oracle import reference_grad
+    from common.weights.canonical import init_canonical
 
     config = GRAD_CASES["plain"]
     w0 = init_canonical(config, 1)
@@ -348,8 +349,8 @@ def test_sgd_steps_follow_the_gradients() -> None:
 
 
 def test_oracle_gradients_refuse_dropout_and_bad_labels() -> None:
-    from common import reference_grad
-    from common.weights import init_canonical
+    from common.oracle import reference_grad
+    from common.weights.canonical import init_canonical
 
     config = GRAD_CASES["plain"].replace(drop_rate=0.2)
     w = init_canonical(config, 0)

@@ -20,7 +20,7 @@ from common.training import rundir as rundir_module
 from common.training.run import train
 from common.training.rundir import LOCK_FILE, RunDir, RunDirBusy, RunWriteError
 from common.training.settings import TrainingError
-from common.weights import load_canonical
+from common.weights.canonical import load_canonical
 from tests.helpers import run_cli as cli
 from tests.test_train import SMALL, settings
 

@@ -15,8 +15,8 @@ import pytest
 import safetensors
 import safetensors.numpy
 
-from common import safetensors_io as sio
 from common.errors import WeightFileError
+from common.weights import safetensors_io as sio
 
 
 def sample() -> dict[str, np.ndarray]:

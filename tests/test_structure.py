@@ -29,7 +29,7 @@ REGISTRY = "registry.py"
 # Comparisons with such a name that are not about a backend, each with why: (file, the comparison).
 # A weight file's format shares its name with a framework: ``--from-format keras`` reads Keras
 # Applications' tensor names and ``gluon`` the Gluon model zoo's, with no framework involved
-# (common.peers); the formats are not backends, and the registry does not know them.
+# (common.weights.peers); the formats are not backends, and the registry does not know them.
 NOT_BACKENDS = {
     ("cli/weights.py", "fmt == 'keras'"): "the Keras Applications weight-file format (--to-format)",
     ("peers.py", "fmt == 'gluon'"): "the Gluon model zoo's weight-file format (--from-format)",
@@ -153,7 +153,7 @@ def test_the_checks_see_what_they_look_for():
 NO_FRAMEWORK = """
 import json, sys
 from pathlib import Path
-from common.bench import allocator
+from common.process import allocator
 from common.distributed import check_sync_bn, launch, worker_env
 from common.distributed.launch import engine_for
 from common.registry import BACKENDS, launch_spec

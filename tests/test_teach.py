@@ -624,7 +624,8 @@ def test_book_resnet18_count_in_torch(request: pytest.FixtureRequest) -> None:
 
 
 def test_densenet_stage_rows_add_up() -> None:
-    from common.config import CONFIGS, count_macs, count_params
+    from common.arch import count_macs, count_params
+    from common.config import CONFIGS
     from common.teach.exercises import densenet_stage_params, family_rows
 
     for name in ("d2l", "densenet121"):

@@ -14,7 +14,7 @@ from common.cli import main
 from common.config import DenseNetConfig
 from common.training.run import train
 from common.training.settings import TrainingError, TrainSettings
-from common.weights import load_canonical, load_weights
+from common.weights.canonical import load_canonical, load_weights
 from tests.helpers import run_cli as cli
 from tests.test_data import make_dataset
 
@@ -458,7 +458,7 @@ def test_without_matplotlib_training_finishes_and_plot_says_why(
 
 def test_curves_mark_every_point(tmp_path: Path) -> None:
     """With one epoch each line is one point: only a marker makes it visible."""
-    from common.plot import figure
+    from common.training.plot import figure
 
     run = tmp_path / "run"
     run.mkdir()
@@ -510,8 +510,8 @@ def test_data_dir_is_used_or_refused(dataset: Path, tmp_path: Path, monkeypatch:
 def test_progress_leaves_compiling_steps_out_of_speed_and_time_left() -> None:
     import io
 
-    from common.progress import Progress, format_seconds
     from common.training.callbacks import speed
+    from common.training.progress import Progress, format_seconds
 
     stream, out = io.StringIO(), io.StringIO()
     bar = Progress("jax", 2, 3, live=True, stream=stream, out=out)

@@ -1,4 +1,4 @@
-"""Canonical weight files (common.weights) and the ``densenet init`` / ``densenet convert`` commands."""
+"""Canonical weight files (common.weights.canonical) and the ``densenet init`` / ``densenet convert`` commands."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.arch import canonical_spec
 from common.cli.weights import add_parsers
-from common.config import DenseNetConfig, canonical_spec
+from common.config import DenseNetConfig
 from common.errors import BackendError, WeightFileError
 from common.registry import available
-from common.safetensors_io import read_weights, write_weights
-from common.weights import FORMAT, init_canonical, load_canonical, load_weights, save_weights
+from common.weights.canonical import FORMAT, init_canonical, load_canonical, load_weights, save_weights
+from common.weights.safetensors_io import read_weights, write_weights
 
 TINY = DenseNetConfig(num_channels=8, growth_rate=4, arch=(2, 2))
 TINY_ARGS = ["--num-channels", "8", "--growth-rate", "4", "--arch", "2,2"]

@@ -23,12 +23,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from common import lifeline, resources
-from common.bench import allocator
+from common import resources
 from common.config import DenseNetConfig
 from common.errors import BackendError, DenseNetError
-from common.process import threads
+from common.process import allocator, lifeline, threads
+from common.registry import load_backend
 from common.render import format_table
+from common.verify.harness import seeded_batches
 
 __all__ = [
     "MODES",
@@ -120,8 +121,6 @@ def _peak_bytes() -> int:
 
 def run_case(case: BenchCase) -> dict[str, Any]:
     """Measure ``case`` in this process (the child's side): build, first step, warm-up, timed steps."""
-    from common.harness import seeded_batches
-    from common.registry import load_backend
 
     adapter = load_backend(case.backend)
     model = adapter.build(case.config, seed=0, memory_efficient=case.memory_efficient)
@@ -185,7 +184,7 @@ def _run_child(case: BenchCase, timeout: float) -> dict[str, Any]:
     child, in a process group of its own (Ctrl-C reaches the parent, which ends the child itself),
     is killed with anything it started on timeout, on Ctrl-C, SIGTERM or SIGHUP (then re-raised)
     and on any other way out; it dies with this process if this one is killed outright
-    (common.lifeline)."""
+    (common.process.lifeline)."""
     job = lifeline.Job(grace_s=0)
     try:
         proc = job.start(

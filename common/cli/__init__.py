@@ -7,7 +7,7 @@ orchestrate: the reports they print render themselves (``to_text()`` / ``to_dict
 Whatever goes wrong, a person sees one clear line on stderr and an exit status, never a
 traceback: 2 when an argument or a named file cannot be used, 1 when the command ran and failed,
 130 on Ctrl-C; SIGTERM and SIGHUP stop a command as Ctrl-C does, with 143 and 129 (128 + the
-signal, common.lifeline). ``DENSENET_TRACEBACK=1`` shows the traceback of an unexpected error (a bug).
+signal, common.process.lifeline). ``DENSENET_TRACEBACK=1`` shows the traceback of an unexpected error (a bug).
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
-from common import lifeline
-from common.bench import allocator
 from common.cli import bench, inspection, parity, teach, training, weights
 from common.cli.options import HelpFormatter, add_threads_options
 from common.errors import DenseNetError
-from common.process import threads
+from common.process import allocator, lifeline, threads
 from common.registry import canonical_name
 
 __all__ = ["build_parser", "main", "version"]
@@ -95,7 +93,7 @@ def _os_error(exc: OSError) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; errors are printed as one line on stderr and become the exit status."""
     # First of all: a process a launcher started (a worker, a benchmark case) dies with that
-    # launcher (common.lifeline). Only as the program itself, never for a caller's main([...]).
+    # launcher (common.process.lifeline). Only as the program itself, never for a caller's main([...]).
     supervised = lifeline.guard_parent() if argv is None else False
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -132,7 +130,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             # distributed runs: a gloo worker on TCMalloc sometimes aborted at exit.
             allocator.relaunch_on_tcmalloc(sys.orig_argv[1:])
         if argv is None and args.command == "train":
-            # Before MXNet is imported, which reads its engine once (common.bench.allocator);
+            # Before MXNet is imported, which reads its engine once (common.process.allocator);
             # a memory-efficient run is always one process.
             os.environ.update(allocator.mxnet_engine_env(os.environ, backend, args.memory_efficient))
         return args.func(args)

@@ -11,7 +11,7 @@ from common.bench import MODES, PHASES, BenchCase, parse_modes, run_bench, run_c
 from common.cli.options import _input_size, add_config_options, backend_list, config_from_args, positive_int
 from common.errors import DenseNetError, Failed
 from common.limits import check_memory
-from common.plot import plot_bench
+from common.training.plot import plot_bench
 
 __all__ = ["add_bench", "cmd_bench"]
 

@@ -7,11 +7,11 @@ import json
 import sys
 
 from common.cli.options import add_network_options, backend_list, config_from_args
-from common.harness import compare_shapes
 from common.limits import check_memory
 from common.registry import BACKENDS, BackendStatus, available, installed
 from common.render import format_table
-from common.summary import summarize
+from common.verify.harness import compare_shapes
+from common.verify.summary import summarize
 
 __all__ = ["add_compare", "add_list", "add_summary", "cmd_compare", "cmd_list", "cmd_summary"]
 

@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from common import golden, resources
+from common import resources
 from common.cli.options import (
     add_network_options,
     backend_list,
@@ -21,8 +21,9 @@ from common.cli.options import (
 )
 from common.errors import DenseNetError
 from common.limits import check_memory
-from common.parity import PARITY_CASE, run_naive, run_parity, run_sweep, summarize, sweep_markdown
+from common.oracle import golden
 from common.render import format_table
+from common.verify.parity import PARITY_CASE, run_naive, run_parity, run_sweep, summarize, sweep_markdown
 
 __all__ = ["add_golden", "add_parity", "add_parity_sweep", "cmd_golden", "cmd_parity", "cmd_parity_sweep"]
 

@@ -11,7 +11,6 @@ from common import resources
 from common.cli.options import backend_list, positive_int
 from common.config import CONFIGS, D2L
 from common.errors import DenseNetError
-from common.parity import run_parity
 from common.registry import BACKENDS
 from common.render import format_table
 from common.teach.exercises import (
@@ -30,6 +29,7 @@ from common.teach.exercises import (
 from common.teach.facts import measure_backends
 from common.teach.notebooks import notebook_paths, sync
 from common.teach.page import SiteOptions, build_site
+from common.verify.parity import run_parity
 
 __all__ = ["add_exercise", "add_notebooks", "add_parsers", "add_teach", "cmd_exercise", "cmd_notebooks", "cmd_teach"]
 

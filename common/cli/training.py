@@ -27,18 +27,18 @@ from common.cli.options import (
 from common.data.folder import DEFAULT_VAL_FRACTION as DEFAULT_VAL
 from common.errors import DenseNetError, Failed, Interrupted
 from common.limits import check_memory
-from common.optim import SCHEDULES
-from common.plot import plot_runs
-from common.progress import Progress
 from common.registry import BACKENDS, canonical_name, load_backend
-from common.starting_weights import FORMATS as INIT_FORMATS
-from common.starting_weights import read_init
 from common.training.callbacks import speed
 from common.training.engine import evaluate
+from common.training.optim import SCHEDULES
+from common.training.plot import plot_runs
+from common.training.progress import Progress
 from common.training.run import train
 from common.training.rundir import RunDir
 from common.training.settings import TrainSettings
-from common.weights import load_canonical
+from common.weights.canonical import load_canonical
+from common.weights.starting import FORMATS as INIT_FORMATS
+from common.weights.starting import read_init
 
 __all__ = [
     "add_data_speed",
@@ -370,7 +370,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def add_optimizer_options(p: argparse.ArgumentParser) -> None:
-    """SGD's momentum, Nesterov and weight decay, and the schedule (common.optim; PyTorch's meaning
+    """SGD's momentum, Nesterov and weight decay, and the schedule (common.training.optim; PyTorch's meaning
     in every backend, docs/training.md). The defaults are the book's: plain SGD, constant rate."""
     opt = p.add_argument_group("optimiser (PyTorch's SGD in every backend; docs/training.md)")
     opt.add_argument(

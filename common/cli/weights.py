@@ -17,13 +17,14 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from common import peers
+from common.arch import count_bn_stats, count_params
 from common.cli.options import add_config_options, backend_names, config_from_args, config_options_given, seed
-from common.config import CONFIGS, DenseNetConfig, count_bn_stats, count_params, named_config
+from common.config import CONFIGS, DenseNetConfig, named_config
 from common.errors import BackendError, Interrupted, WeightFileError
 from common.registry import BACKENDS, load_backend
-from common.safetensors_io import SUFFIXES, read_weights, write_weights
-from common.weights import init_canonical, load_canonical, save_weights
+from common.weights import peers
+from common.weights.canonical import init_canonical, load_canonical, save_weights
+from common.weights.safetensors_io import SUFFIXES, read_weights, write_weights
 
 __all__ = ["GluonZoo", "add_convert", "add_init", "add_parsers", "cmd_convert", "cmd_init"]
 

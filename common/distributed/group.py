@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from common import lifeline
 from common.adapter import Adapter, Model
 from common.config import DenseNetConfig
 from common.errors import DenseNetError, Failed
+from common.process import lifeline
 from common.registry import BACKENDS, launch_spec, load_backend
 
 # Every rendezvous and collective waits at most this long (seconds) for the other workers; a
@@ -153,7 +153,7 @@ class Group(ABC):
     def train_step(
         self, adapter: Adapter, model: Model, X: np.ndarray, y: np.ndarray, lr: float
     ) -> tuple[float, np.ndarray]:
-        """One data-parallel step of ``model.sgd`` (``common.optim.SGD``, set by
+        """One data-parallel step of ``model.sgd`` (``common.training.optim.SGD``, set by
         ``adapter.configure_optimizer``) at rate ``lr`` on this worker's shard ``X`` (NCHW), ``y``:
         ``(mean loss over the whole global batch, this shard's logits)``. Gradients are averaged
         over the workers by the engine before the optimiser sees them, so the velocities stay

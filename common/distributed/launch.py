@@ -11,7 +11,7 @@ so the TF workers run inside a private network namespace (``unshare -rn``) where
 only interface; where that is not possible the launcher says so on stderr and the TF ports are
 open on every interface for the length of the run.
 
-The workers are one job (:class:`common.lifeline.Job`): one process group, ended on every way
+The workers are one job (:class:`common.process.lifeline.Job`): one process group, ended on every way
 out. When one worker fails the others are stopped; Ctrl-C, SIGTERM and SIGHUP are passed on to
 every worker as Ctrl-C (each says what it kept), what is left after GRACE_S is killed; a
 ``timeout_s`` bounds the whole job. Each worker dies with the launcher even when the launcher is
@@ -32,10 +32,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from common import lifeline
 from common.distributed.engine import LOOPBACK, Engine
 from common.distributed.group import WORKER_ENV, DistributedError
 from common.errors import BackendError
+from common.process import lifeline
 from common.registry import launch_spec
 from common.resources import child_env
 

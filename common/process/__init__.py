@@ -1,1 +1,2 @@
-"""Process setup before a framework loads: threads (and later the allocator)."""
+"""Process setup and lifetimes: threads and the allocator chosen before a framework loads, and child
+processes that never outlive their job."""

@@ -25,16 +25,19 @@ from typing import Any
 
 import numpy as np
 
-from common.arch import walk
-from common.bench import allocator
-from common.config import CONFIGS, D2L, DenseNetConfig, count_macs, count_params
+from common.arch import count_macs, count_params, walk
+from common.config import CONFIGS, D2L, DenseNetConfig
 from common.errors import DenseNetError
-from common.plot import plot_runs
+from common.process import allocator
+from common.registry import load_backend
 from common.resources import child_env
+from common.teach.facts import stage_facts
 from common.training.callbacks import EpochLines
+from common.training.plot import plot_runs
 from common.training.run import train
 from common.training.rundir import RunDir
 from common.training.settings import TRANSITION_POOLS, TrainSettings
+from common.verify.harness import seeded_batches
 
 __all__ = [
     "PUBLISHED",
@@ -183,7 +186,6 @@ def resnet_stages(spec: ResNetSpec, input_size: int = 224) -> list[tuple[str, in
 def densenet_stage_params(config: DenseNetConfig, input_size: int = 224) -> list[tuple[str, int, int]]:
     """``(stage, parameters, multiply-adds)`` per stage, the transitions folded into the dense block
     before them, so the rows line up with ResNet's stages."""
-    from common.teach.facts import stage_facts
 
     rows: list[tuple[str, int, int]] = []
     for s in stage_facts(config, input_size):
@@ -223,8 +225,6 @@ def memory_child(backend: str, input_size: int, batch: int, memory_efficient: bo
     """Measured in this process: resident memory after building the book's network (standard or
     ``memory_efficient``), and the peak during its first training step (eager where the framework
     allows; JAX's step is jitted, so its time and peak include compiling it)."""
-    from common.harness import seeded_batches
-    from common.registry import load_backend
 
     adapter = load_backend(backend)
     model = adapter.build(D2L, seed=0, memory_efficient=memory_efficient)

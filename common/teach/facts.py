@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.arch import STEM_CONV, STEM_POOL, walk
-from common.config import DenseNetConfig, canonical_spec, is_state, plan
+from common.arch import STEM_CONV, STEM_POOL, canonical_spec, is_state, plan, walk
+from common.config import DenseNetConfig
+from common.registry import BACKENDS, load_backend
+from common.verify.harness import run_backend, seeded_batches
+from common.verify.parity import run_naive
 
 __all__ = [
     "BackendFacts",
@@ -105,8 +108,6 @@ def naive_rows(config: DenseNetConfig | None = None) -> list[dict[str, Any]]:
     (the numpy oracle, float64 unless the row says otherwise; about a second)."""
     from dataclasses import asdict
 
-    from common.parity import run_naive
-
     return [asdict(r) for r in run_naive(config or DenseNetConfig(), **NAIVE_SETUP)]
 
 
@@ -170,8 +171,6 @@ def measure_backends(
     config: DenseNetConfig, input_size: int = 96, progress: Callable[[str], None] | None = None
 ) -> list[BackendFacts]:
     """Build the network in every installed backend and record shapes and parameters per stage."""
-    from common.harness import run_backend, seeded_batches
-    from common.registry import BACKENDS, load_backend
 
     say = progress or (lambda message: None)
     network = plan(config, input_size)

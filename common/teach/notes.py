@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from common.arch import CONV3, STEM_CONV, STEM_POOL
-from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig, canonical_spec, count_bn_stats, count_params
+from common.arch import CONV3, STEM_CONV, STEM_POOL, canonical_spec, count_bn_stats, count_params
+from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig
 from common.teach.facts import PaddingFact, StageFact
 
 __all__ = ["Context", "book_jax_params", "row_notes"]
@@ -359,7 +359,7 @@ def _weights(ctx: Context) -> list[tuple[str, str, str]]:
         (
             "order",
             "Every adapter lists its conv, BatchNorm and dense layers in forward order and pairs them with "
-            "`common.config.canonical_layers`.",
+            "`common.arch.canonical_layers`.",
             "`jax.jit` returns dicts with sorted keys (`net_10` before `net_2`): "
             "the JAX adapter rebuilds the order from Flax's names.",
         ),

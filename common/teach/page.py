@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common import resources
-from common.config import D2L, DenseNetConfig, count_bn_stats, count_params
+from common.arch import count_bn_stats, count_params
+from common.config import D2L, DenseNetConfig
 from common.errors import DenseNetError, Failed
 from common.teach import book, facts, notes
 from common.teach.sources import BACKEND_ORDER, ROWS, Piece, Source, extract

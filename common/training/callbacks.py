@@ -7,8 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from common.config import DenseNetConfig
-from common.progress import Progress
 from common.training.engine import Callback, EpochEnd, StepEnd
+from common.training.progress import Progress
 from common.training.rundir import RunDir, metrics_text
 
 __all__ = ["Checkpointer", "EpochLines", "ProgressCallback", "StepRecorder", "speed"]
@@ -32,7 +32,7 @@ def epoch_line(label: str, epochs: int, test_name: str, m: dict[str, Any]) -> st
 
 
 class ProgressCallback(Callback):
-    """The live line and the per-epoch lines of :class:`common.progress.Progress`."""
+    """The live line and the per-epoch lines of :class:`common.training.progress.Progress`."""
 
     def __init__(self, bar: Progress, test_name: str) -> None:
         self.bar, self.test_name = bar, test_name

@@ -20,19 +20,18 @@ import numpy as np
 
 from common import data
 from common.adapter import Adapter, Model
-from common.bench import allocator
-from common.config import plan
+from common.arch import plan
 from common.distributed.group import Group
 from common.distributed.sharding import check_divisible
-from common.plot import PlotUnavailable, plot_runs
-from common.process import threads
-from common.progress import Progress
+from common.process import allocator, threads
 from common.registry import load_backend
-from common.starting_weights import StartingWeights, starting_weights
 from common.training.callbacks import Checkpointer, ProgressCallback, StepRecorder
 from common.training.engine import EVAL_BATCH, Callback, Engine, LocalGroup, NonFinite, evaluate
+from common.training.plot import PlotUnavailable, plot_runs
+from common.training.progress import Progress
 from common.training.rundir import RunDir
 from common.training.settings import MEMORY_EFFICIENT_ALONE, Diverged, TrainingError, TrainingInterrupted, TrainSettings
+from common.weights.starting import StartingWeights, starting_weights
 
 __all__ = ["train"]
 

@@ -25,7 +25,7 @@ from typing import Any
 from common.config import DenseNetConfig
 from common.errors import WeightFileError
 from common.training.settings import TrainingError
-from common.weights import CanonicalFile, load_canonical, save_weights
+from common.weights.canonical import CanonicalFile, load_canonical, save_weights
 
 __all__ = [
     "LOCK_ENV",
@@ -324,7 +324,7 @@ class RunDir:
         self._written.add(name)
 
     def save(self, name: str, *args: Any, **kwargs: Any) -> None:
-        """:func:`common.weights.save_weights` into ``name``, a failure said as :meth:`write_text` does."""
+        """:func:`common.weights.canonical.save_weights` into ``name``, a failure said as :meth:`write_text` does."""
         path = self.path / name
         try:
             save_weights(path, *args, **kwargs)

@@ -13,8 +13,8 @@ from typing import Any
 from common import data
 from common.config import DenseNetConfig
 from common.errors import DenseNetError, Failed, Interrupted
-from common.optim import SGD, LRSchedule, OptimizerError
-from common.starting_weights import FORMATS as INIT_FORMATS
+from common.training.optim import SGD, LRSchedule, OptimizerError
+from common.weights.starting import FORMATS as INIT_FORMATS
 
 __all__ = [
     "MEMORY_EFFICIENT_ALONE",
@@ -59,7 +59,7 @@ class TrainSettings:
     test_limit: int | None = None
     seed: int = 0
     config: DenseNetConfig = field(default_factory=DenseNetConfig)
-    # The optimiser and the schedule (common.optim, docs/training.md "The optimiser"): SGD in
+    # The optimiser and the schedule (common.training.optim, docs/training.md "The optimiser"): SGD in
     # PyTorch's meaning; "constant" (the book), "cosine" (annealed every step) or "step" (times
     # lr_gamma at each of lr_milestones, epochs), after a linear warm-up of warmup_epochs.
     lr_schedule: str = "constant"
@@ -72,7 +72,7 @@ class TrainSettings:
 
     # Data and starting weights: the data set (common.data.DATASETS; an image folder's validation
     # fraction, None: its default or its val/ folder), random crop and flip (common.data.augment),
-    # and a weight file to start from (its layout: canonical or a peer's; common.starting_weights).
+    # and a weight file to start from (its layout: canonical or a peer's; common.weights.starting).
     dataset: str = "fashion-mnist"
     val_fraction: float | None = None
     augment: bool = False

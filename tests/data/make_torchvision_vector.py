@@ -5,7 +5,7 @@ DenseNet. This script runs it where it does import (torch 2.14.1 with torchvisio
 docs/family.md) and stores what it computed: a small torchvision ``DenseNet`` (DenseNet-BC layers,
 two dense blocks) with random weights and BatchNorm statistics, its ``state_dict`` under
 torchvision's own names, a seeded input and torchvision's logits. CI then converts the state dict
-with ``common.peers`` and checks that every backend reproduces the logits.
+with ``common.weights.peers`` and checks that every backend reproduces the logits.
 
     python3 -m venv /tmp/venv-tv
     /tmp/venv-tv/bin/pip install torch==2.14.1 torchvision==0.29.1 "numpy<2" safetensors

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import CONFIGS, DenseNetConfig, canonical_spec
+from common.arch import canonical_spec
+from common.config import CONFIGS, DenseNetConfig
 from common.errors import WeightFileError
 from common.layout import param_from_native, param_to_native
-from common.safetensors_io import read_weights
-from common.weights import check_weights, format_problems, name_list
+from common.weights.canonical import check_weights, format_problems, name_list
+from common.weights.safetensors_io import read_weights
 
 FORMATS = ("torchvision", "keras", "gluon")
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import DenseNetConfig, plan
-from common.harness import seeded_batches
+from common.arch import plan
+from common.config import DenseNetConfig
 from common.layout import to_layout
 from common.registry import load_backend
 from common.render import format_table
+from common.verify.harness import seeded_batches
 
 # What each kind of stage is made of; "dense" is filled in per block.
 _STAGE_LAYERS = {

@@ -1,7 +1,7 @@
 """Golden vectors: small framework-neutral cases any port of the d2l DenseNet can be checked against.
 
-Each case is one safetensors file in ``common/golden/`` holding a seeded input and labels, the
-canonical weights, and what the float64 numpy oracle (``common.reference``) computes from them:
+Each case is one safetensors file in ``common/oracle/golden/`` holding a seeded input and labels, the
+canonical weights, and what the float64 numpy oracle (``common.oracle.reference``) computes from them:
 every stage in inference and in training mode, and the running statistics after one
 training-mode forward (PyTorch's unbiased convention). The metadata carries the configuration
 and the per-check tolerances. ``densenet golden`` rewrites the files; ``densenet golden --check``
@@ -16,19 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from common import reference
 from common.config import DenseNetConfig
 from common.errors import WeightFileError
-from common.harness import seeded_batches
-from common.safetensors_io import load_file, save_file
-from common.weights import init_canonical
+from common.oracle import reference
+from common.verify.harness import seeded_batches
+from common.weights.canonical import init_canonical
+from common.weights.safetensors_io import load_file, save_file
 
 GOLDEN_DIR = Path(__file__).with_name("golden")
 FORMAT = "densenet-suite/golden"
 
 # A float32 port against the float64 oracle, per group: the largest |got - expected| of a tensor
 # divided by max(its largest |expected|, 1) must stay below C * 2**-24, with C from the parity
-# suite's error model (common.parity.ERROR_MODEL, docs/parity.md). Stored in each file's metadata.
+# suite's error model (common.verify.parity.ERROR_MODEL, docs/parity.md). Stored in each file's metadata.
 _FLOAT32_UNIT_ROUNDOFF = 2.0**-24
 TOLERANCES = {
     "inference": 256 * _FLOAT32_UNIT_ROUNDOFF,
@@ -106,7 +106,7 @@ def write(directory: Path | None = None) -> list[Path]:
             "seed": str(case.seed),
             "tolerances": json.dumps(TOLERANCES),
             "tolerance_rule": TOLERANCE_RULE,
-            "oracle": "common.reference in float64; running statistics fed the unbiased batch variance",
+            "oracle": "common.oracle.reference in float64; running statistics fed the unbiased batch variance",
         }
         path = path_of(case, directory)
         path.parent.mkdir(parents=True, exist_ok=True)

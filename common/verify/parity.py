@@ -1,7 +1,7 @@
 """Numerical parity: identical canonical weights and inputs, the same numbers from every backend.
 
-Every backend is compared with ``numpy``, the plain implementation in ``common.reference`` and
-``common.reference_grad`` computed in float64, which stands in for exact arithmetic; backends are
+Every backend is compared with ``numpy``, the plain implementation in ``common.oracle.reference`` and
+``common.oracle.reference_grad`` computed in float64, which stands in for exact arithmetic; backends are
 also compared pairwise. Checks, each starting again from the same initial weights:
 
 1. ``inference``: logits and every stage's activations with running statistics;
@@ -15,7 +15,7 @@ also compared pairwise. Checks, each starting again from the same initial weight
    with momentum (Nesterov) and weight decay (``PARITY_MOMENTUM``, ``PARITY_NESTEROV``) from the
    same seeded velocities; ``momentum-lockstep``: the loss over ``steps`` Nesterov steps at a rate
    that changes every step (``PARITY_SCHEDULE``: warm-up, then cosine), where the frameworks' own
-   conventions for the learning rate in the velocity would part (``common.optim``).
+   conventions for the learning rate in the velocity would part (``common.training.optim``).
 
 The error model (docs/parity.md): a check's error is the largest ``|a - b|`` of a tensor divided by
 that tensor's *scale*, and it must stay below ``C * u``, with ``u`` the unit roundoff of the dtype
@@ -35,17 +35,17 @@ from typing import Any
 
 import numpy as np
 
-from common import reference, reference_grad
 from common.adapter import Adapter, check_dtype
-from common.arch import bn_counts  # re-exported: tests and callers import it from here
-from common.config import DenseNetConfig, plan
+from common.arch import plan
+from common.config import DenseNetConfig
 from common.errors import BackendUnavailable
-from common.harness import seeded_batches
-from common.optim import DECOUPLED_WEIGHT_DECAY, FOLDED_LR, SGD, Convention, LRSchedule, sgd_update
+from common.oracle import reference, reference_grad
 from common.process.threads import environment as thread_environment
 from common.registry import BACKENDS, canonical_name, load_backend
 from common.training.engine import Engine, LocalGroup
-from common.weights import init_canonical
+from common.training.optim import DECOUPLED_WEIGHT_DECAY, FOLDED_LR, SGD, Convention, LRSchedule, sgd_update
+from common.verify.harness import seeded_batches
+from common.weights.canonical import init_canonical
 
 ORACLE = "numpy"
 
@@ -70,7 +70,7 @@ ERROR_MODEL: dict[str, float] = {
 
 # The optimisers of the momentum checks: the DenseNet paper's (momentum 0.9, weight decay 1e-4),
 # heavy-ball and Nesterov, and the rate of each lockstep step: a linear warm-up over the first
-# quarter, then cosine annealing (common.optim.LRSchedule over one "epoch" of `steps` steps).
+# quarter, then cosine annealing (common.training.optim.LRSchedule over one "epoch" of `steps` steps).
 PARITY_MOMENTUM = SGD(momentum=0.9, weight_decay=1e-4)
 PARITY_NESTEROV = SGD(momentum=0.9, nesterov=True, weight_decay=1e-4)
 PARITY_SCHEDULE = LRSchedule("cosine", warmup_epochs=0.25)
@@ -199,7 +199,7 @@ class ParityReport:
             f"velocities; momentum-lockstep: Nesterov, lr {self.lr:g} with a {PARITY_SCHEDULE.warmup_epochs:g} "
             "warm-up then cosine (changes every step)",
             f"identical canonical weights in: {', '.join(self.participants)} "
-            "(numpy = common.reference, float64, the stand-in for exact arithmetic)",
+            "(numpy = common.oracle.reference, float64, the stand-in for exact arithmetic)",
             "error = max |a - b| / scale of the tensor; bound = "
             + (
                 f"C x {UNIT_ROUNDOFF[self.dtype]:.3g} (unit roundoff)"
@@ -494,7 +494,7 @@ def _diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple[float, fl
     return max_abs, max_rel, worst
 
 
-__all__ = ["CHECKS", "ERROR_MODEL", "FLOAT64_CLAIM", "ORACLE", "PARITY_CASE", "bn_counts", "bound", "run_parity"]
+__all__ = ["CHECKS", "ERROR_MODEL", "FLOAT64_CLAIM", "ORACLE", "PARITY_CASE", "bound", "run_parity"]
 
 
 @dataclass
@@ -518,7 +518,7 @@ def run_naive(
     """The cost of each framework default the suite aligns away, on the same weights and input.
 
     Each row compares the oracle with the aligned conventions against the oracle with one
-    framework's default (``common.reference.Conventions``), so it measures the default itself,
+    framework's default (``common.oracle.reference.Conventions``), so it measures the default itself,
     not a framework's rounding. The optimiser rows also run the stock optimizers of ``backends``.
     """
     config = config or DenseNetConfig()
@@ -585,7 +585,7 @@ def _naive_optimizer_rows(
     """The frameworks' own readings of momentum and weight decay against the suite's (PyTorch's).
 
     With the oracle: ``steps`` Nesterov steps of the momentum-lockstep recipe trained under each
-    convention (``common.optim.Convention``). With each installed framework's stock optimizer
+    convention (``common.training.optim.Convention``). With each installed framework's stock optimizer
     (``densenet_<fw>.optim.apply_steps``): the oracle's gradients of those steps, in turn, fed to the
     stock optimizer and to the suite's definition, on ``head.fc.weight``, in float64.
     """

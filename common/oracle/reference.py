@@ -1,7 +1,7 @@
 """A plain numpy DenseNet forward pass: the oracle every backend is compared against.
 
 Everything is NCHW and works in whatever float dtype it is given (float64 for the oracle).
-Weights are a canonical dict (names and shapes from :func:`common.config.canonical_spec`).
+Weights are a canonical dict (names and shapes from :func:`common.arch.canonical_spec`).
 """
 
 from __future__ import annotations
@@ -12,19 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from common.config import (
-    BN_EPS,
-    BN_MOMENTUM,
-    CONV3,
-    STEM_CONV,
-    STEM_POOL,
-    TRANSITION_POOL,
-    DenseNetConfig,
-    canonical_spec,
-    plan,
-)
+from common.arch import CONV3, STEM_CONV, STEM_POOL, TRANSITION_POOL, canonical_spec, plan
+from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig
 from common.errors import InputError
-from common.weights import check_weights
+from common.weights.canonical import check_weights
 
 __all__ = [
     "avg_pool2d",
@@ -288,7 +279,7 @@ def forward(
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The book's DenseNet on NCHW ``X``: ``(logits, stage outputs, updated running stats)``.
 
-    Stage outputs are keyed like :func:`common.config.stage_names`. The running statistics are
+    Stage outputs are keyed like :func:`common.arch.stage_names`. The running statistics are
     returned (by canonical name) only in training mode; in inference the dict is empty.
     ``dtype`` (e.g. ``np.float64``) casts input and weights first; otherwise numpy's promotion
     of their dtypes decides.

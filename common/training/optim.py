@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.config import DenseNetConfig, canonical_spec, is_state
+from common.arch import canonical_spec, is_state
+from common.config import DenseNetConfig
 from common.errors import DenseNetError
-from common.weights import MOMENTUM_BUFFER, format_problems, weight_problems
+from common.weights.canonical import MOMENTUM_BUFFER, format_problems, weight_problems
 
 __all__ = [
     "FOLDED_LR",

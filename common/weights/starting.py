@@ -1,10 +1,10 @@
 """Starting weights for training (``densenet train --init FILE``): a canonical weight file, or a
 peer's (torchvision, Keras Applications, Gluon model zoo) through the converters in
-:mod:`common.peers`, so that any backend starts from the very same tensors.
+:mod:`common.weights.peers`, so that any backend starts from the very same tensors.
 
 Fine-tuning: when the network to train predicts another number of classes than the file's, the
 classifier (``head.fc.weight`` and ``head.fc.bias``) is replaced by the seeded canonical
-initialisation (:func:`common.weights.init_canonical`); every other tensor comes from the file,
+initialisation (:func:`common.weights.canonical.init_canonical`); every other tensor comes from the file,
 and any other difference (architecture, ``in_channels`` ...) is an error naming it.
 """
 
@@ -16,11 +16,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from common import peers
 from common.config import DenseNetConfig
 from common.data.pipeline import sha256
 from common.errors import WeightFileError
-from common.weights import CanonicalFile, config_differences, init_canonical, load_canonical
+from common.weights import peers
+from common.weights.canonical import CanonicalFile, config_differences, init_canonical, load_canonical
 
 __all__ = ["FORMATS", "HEAD", "StartingWeights", "read_init", "starting_weights"]
 
@@ -44,7 +44,7 @@ def read_init(path: str | os.PathLike, fmt: str = "canonical") -> CanonicalFile:
     if fmt == "canonical":
         return load_canonical(path)
     config, weights = peers.load_peer(path, fmt)
-    # Keras and Gluon feed their running variances the biased batch variance (common.weights).
+    # Keras and Gluon feed their running variances the biased batch variance (common.weights.canonical).
     running_var = "unbiased" if fmt == "torchvision" else "biased"
     return CanonicalFile(config, weights, {"source": fmt, "running_var": running_var})
 
@@ -82,7 +82,7 @@ def starting_weights(path: str | os.PathLike, fmt: str, config: DenseNetConfig, 
             "tensors": list(HEAD),
             "file_classes": found.config.num_classes,
             "classes": config.num_classes,
-            "init": f"common.weights.init_canonical(config, seed={seed})",
+            "init": f"common.weights.canonical.init_canonical(config, seed={seed})",
         }
         notice = (
             f"--init {path}: its head predicts {found.config.num_classes} classes, this run {config.num_classes}: "

@@ -1,7 +1,7 @@
 """The shape harness: identical seeded inputs to every backend, compared stage by stage.
 
 Each backend's per-stage output shapes (NCHW) are compared with each other and with the channel
-plan that ``common.config.plan`` derives before any framework runs.
+plan that ``common.arch.plan`` derives before any framework runs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from common.config import DenseNetConfig, NetworkPlan, plan
+from common.arch import NetworkPlan, plan
+from common.config import DenseNetConfig
 from common.errors import BackendUnavailable, DenseNetError
 from common.registry import BACKENDS, canonical_name, load_backend
 from common.render import format_table

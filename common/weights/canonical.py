@@ -1,7 +1,7 @@
-"""The canonical weight format: names and shapes from ``common.config.canonical_spec``.
+"""The canonical weight format: names and shapes from ``common.arch.canonical_spec``.
 
 A canonical weight file is a ``.safetensors`` or ``.npz`` file (read and written without pickle by
-:mod:`common.safetensors_io`) holding every tensor of :func:`common.config.canonical_spec` as
+:mod:`common.weights.safetensors_io`) holding every tensor of :func:`common.arch.canonical_spec` as
 float32, in that order, with string metadata:
 
 ``format``          ``"densenet-suite/canonical"``
@@ -26,9 +26,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from common.config import BN_LEAVES, DenseNetConfig, canonical_spec, is_state
+from common.arch import BN_LEAVES, canonical_spec, is_state
+from common.config import DenseNetConfig
 from common.errors import ConfigError, WeightFileError
-from common.safetensors_io import PathLike, read_weights, write_weights
+from common.weights.safetensors_io import PathLike, read_weights, write_weights
 
 __all__ = [
     "FORMAT",
@@ -74,7 +75,7 @@ STRUCTURAL_FIELDS = (
 )
 
 # A training checkpoint also carries the optimiser's velocity of every parameter under
-# "<param>.momentum_buffer" (PyTorch's state key; canonical layout; common.optim.state_spec).
+# "<param>.momentum_buffer" (PyTorch's state key; canonical layout; common.training.optim.state_spec).
 MOMENTUM_BUFFER = ".momentum_buffer"
 
 _TORCH_LEAVES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -288,7 +289,7 @@ class CanonicalFile(NamedTuple):
 
 def _optimizer_spec(spec: Mapping[str, tuple[int, ...]], state: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     """The names and shapes ``state`` must have: a velocity for every parameter it has one for,
-    all of them or none (``common.optim.state_spec``)."""
+    all of them or none (``common.training.optim.state_spec``)."""
     expected = {k + MOMENTUM_BUFFER: shape for k, shape in spec.items() if not is_state(k)}
     return expected if state else {}
 
@@ -320,7 +321,9 @@ def load_canonical(path: PathLike, expected_config: DenseNetConfig | None = None
                 f"; its tensor names (e.g. {example!r}) look like a PyTorch state dict: for a torchvision "
                 "DenseNet's, use `densenet convert --from-format torchvision`"
             )
-        raise WeightFileError(message + "; write canonical files with `densenet init` or common.weights.save_weights")
+        raise WeightFileError(
+            message + "; write canonical files with `densenet init` or common.weights.canonical.save_weights"
+        )
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
         raise WeightFileError(

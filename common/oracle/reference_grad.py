@@ -1,6 +1,6 @@
 """Gradients of the numpy oracle: an explicit backward pass for the book's DenseNet.
 
-``common.reference.forward`` is the oracle's forward pass, written like the book. This module
+``common.oracle.reference.forward`` is the oracle's forward pass, written like the book. This module
 adds what the parity suite needs to compare gradients and training steps with a float64 truth:
 each layer is a small object whose ``forward`` keeps what its ``backward`` needs, and the
 network is assembled from them in canonical order. No framework, no automatic differentiation:
@@ -22,21 +22,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.config import (
-    BN_EPS,
-    BN_MOMENTUM,
-    CONV3,
-    STEM_CONV,
-    STEM_POOL,
-    TRANSITION_POOL,
-    DenseNetConfig,
-    canonical_spec,
-    plan,
-)
+from common.arch import CONV3, STEM_CONV, STEM_POOL, TRANSITION_POOL, canonical_spec, plan
+from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig
 from common.errors import InputError
-from common.optim import SGD, SUITE, Convention, sgd_update
-from common.reference import _windows, cross_entropy
-from common.weights import MOMENTUM_BUFFER, check_weights
+from common.oracle.reference import _windows, cross_entropy
+from common.training.optim import SGD, SUITE, Convention, sgd_update
+from common.weights.canonical import MOMENTUM_BUFFER, check_weights
 
 Weights = Mapping[str, np.ndarray]
 
@@ -341,7 +332,7 @@ def build(config: DenseNetConfig, weights: Weights, training: bool, *, unbiased_
 
 
 def _cross_entropy_and_grad(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    """:func:`common.reference.cross_entropy` and its gradient, (softmax - one_hot) / N."""
+    """:func:`common.oracle.reference.cross_entropy` and its gradient, (softmax - one_hot) / N."""
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     d = e / e.sum(axis=1, keepdims=True)
     n = len(y)
@@ -438,7 +429,7 @@ def optimizer_steps(
     convention: Convention = SUITE,
     dtype: np.dtype | type = np.float64,
 ) -> OptimizerRun:
-    """``sgd`` (``common.optim.sgd_update``) in training mode, one step per batch at rate
+    """``sgd`` (``common.training.optim.sgd_update``) in training mode, one step per batch at rate
     ``lrs[i]``, from ``velocity`` (``<param>.momentum_buffer``; zero when not given).
     ``convention`` computes a framework's stock reading of the same words instead (``--naive``)."""
     if len(lrs) != len(batches):

@@ -1,0 +1,2 @@
+"""Weight files: the canonical format, the safetensors/npz layer, the peers' formats and
+starting weights."""
