@@ -247,7 +247,8 @@ def test_a_signal_stops_a_single_process_run_as_ctrl_c_does(request, tmp_path, s
         os.kill(run.proc.pid, signum)
         assert run.proc.wait(GONE_S) == 128 + signum, run.stderr
         last = run.stderr.strip().splitlines()[-1]
-        assert last.startswith("densenet train: interrupted in epoch") and "--resume" in last, run.stderr
+        by = signal.Signals(signum).name
+        assert last.startswith(f"densenet train: interrupted by {by} in epoch") and "--resume" in last, run.stderr
         assert not alive(run.tracked)
     finally:
         run.stop()

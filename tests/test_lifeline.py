@@ -154,7 +154,7 @@ no_prctl = "--no-prctl" in sys.argv
 if no_prctl:
     lifeline._PRCTL = None  # as where prctl does not exist: the child's watchdog thread acts
 child_code = (
-    "import sys, time; from pathlib import Path; from common import lifeline; "
+    "import sys, time; from pathlib import Path; from common.process import lifeline; "
     + ("lifeline._PRCTL = None; " if no_prctl else "")
     + f"Path({sys.argv[2]!r}).write_text(str(lifeline.guard_parent()) + chr(10)); time.sleep(60)"
 )
@@ -184,7 +184,7 @@ def test_a_child_whose_launcher_died_before_the_guard_ends_at_once():
     """The race prctl alone cannot close: the launcher died before the child asked."""
     dead = subprocess.Popen([sys.executable, "-c", "import os; print(os.getpid())"], stdout=subprocess.PIPE, text=True)
     dead_pid = int(dead.communicate(timeout=BOUND_S)[0])  # a launcher that is gone
-    code = "from common import lifeline; lifeline.guard_parent(); print('still here')"
+    code = "from common.process import lifeline; lifeline.guard_parent(); print('still here')"
     child = subprocess.run(
         [sys.executable, "-c", code],
         env=_env(**{lifeline.PARENT_ENV: str(dead_pid)}),
@@ -197,7 +197,7 @@ def test_a_child_whose_launcher_died_before_the_guard_ends_at_once():
 
 def test_a_grandchild_of_a_live_launcher_is_not_guarded_and_the_variable_is_not_passed_on():
     code = (
-        "import os; from common import lifeline; "
+        "import os; from common.process import lifeline; "
         f"print(lifeline.guard_parent(), os.environ.get({lifeline.PARENT_ENV!r}))"
     )
     # This test's process stands for the launcher; the shell between makes the child a grandchild.
@@ -233,3 +233,24 @@ def test_a_command_stopped_by_a_signal_says_so_and_exits_128_plus_it(monkeypatch
     assert main(["compare"]) == 128 + signum
     assert capsys.readouterr().err.strip() == f"densenet compare: interrupted ({signum.name})"
     assert {s: signal.getsignal(s) for s in lifeline.INTERRUPTS} == before
+
+
+def test_a_signal_inside_a_finalizer_is_raised_after_it(capfd: pytest.CaptureFixture[str]) -> None:
+    """A signal that lands in a ``__del__`` (seen with MXNet's arrays) is not lost to Python's
+    "Exception ignored" with a traceback: it is kept and raised at the next check."""
+
+    class Finalized:
+        def __del__(self) -> None:
+            signal.raise_signal(signal.SIGTERM)
+            for _ in range(1000):  # the handler runs here, inside the finalizer
+                pass
+
+    with pytest.raises(lifeline.Interrupt) as info:
+        with lifeline.interrupts():
+            Finalized()  # dropped at once: its Interrupt is swallowed, quietly
+            lifeline.check()  # and raised here, where a training loop asks between steps
+    assert info.value.signum == signal.SIGTERM
+    lifeline.check()  # raised once only
+    err = capfd.readouterr().err
+    assert "Exception ignored" not in err and "Traceback" not in err
+    assert sys.unraisablehook is sys.__unraisablehook__ or sys.unraisablehook.__module__ != "common.process.lifeline"

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from common.cli.options import (
 from common.data.folder import DEFAULT_VAL_FRACTION as DEFAULT_VAL
 from common.errors import DenseNetError, Failed, Interrupted
 from common.limits import check_memory
+from common.process import lifeline
 from common.registry import BACKENDS, canonical_name, load_backend
 from common.training.callbacks import speed
 from common.training.engine import evaluate
@@ -136,9 +138,11 @@ def _launch_workers(args: argparse.Namespace, settings: TrainSettings, out: str)
             timeout_s=distributed.job_timeout_s(),
         )
     if code == 130:
-        raise Interrupted("interrupted (Ctrl-C); every worker was stopped (see above for what was kept)")
+        how = lifeline.describe(lifeline.interrupted() or signal.SIGINT)
+        raise Interrupted(f"interrupted ({how}); every worker was stopped (see above for what was kept)")
     if code:
-        raise Failed(f"the {args.workers}-worker run failed (exit status {code}); every worker was stopped")
+        status = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        raise Failed(f"the {args.workers}-worker run failed ({status}); every worker was stopped")
     return 0
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "PARENT_ENV",
     "Interrupt",
     "Job",
+    "check",
     "describe",
     "exit_status",
     "guard_parent",
@@ -110,6 +111,8 @@ class _State:
     first: int | None = None  # the first interrupting signal since the outermost block began
     holding = 0  # nested held() blocks
     pending: int | None = None  # the first signal that arrived while held
+    unraisable: Any = None  # sys.unraisablehook before the outermost block
+    swallowed: int | None = None  # a signal whose Interrupt a finalizer swallowed, for check()
 
 
 _state = _State()
@@ -123,6 +126,24 @@ def _handler(signum: int, frame: Any) -> None:
             _state.pending = signum
         return
     raise Interrupt(signum)
+
+
+def _unraisable(args: Any) -> None:
+    """A signal that lands while Python runs a finalizer (an MXNet array's ``__del__``) raises its
+    :class:`Interrupt` there, where Python swallows it and prints a traceback: it is no bug, only
+    a signal at that moment. Keep it, quietly, for :func:`check` to raise."""
+    if isinstance(args.exc_value, Interrupt):
+        if _state.swallowed is None:
+            _state.swallowed = args.exc_value.signum
+        return
+    (_state.unraisable or sys.__unraisablehook__)(args)
+
+
+def check() -> None:
+    """Raise the :class:`Interrupt` a finalizer swallowed, if one did (a loop asks between steps)."""
+    signum, _state.swallowed = _state.swallowed, None
+    if signum is not None:
+        raise Interrupt(signum)
 
 
 def _ours_to_take(signum: int) -> bool:
@@ -142,6 +163,7 @@ def interrupts(signals: Sequence[int] = INTERRUPTS) -> Iterator[None]:
         return
     if _state.depth == 0:
         _state.first = None
+        _state.unraisable, sys.unraisablehook = sys.unraisablehook, _unraisable
     previous = {s: signal.getsignal(s) for s in signals if _ours_to_take(s)}
     for s in previous:
         signal.signal(s, _handler)
@@ -152,6 +174,8 @@ def interrupts(signals: Sequence[int] = INTERRUPTS) -> Iterator[None]:
         _state.depth -= 1
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if _state.depth == 0:
+            sys.unraisablehook, _state.unraisable = _state.unraisable, None
 
 
 def interrupted() -> int | None:

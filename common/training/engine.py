@@ -24,6 +24,7 @@ from common.config import DenseNetConfig
 from common.distributed.group import Group
 from common.distributed.sharding import shard_range
 from common.errors import WeightFileError
+from common.process import lifeline
 
 __all__ = ["Callback", "Engine", "EpochEnd", "LocalGroup", "NonFinite", "StepEnd", "evaluate"]
 
@@ -167,6 +168,7 @@ def evaluate(
     if progress is not None:
         progress(0, total)
     for done, (X, y) in enumerate(data.batches(split, batch_size, resize, shuffle=False, channels=channels), start=1):
+        lifeline.check()
         logits = group.forward(adapter, model, X).astype(np.float64)
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -207,6 +209,7 @@ class Engine:
 
     def step(self, epoch: int, step: int, global_step: int, X: np.ndarray, y: np.ndarray) -> StepEnd:
         """One step of the group's training step; the callbacks hear of it before and after."""
+        lifeline.check()  # a signal a framework's finalizer swallowed stops the run here
         lr = self.lr_at(global_step)
         compiling = ("train", len(y)) not in self._shapes
         self._shapes.add(("train", len(y)))

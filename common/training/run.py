@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -23,7 +24,7 @@ from common.adapter import Adapter, Model
 from common.arch import plan
 from common.distributed.group import Group
 from common.distributed.sharding import check_divisible
-from common.process import allocator, threads
+from common.process import allocator, lifeline, threads
 from common.registry import load_backend
 from common.training.callbacks import Checkpointer, ProgressCallback, StepRecorder
 from common.training.engine import EVAL_BATCH, Callback, Engine, LocalGroup, NonFinite, evaluate
@@ -232,9 +233,10 @@ def _fit(
             raise Diverged(_diverged(exc, rundir)) from None
         if isinstance(exc, KeyboardInterrupt):
             epoch = rundir.checkpoint_epoch or start_epoch
-            what = getattr(exc, "reason", None) or "interrupted"
+            signum = getattr(exc, "signum", signal.SIGINT)  # lifeline's SIGTERM and SIGHUP too
+            by = "" if signum == signal.SIGINT else f" by {lifeline.describe(signum)}"
             raise TrainingInterrupted(
-                f"{what} in epoch {epoch + 1}; {rundir.kept()} ({rundir.how_to_go_on()})"
+                f"interrupted{by} in epoch {epoch + 1}; {rundir.kept()} ({rundir.how_to_go_on()})"
             ) from None
         raise
     finally:
