@@ -32,8 +32,8 @@ REGISTRY = "registry.py"
 # (common.weights.peers); the formats are not backends, and the registry does not know them.
 NOT_BACKENDS = {
     ("cli/weights.py", "fmt == 'keras'"): "the Keras Applications weight-file format (--to-format)",
-    ("peers.py", "fmt == 'gluon'"): "the Gluon model zoo's weight-file format (--from-format)",
-    ("peers.py", "fmt == 'keras'"): "the Keras Applications weight-file format (--from-format)",
+    ("weights/peers.py", "fmt == 'gluon'"): "the Gluon model zoo's weight-file format (--from-format)",
+    ("weights/peers.py", "fmt == 'keras'"): "the Keras Applications weight-file format (--from-format)",
 }
 
 
