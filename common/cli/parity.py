@@ -121,7 +121,7 @@ def cmd_golden(args: argparse.Namespace) -> int:
         return 0
     if directory is None and resources.checkout_root() is None:
         raise DenseNetError(
-            "densenet golden: regenerating rewrites the vectors committed in a source checkout and this suite is "
+            "regenerating rewrites the vectors committed in a source checkout and this suite is "
             "an installed package; `--check` compares against the shipped ones, or name a directory with --dir"
         )
     for path in golden.write(directory):

@@ -105,7 +105,7 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
         directory = root / "notebooks"
     else:
         raise DenseNetError(
-            "densenet notebooks: the notebooks belong to a source checkout and this suite is an installed "
+            "the notebooks belong to a source checkout and this suite is an installed "
             "package; name the directory of the densenet_*.py scripts with --dir"
         )
     if not notebook_paths(directory):
