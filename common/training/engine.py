@@ -201,7 +201,7 @@ class Engine:
         self.lr_at = lr_at
         self.callbacks = list(callbacks)
         self.check_finite = check_finite
-        self._shapes: set[tuple[str, int]] = set()  # (phase, batch size) seen: a new one compiles
+        self._batch_sizes: set[int] = set()  # a training batch size not seen yet compiles
 
     def _emit(self, name: str, *args: Any) -> None:
         for callback in self.callbacks:
@@ -211,8 +211,8 @@ class Engine:
         """One step of the group's training step; the callbacks hear of it before and after."""
         lifeline.check()  # a signal a framework's finalizer swallowed stops the run here
         lr = self.lr_at(global_step)
-        compiling = ("train", len(y)) not in self._shapes
-        self._shapes.add(("train", len(y)))
+        compiling = len(y) not in self._batch_sizes
+        self._batch_sizes.add(len(y))
         self._emit("before_step", compiling)
         t0 = time.perf_counter()
         loss, logits = self.group.train_step(self.adapter, self.model, X, y, lr)
