@@ -50,12 +50,18 @@ class Model(Generic[RuntimeT]):
     variables: dict[str, Any] | None = None
     """Flax's variable collections (``{"params": ..., "batch_stats": ...}``, nested dicts of
     arrays); ``None`` in the other frameworks, which keep their weights inside ``net``."""
+    precision: str = "float32"
+    """``"float32"``, or ``"bfloat16"``: mixed precision, by the framework's own mechanism
+    (docs/precision.md). Convolutions and dense layers compute in bfloat16; the weights, the
+    BatchNorm statistics, the loss, the gradients the optimiser applies and its state stay
+    float32, so weight files are the same canonical float32 ones. Only with ``dtype`` float32."""
     sgd: SGD = field(default_factory=SGD)
     """What ``train_step`` computes (``common.training.optim.SGD``; plain SGD unless
     ``Adapter.configure_optimizer`` says otherwise); the framework's optimizer is in ``runtime``."""
 
 
 DTYPES = ("float32", "float64")
+PRECISIONS = ("float32", "bfloat16")
 
 
 def check_dtype(dtype: Any) -> str:
@@ -64,6 +70,16 @@ def check_dtype(dtype: Any) -> str:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return name
+
+
+def check_precision(precision: str, dtype: str = "float32") -> str:
+    """``"float32"`` or ``"bfloat16"``; bfloat16 (mixed precision) keeps float32 weights, so it
+    goes with ``dtype`` float32 only. Anything else is a ValueError."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "float32" and dtype != "float32":
+        raise ValueError(f"precision {precision} keeps float32 weights; it cannot go with dtype {dtype}")
+    return precision
 
 
 class Adapter(ABC, Generic[RuntimeT]):
@@ -97,12 +113,20 @@ class Adapter(ABC, Generic[RuntimeT]):
 
     @abstractmethod
     def build(
-        self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32", *, memory_efficient: bool = False
+        self,
+        config: DenseNetConfig,
+        seed: int = 0,
+        dtype: str = "float32",
+        *,
+        memory_efficient: bool = False,
+        precision: str = "float32",
     ) -> Model[RuntimeT]:
         """The network with the framework's own (seeded) initialisation, built for its inputs,
         with every weight in ``dtype`` (``"float32"`` or ``"float64"``). ``memory_efficient``
         builds the same network (same weights for the same seed) whose training recomputes each
-        dense layer's concatenation, BatchNorm and ReLU in the backward pass instead of keeping them."""
+        dense layer's concatenation, BatchNorm and ReLU in the backward pass instead of keeping them.
+        ``precision="bfloat16"`` runs it in mixed precision (:attr:`Model.precision`); the weights
+        are the same for the same seed."""
 
     @abstractmethod
     def _stages(self, model: Model[RuntimeT], X: Any, training: bool) -> list[Any]:

@@ -23,7 +23,7 @@ from flax import linen as nn
 from flax.core import unfreeze
 from jax.experimental import enable_x64
 
-from common.adapter import Adapter, Model, check_dtype
+from common.adapter import Adapter, Model, check_dtype, check_precision
 from common.arch import min_input_size
 from common.config import BN_MOMENTUM, DenseNetConfig
 from common.errors import Unsupported
@@ -135,11 +135,13 @@ def _batch_norm_as_products(next_fun, args, kwargs, context):
     bias = bn.param("bias", bn.bias_init, (C,), bn.param_dtype)
     ra_mean = bn.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (C,))
     ra_var = bn.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (C,))
-    dtype = jnp.result_type(X, scale)
+    # At least float32, as Flax's own statistics: in mixed precision the bfloat16 input is
+    # normalised in float32 and the result handed on in bfloat16.
+    dtype = jnp.promote_types(jnp.result_type(X, scale), jnp.float32)
     Y, mean, var = _bn_train(X.reshape(-1, C).astype(dtype), scale.astype(dtype), bias.astype(dtype), bn.epsilon)
     ra_mean.value = bn.momentum * ra_mean.value + (1 - bn.momentum) * mean
     ra_var.value = bn.momentum * ra_var.value + (1 - bn.momentum) * var
-    return Y.reshape(X.shape)
+    return Y.reshape(X.shape).astype(jnp.result_type(X, scale))
 
 
 def _intercepted():
@@ -162,10 +164,26 @@ _BN_LEAVES = {
 }
 
 
-def _loss(net: DenseNet, params, batch_stats, X, y, key, unbias):
+def compute_cast(tree, precision: str):
+    """Mixed precision the way Flax layers with ``dtype=jnp.bfloat16, param_dtype=jnp.float32``
+    compute: the float32 parameters (or an input) cast to bfloat16 on their way into the
+    network, so convolutions and dense layers run in bfloat16 while gradients reach the float32
+    master copies through the cast; BatchNorm statistics stay float32 (``batch_stats`` is never
+    cast, and the normalisation promotes to float32). Identity in float32 and float64."""
+    if precision != "bfloat16":
+        return tree
+    return jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, tree)
+
+
+def _loss(net: DenseNet, params, batch_stats, X, y, key, unbias, precision: str = "float32"):
     logits, updates = _training_apply(
-        net, {"params": params, "batch_stats": batch_stats}, X, mutable=["batch_stats"], rngs={"dropout": key}
+        net,
+        {"params": compute_cast(params, precision), "batch_stats": batch_stats},
+        compute_cast(X, precision),
+        mutable=["batch_stats"],
+        rngs={"dropout": key},
     )
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # the loss in float32 at least
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     # Flax feeds the running variance the biased batch variance; re-express the update in the
     # canonical (PyTorch) convention. ``unbias`` holds 1/(n-1) at each variance, 0 at each mean
@@ -176,24 +194,26 @@ def _loss(net: DenseNet, params, batch_stats, X, y, key, unbias):
     return loss, (new_stats, logits)
 
 
-def loss_value_and_grad(net: DenseNet, params, batch_stats, X, y, key, unbias, argnums=1):
+def loss_value_and_grad(net: DenseNet, params, batch_stats, X, y, key, unbias, precision="float32", argnums=1):
     """``jax.value_and_grad(_loss, argnums, has_aux=True)`` with the BatchNorm interceptor on for
     the backward pass as well: the memory-efficient network recomputes BatchNorms there."""
     with _intercepted():
-        return jax.value_and_grad(_loss, argnums=argnums, has_aux=True)(net, params, batch_stats, X, y, key, unbias)
+        return jax.value_and_grad(_loss, argnums=argnums, has_aux=True)(
+            net, params, batch_stats, X, y, key, unbias, precision
+        )
 
 
-@partial(jax.jit, static_argnums=0)
-def _loss_and_grads(net: DenseNet, params, batch_stats, X, y, key, unbias):
+@partial(jax.jit, static_argnums=(0, 7))
+def _loss_and_grads(net: DenseNet, params, batch_stats, X, y, key, unbias, precision: str):
     (loss, (batch_stats, _)), (dparams, dX) = loss_value_and_grad(
-        net, params, batch_stats, X, y, key, unbias, argnums=(1, 3)
+        net, params, batch_stats, X, y, key, unbias, precision, argnums=(1, 3)
     )
     return loss, batch_stats, dparams, dX
 
 
-@partial(jax.jit, static_argnums=(0, 5))
-def _sgd_step(net: DenseNet, params, batch_stats, X, y, sgd: SGD, lr, opt_state, key, unbias):
-    (loss, (batch_stats, logits)), grads = loss_value_and_grad(net, params, batch_stats, X, y, key, unbias)
+@partial(jax.jit, static_argnums=(0, 5, 10))
+def _sgd_step(net: DenseNet, params, batch_stats, X, y, sgd: SGD, lr, opt_state, key, unbias, precision: str):
+    (loss, (batch_stats, logits)), grads = loss_value_and_grad(net, params, batch_stats, X, y, key, unbias, precision)
     updates, opt_state = make_optimizer(sgd, lr).update(grads, opt_state, params)
     return loss, optax.apply_updates(params, updates), batch_stats, opt_state, logits
 
@@ -245,16 +265,25 @@ class JaxAdapter(Adapter[JaxRuntime]):
         return f"{jax.__version__} (Flax {flax.__version__})"
 
     def build(
-        self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32", *, memory_efficient: bool = False
+        self,
+        config: DenseNetConfig,
+        seed: int = 0,
+        dtype: str = "float32",
+        *,
+        memory_efficient: bool = False,
+        precision: str = "float32",
     ) -> JaxModel:
         dtype = check_dtype(dtype)
+        precision = check_precision(precision, dtype)
         net = DenseNet.for_config(config, memory_efficient=memory_efficient)
         size = min_input_size(config)
         # jit makes initialisation one compiled call instead of hundreds of eager ops.
         variables = jax.jit(net.init)(
             jax.random.PRNGKey(seed), jnp.zeros((1, size, size, config.in_channels), jnp.float32)
         )
-        model = Model(config, net, JaxRuntime(seed=seed), dtype=dtype, variables=unfreeze(variables))
+        model = Model(
+            config, net, JaxRuntime(seed=seed), dtype=dtype, precision=precision, variables=unfreeze(variables)
+        )
         if dtype == "float64":
             # Flax's modules compute in the dtype their inputs and parameters promote to.
             with _x64(model):
@@ -266,7 +295,7 @@ class JaxAdapter(Adapter[JaxRuntime]):
             return jnp.asarray(X)
 
     def _to_numpy(self, Y: jnp.ndarray) -> np.ndarray:
-        return np.asarray(Y)
+        return np.asarray(Y.astype(jnp.float32) if Y.dtype == jnp.bfloat16 else Y)  # numpy has no bfloat16
 
     @staticmethod
     def _dropout_key(model: JaxModel) -> jax.Array:
@@ -278,7 +307,11 @@ class JaxAdapter(Adapter[JaxRuntime]):
         net = model.net.clone(training=training)
         mutable = (["batch_stats"] if training else []) + (["intermediates"] if stages else [])
 
+        precision = model.precision
+
         def apply(variables, X, key):
+            variables = {**variables, "params": compute_cast(variables["params"], precision)}
+            X = compute_cast(X, precision)
             if not mutable:
                 return net.apply(variables, X), {}
             return _training_apply(net, variables, X, mutable=mutable, rngs={"dropout": key})
@@ -419,6 +452,7 @@ class JaxAdapter(Adapter[JaxRuntime]):
                 *args,
                 self._dropout_key(model),
                 self._unbias_tree(model, nchw),
+                model.precision,
             )
 
     def loss_and_grads(self, model, X, y):

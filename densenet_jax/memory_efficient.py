@@ -62,6 +62,14 @@ def _recomputed(block: nn.Module) -> Callable[..., Any]:
     return run
 
 
+def _dropout(block: nn.Module, Y: jnp.ndarray) -> jnp.ndarray:
+    """Inverted dropout of ``Y`` at the (bound) block's ``drop_rate``, as ``nn.Dropout`` computes
+    it: a module made here could not be, since the dense block declares its modules in ``setup``."""
+    keep = 1.0 - block.drop_rate
+    mask = jax.random.bernoulli(block.make_rng("dropout"), keep, Y.shape)
+    return jnp.where(mask, Y / keep, jnp.zeros_like(Y))
+
+
 def can_recompute(block: nn.Module) -> bool:
     """Whether this call of the (bound) dense block ``block`` recomputes: in training, with its
     variables made and ``batch_stats`` mutable for the forward pass's update."""
@@ -74,17 +82,17 @@ def forward_recomputed(block: nn.Module, X: jnp.ndarray) -> jnp.ndarray:
 
     Each conv block runs through :func:`_recomputed`. The forward pass updates ``batch_stats``
     once; the recomputation's update is dropped. Its dropout (DenseNet-BC with ``drop_rate``)
-    comes after the recomputed part, from the block's own ``Dropout`` modules (``block.dropout``),
+    comes after the recomputed part, drawn from the block's ``dropout`` rng (:func:`_dropout`),
     so its masks are not the standard network's.
     """
     features = (X,)  # each layer's new features; nothing else of a layer is kept
-    for i, blk in enumerate(block.net):
+    for blk in block.net:
         variables = blk.variables
         run = _recomputed(blk.clone(parent=None, drop_rate=0.0))
         Y, batch_stats = run(variables["params"], variables["batch_stats"], features)
         for name, stats in batch_stats.items():
             blk.put_variable("batch_stats", name, stats)
         if block.drop_rate:
-            Y = block.dropout[i](Y)
+            Y = _dropout(block, Y)
         features = (*features, Y)
     return jnp.concatenate(features, axis=-1)

@@ -3,12 +3,13 @@ NHWC, channels on the last axis, a ``training`` field and a mutable ``batch_stat
 
 Departures from the book (docs/departures.md): channel counts accumulate across dense blocks
 (the book's loop restarts from 64), explicit symmetric padding instead of 'same', exact
-(two-pass) batch variance, the dense block is the only place that concatenates, BatchNorm
-epsilon/momentum come from ``common.config`` and inputs are checked.
+(two-pass) batch variance, the dense block is the only place that
+concatenates, BatchNorm epsilon/momentum come from ``common.config`` and inputs are checked.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax.numpy as jnp
@@ -74,8 +75,6 @@ class DenseBlock(nn.Module):
     def setup(self) -> None:
         layer = {"bn_size": self.bn_size, "drop_rate": self.drop_rate, "bias": self.bias}
         self.net = [conv_block(self.num_channels, self.training, **layer) for _ in range(self.num_convs)]
-        if self.memory_efficient and self.drop_rate:  # applied after the recomputed part (memory_efficient.py)
-            self.dropout = [nn.Dropout(self.drop_rate, deterministic=not self.training) for _ in self.net]
 
     def __call__(self, X: jnp.ndarray) -> jnp.ndarray:
         if self.memory_efficient and can_recompute(self):
@@ -104,22 +103,14 @@ def transition_block(num_channels: int, training: bool = True, **kwargs) -> Tran
     return TransitionBlock(num_channels, training, **kwargs)
 
 
-def _max_pool(X: jnp.ndarray) -> jnp.ndarray:
-    # Flax pads max pooling with -inf, so padding never wins the max.
-    return nn.max_pool(X, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-
-
-def _global_avg_pool(X: jnp.ndarray) -> jnp.ndarray:
-    return jnp.mean(X, axis=(1, 2))
-
-
 class DenseNet(nn.Module):
     """The d2l DenseNet: (N, H, W, C) float images -> (N, num_classes) logits.
 
-    Each stage's output is sown into the ``intermediates`` collection when it is mutable.
-    ``lr`` is the book's learning rate, kept as ``net.lr`` for the book's trainer; the network
-    itself does not use it. The book's fields do not name the image channels: the network takes
-    1 (Fashion-MNIST) unless built with :meth:`for_config` from a configuration that says otherwise.
+    ``bn_size``, ``compression``, ``drop_rate`` and ``conv_bias`` give the DenseNet-BC family
+    (``common.config.CONFIGS``); their defaults are the book's network. ``lr`` is the book's
+    learning rate, kept as ``net.lr`` for the book's trainer; the network itself does not use it.
+    The book's arguments do not name the image channels: the network takes 1 (Fashion-MNIST)
+    unless built with :meth:`for_config` from a configuration that says otherwise.
     ``memory_efficient`` keeps only each dense layer's new features and recomputes the rest of the
     layer in the backward pass (memory_efficient.py): same function, same weights, less memory.
     """
@@ -129,7 +120,6 @@ class DenseNet(nn.Module):
     arch: tuple[int, ...] = (4, 4, 4, 4)
     lr: float = 0.1
     num_classes: int = 10
-    # DenseNet-BC (common.config.CONFIGS); the defaults are the book's network.
     bn_size: int | None = None
     compression: float = 0.5
     drop_rate: float = 0.0
@@ -173,7 +163,8 @@ class DenseNet(nn.Module):
                 nn.Conv(self.num_channels, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=self.conv_bias),
                 _batch_norm(self.training),
                 nn.relu,
-                _max_pool,
+                # Flax pads max pooling with -inf, so padding never wins the max.
+                partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1))),
             ]
         )
 
@@ -189,9 +180,11 @@ class DenseNet(nn.Module):
             if i != len(self.arch) - 1:
                 num_channels = self.config.transition_channels(num_channels)
                 net.append(transition_block(num_channels, self.training, bias=self.conv_bias))
-        net.append(nn.Sequential([_batch_norm(self.training), nn.relu, _global_avg_pool, nn.Dense(self.num_classes)]))
+        last = [_batch_norm(self.training), nn.relu, partial(jnp.mean, axis=(1, 2)), nn.Dense(self.num_classes)]
+        net.append(nn.Sequential(last))
         return net
 
+    @property
     def in_channels(self) -> int:
         """Image channels the network takes: its configuration's."""
         return self.config.in_channels
@@ -202,10 +195,10 @@ class DenseNet(nn.Module):
             jnp.issubdtype(X.dtype, jnp.floating),
             str(X.dtype),
             layout="NHWC",
-            in_channels=self.in_channels(),
+            in_channels=self.in_channels,
             min_size=min_input_size(self.config),
         )
         for stage in self.net:
             X = stage(X)
-            self.sow("intermediates", "stages", X)
+            self.sow("intermediates", "stages", X)  # kept where ``intermediates`` is mutable
         return X

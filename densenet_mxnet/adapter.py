@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.adapter import Adapter, Model, check_dtype
+from common.adapter import Adapter, Model, check_dtype, check_precision
 from common.arch import min_input_size
 from common.config import BN_MOMENTUM, DenseNetConfig
+from common.errors import Unsupported
 from densenet_mxnet._compat import mxnet as mx
 from densenet_mxnet.model import DenseBlock, DenseNet, transition_block
 from densenet_mxnet.optim import make_optimizer
@@ -17,6 +18,37 @@ from densenet_mxnet.peers import zoo_param_names
 autograd, gluon = mx.autograd, mx.gluon
 
 _BN_LEAVES = {"weight": "gamma", "bias": "beta", "running_mean": "running_mean", "running_var": "running_var"}
+
+_amp_on = False
+"""Whether this process has turned MXNet's AMP on (``amp.init``), which cannot be undone."""
+
+
+def _use_amp() -> None:
+    """MXNet's mixed precision: ``amp.init(target_dtype="bfloat16")`` rewrites the operator
+    namespaces (``mx.nd``, ``mx.sym``) of the whole process so that the operators on its bfloat16
+    list (convolutions, dense layers) cast their inputs to bfloat16, while those on its float32
+    lists (softmax, the loss, norms) cast to float32. Parameters stay float32; BatchNorm keeps
+    float32 statistics. It takes the whole process, for good: a float32 network run afterwards
+    would silently compute in bfloat16, so the adapter refuses one (:func:`_check_amp`)."""
+    global _amp_on
+    if not _amp_on:
+        from mxnet.contrib import amp
+
+        amp.init(target_dtype="bfloat16")
+        _amp_on = True
+
+
+def _check_amp(model: Model) -> None:
+    if _amp_on and model.precision != "bfloat16":
+        raise Unsupported(
+            f"MXNet's AMP is on in this process (a bfloat16 network was built), and it converts every "
+            f"operator for good: a {model.dtype} network would compute in bfloat16. Run it in another process."
+        )
+
+
+def _float32(Y: mx.nd.NDArray) -> mx.nd.NDArray:
+    """AMP's bfloat16 outputs (numpy has no bfloat16) as float32; other arrays unchanged."""
+    return Y if Y.dtype in (np.float32, np.float64) else Y.astype("float32")
 
 
 @dataclass
@@ -52,9 +84,25 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
         return zoo_param_names(name, num_classes)
 
     def build(
-        self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32", *, memory_efficient: bool = False
+        self,
+        config: DenseNetConfig,
+        seed: int = 0,
+        dtype: str = "float32",
+        *,
+        memory_efficient: bool = False,
+        precision: str = "float32",
     ) -> MXNetModel:
         dtype = check_dtype(dtype)
+        precision = check_precision(precision, dtype)
+        if precision == "bfloat16" and memory_efficient:
+            # Measured with MXNet 1.9.1: the recomputation's backward pass (an autograd.Function)
+            # stops with "Backward shape inconsistent with the forward shape" under AMP.
+            raise Unsupported(
+                "MXNet cannot run the memory-efficient network in bfloat16: AMP's casts break "
+                "its autograd.Function's backward pass (docs/precision.md); use one or the other"
+            )
+        if precision == "bfloat16":
+            _use_amp()
         mx.random.seed(seed)
         net = DenseNet.for_config(config, memory_efficient=memory_efficient)
         net.initialize(mx.init.Xavier())  # the book's initialiser
@@ -62,13 +110,15 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
         net(mx.nd.zeros((1, config.in_channels, size, size)))  # finish the deferred initialisation
         if dtype == "float64":
             net.cast(dtype)  # Gluon's way: parameters and the dtype the graph expects
-        return Model(config, net, MXNetRuntime(), dtype=dtype)
+        model = Model(config, net, MXNetRuntime(), dtype=dtype, precision=precision)
+        _check_amp(model)
+        return model
 
     def _to_native(self, X: np.ndarray) -> mx.nd.NDArray:
         return mx.nd.array(X, dtype=X.dtype)
 
     def _to_numpy(self, Y: mx.nd.NDArray) -> np.ndarray:
-        return Y.asnumpy()
+        return _float32(Y).asnumpy()
 
     def trains_compiled(self, model: MXNetModel) -> bool:
         # A memory-efficient network's dense blocks stay imperative when hybridized, and the
@@ -87,14 +137,16 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
             model.runtime.hybridized = active
 
     def _forward(self, model: MXNetModel, X, training: bool, compiled: bool):
+        _check_amp(model)
         self._hybridize(model, compiled)
         # train_mode switches BatchNorm to batch statistics without recording a graph.
         if training:
             with autograd.train_mode():
-                return model.net(X)
-        return model.net(X)
+                return _float32(model.net(X))
+        return _float32(model.net(X))
 
     def _stages(self, model: MXNetModel, X, training: bool) -> list:
+        _check_amp(model)
         self._hybridize(model, False)
         outs = []
         with autograd.train_mode() if training else autograd.predict_mode():
@@ -133,13 +185,14 @@ class MXNetAdapter(Adapter[MXNetRuntime]):
             p.set_data(mx.nd.array(weights[k], dtype=weights[k].dtype))
 
     def _loss_backward(self, model: MXNetModel, X, y: np.ndarray):
+        _check_amp(model)
         y = mx.nd.array(self.check_labels(X, y, model.config.num_classes), dtype=model.dtype)
         loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
         tensors = self._tensors(model)
         factors = self.running_stat_factors(model, X.shape)
         old = {k: tensors[k].data().copy() for k in factors}
         with autograd.record():
-            logits = model.net(X)
+            logits = _float32(model.net(X))
             loss = loss_fn(logits, y).mean()
         # MXNet updates BatchNorm's running statistics only here, in the backward pass (CPU).
         loss.backward()

@@ -16,7 +16,7 @@ from densenet_mxnet._compat import mxnet as mx  # restores numpy's removed alias
 autograd, nn = mx.autograd, mx.gluon.nn
 is_np_array = mx.util.is_np_array
 
-__all__ = ["can_recompute", "forward_recomputed"]
+__all__ = ["HybridizesByStage", "KeepsImperative", "can_recompute", "forward_recomputed"]
 
 
 def _concat(features):
@@ -63,6 +63,30 @@ class _Recomputed(autograd.Function):
         for f in features:
             f.grad.wait_to_read()
         return tuple(f.grad for f in features)
+
+
+class KeepsImperative:
+    """Mixin for the dense block: a memory-efficient one stays imperative when hybridized, since
+    its recomputation is an ``autograd.Function``, which a compiled graph cannot run."""
+
+    memory_efficient: bool
+
+    def hybridize(self, active: bool = True, **kwargs) -> None:
+        super().hybridize(active and not self.memory_efficient, **kwargs)
+
+
+class HybridizesByStage:
+    """Mixin for the network: a memory-efficient one hybridizes stage by stage, so everything but
+    its dense blocks is compiled; one graph of the whole network would swallow their recomputation."""
+
+    memory_efficient: bool
+    net: nn.HybridSequential
+
+    def hybridize(self, active: bool = True, **kwargs) -> None:
+        if not self.memory_efficient:
+            return super().hybridize(active, **kwargs)
+        for stage in self.net:
+            stage.hybridize(active, **kwargs)
 
 
 def can_recompute(X) -> bool:  # noqa: N803

@@ -13,7 +13,7 @@ from common.arch import min_input_size
 from common.checks import check_images
 from common.config import BN_EPS, BN_MOMENTUM, DenseNetConfig
 from densenet_mxnet._compat import mxnet as mx  # restores numpy's removed aliases, then imports MXNet
-from densenet_mxnet.memory_efficient import can_recompute, forward_recomputed
+from densenet_mxnet.memory_efficient import HybridizesByStage, KeepsImperative, can_recompute, forward_recomputed
 
 nn = mx.gluon.nn
 is_np_array = mx.util.is_np_array
@@ -50,7 +50,7 @@ def conv_block(num_channels: int, **kwargs) -> ConvBlock:
     return ConvBlock(num_channels, **kwargs)
 
 
-class DenseBlock(nn.HybridBlock):
+class DenseBlock(KeepsImperative, nn.HybridBlock):
     """``num_convs`` conv blocks, each fed the concatenation of the input and all earlier outputs:
     (N, C, H, W) -> (N, C + num_convs * num_channels, H, W)."""
 
@@ -60,9 +60,6 @@ class DenseBlock(nn.HybridBlock):
         self.net = nn.HybridSequential()
         for _ in range(num_convs):
             self.net.add(conv_block(num_channels, **kwargs))
-
-    def hybridize(self, active: bool = True, **kwargs) -> None:  # a recomputation runs imperatively
-        super().hybridize(active and not self.memory_efficient, **kwargs)
 
     def hybrid_forward(self, F, X):  # noqa: N803  (Gluon's signature)
         if self.memory_efficient and can_recompute(X):
@@ -92,7 +89,7 @@ def transition_block(num_channels: int, **kwargs) -> TransitionBlock:
     return TransitionBlock(num_channels, **kwargs)
 
 
-class DenseNet(nn.HybridBlock):
+class DenseNet(HybridizesByStage, nn.HybridBlock):
     """The d2l DenseNet: (N, C, H, W) float images -> (N, num_classes) logits.
 
     ``bn_size``, ``compression``, ``drop_rate`` and ``conv_bias`` give the DenseNet-BC family
@@ -150,12 +147,6 @@ class DenseNet(nn.HybridBlock):
         net = cls(**config.book_kwargs(), memory_efficient=memory_efficient)
         net.config = config  # with its in_channels, which the book's arguments do not name
         return net
-
-    def hybridize(self, active: bool = True, **kwargs) -> None:
-        if not self.memory_efficient:
-            return super().hybridize(active, **kwargs)
-        for stage in self.net:  # one by one: one graph would swallow the dense blocks' recomputation
-            stage.hybridize(active, **kwargs)
 
     @staticmethod
     def b1(num_channels: int = 64, bias: bool = True) -> nn.HybridSequential:

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common.adapter import Adapter, Model, check_dtype
+from common.adapter import Adapter, Model, check_dtype, check_precision
 from common.arch import min_input_size
 from common.config import DenseNetConfig
 from common.process import threads
@@ -28,6 +28,13 @@ if (_threads := threads.requested()) is not None:
         pass
 
 _BN_LEAVES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
+
+
+def _logits(net: tf.keras.Model, X: tf.Tensor, training: bool) -> tf.Tensor:
+    """The network's logits, in float32 where the mixed policy made them bfloat16: the softmax and
+    the loss should not run in bfloat16 (Keras's own advice for mixed precision)."""
+    Y = net(X, training=training)
+    return tf.cast(Y, tf.float32) if Y.dtype == tf.bfloat16 else Y
 
 
 @dataclass
@@ -60,36 +67,45 @@ class TFAdapter(Adapter[TFRuntime]):
         return f"{tf.__version__} (Keras {tf.keras.__version__})"
 
     def build(
-        self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32", *, memory_efficient: bool = False
+        self,
+        config: DenseNetConfig,
+        seed: int = 0,
+        dtype: str = "float32",
+        *,
+        memory_efficient: bool = False,
+        precision: str = "float32",
     ) -> TFModel:
         dtype = check_dtype(dtype)
+        precision = check_precision(precision, dtype)
         tf.keras.utils.set_random_seed(seed)
         # Keras layers take their variable and compute dtype from the global dtype policy when
-        # they are created: set it for this network only.
+        # they are created: set it for this network only. Keras's mixed precision is such a
+        # policy: "mixed_bfloat16" keeps float32 variables and computes in bfloat16, except in
+        # BatchNormalization, which casts its input to float32 and normalises there.
         previous = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(dtype)
+        keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else dtype)
         try:
             net = DenseNet.for_config(config, memory_efficient=memory_efficient)
             size = min_input_size(config)
             net(tf.zeros((1, size, size, config.in_channels), dtype), training=False)  # build the layers
         finally:
             keras.config.set_dtype_policy(previous)
-        return Model(config, net, TFRuntime(), dtype=dtype)
+        return Model(config, net, TFRuntime(), dtype=dtype, precision=precision)
 
     def _to_native(self, X: np.ndarray) -> tf.Tensor:
         return tf.convert_to_tensor(X)
 
     def _to_numpy(self, Y: tf.Tensor) -> np.ndarray:
-        return Y.numpy()
+        return tf.cast(Y, tf.float32).numpy() if Y.dtype == tf.bfloat16 else Y.numpy()  # numpy has no bfloat16
 
     def _forward(self, model: TFModel, X: tf.Tensor, training: bool, compiled: bool) -> tf.Tensor:
         if compiled:
             if model.runtime.compiled is None:
                 model.runtime.compiled = tf.function(
-                    lambda X, training: model.net(X, training=training), jit_compile=model.runtime.jit_compile
+                    lambda X, training: _logits(model.net, X, training), jit_compile=model.runtime.jit_compile
                 )
             return model.runtime.compiled(X, training)
-        return model.net(X, training=training)
+        return _logits(model.net, X, training)
 
     def _stages(self, model: TFModel, X: tf.Tensor, training: bool) -> list[tf.Tensor]:
         outs = []
@@ -138,7 +154,7 @@ class TFAdapter(Adapter[TFRuntime]):
         old = {k: tf.identity(tensors[k]) for k in factors}
         with tf.GradientTape() as tape:
             tape.watch(X)
-            logits = model.net(X, training=True)
+            logits = _logits(model.net, X, True)
             loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
         dX, *grads = tape.gradient(loss, [X, *variables.values()])
         # Keras feeds the moving variance the biased batch variance; the canonical is unbiased.

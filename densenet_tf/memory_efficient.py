@@ -40,10 +40,14 @@ def _recomputed_layer(recomputed: list[layers.Layer]) -> Callable[..., tuple[tf.
         X, stats = tf.concat(features, axis=-1), []
         for layer in head:
             if isinstance(layer, layers.BatchNormalization):
+                # As Keras's own under the mixed policy: a bfloat16 input is normalised in the
+                # variables' float32, and handed on in bfloat16.
+                compute, X = X.dtype, tf.cast(X, layer.moving_mean.dtype)
                 mean, variance = keras.ops.moments(X, axes=[0, 1, 2])
                 X = keras.ops.batch_normalization(
                     X, mean, variance, axis=-1, offset=layer.beta, scale=layer.gamma, epsilon=layer.epsilon
                 )
+                X = tf.cast(X, compute)
                 stats += [mean, variance]
             else:
                 X = layer(X, training=True)
@@ -70,16 +74,18 @@ def _recomputed_layer(recomputed: list[layers.Layer]) -> Callable[..., tuple[tf.
             with tf.GradientTape() as tape:
                 tape.watch(inputs)
                 H, _ = run_head(inputs)
-            kernel = tf.convert_to_tensor(conv.kernel)
+            # In the compute dtype (bfloat16 under the mixed policy), as the forward convolution ran;
+            # the variables' gradients in their own dtype.
+            kernel, weights = tf.cast(conv.kernel, dY.dtype), conv.kernel.dtype
             strides, padding = [1, *conv.strides, 1], conv.padding.upper()
             dH = tf.raw_ops.Conv2DBackpropInput(
                 input_sizes=tf.shape(H), filter=kernel, out_backprop=dY, strides=strides, padding=padding
             )
-            own = {id(conv.kernel.value): tf.raw_ops.Conv2DBackpropFilter(
+            own = {id(conv.kernel.value): tf.cast(tf.raw_ops.Conv2DBackpropFilter(
                 input=H, filter_sizes=tf.shape(kernel), out_backprop=dY, strides=strides, padding=padding
-            )}  # fmt: skip
+            ), weights)}  # fmt: skip
             if conv.use_bias:
-                own[id(conv.bias.value)] = tf.reduce_sum(dY, axis=[0, 1, 2])
+                own[id(conv.bias.value)] = tf.cast(tf.reduce_sum(dY, axis=[0, 1, 2]), weights)
             variables = variables or []
             rest = [v for v in variables if id(v) not in own]
             grads = tape.gradient(H, [*inputs, *rest], output_gradients=dH)

@@ -164,17 +164,8 @@ class DenseNet(tf.keras.Model):
             if i != len(arch) - 1:
                 num_channels = self.config.transition_channels(num_channels)
                 self.net.add(transition_block(num_channels, bias=conv_bias))
-        self.net.add(
-            tf.keras.Sequential(
-                [
-                    _batch_norm(),
-                    layers.ReLU(),
-                    layers.GlobalAvgPool2D(),
-                    layers.Flatten(),
-                    layers.Dense(num_classes),
-                ]
-            )
-        )
+        last = [_batch_norm(), layers.ReLU(), layers.GlobalAvgPool2D(), layers.Flatten(), layers.Dense(num_classes)]
+        self.net.add(tf.keras.Sequential(last))
 
     @classmethod
     def for_config(cls, config: DenseNetConfig, memory_efficient: bool = False) -> DenseNet:

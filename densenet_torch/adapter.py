@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.adapter import Adapter, Model, check_dtype
+from common.adapter import Adapter, Model, check_dtype, check_precision
 from common.arch import min_input_size
 from common.config import DenseNetConfig
 from common.process import threads
@@ -32,6 +32,12 @@ if (_threads := threads.requested()) is not None:
             torch.set_num_interop_threads(_threads)
         except RuntimeError:
             pass
+
+
+def _at_least_float32(Y: torch.Tensor) -> torch.Tensor:
+    """Autocast's bfloat16 logits or activations as float32 (for the loss, and for numpy, which has
+    no bfloat16); float32 and float64 tensors unchanged."""
+    return Y.float() if Y.dtype == torch.bfloat16 else Y
 
 
 @dataclass
@@ -64,9 +70,16 @@ class TorchAdapter(Adapter[TorchRuntime]):
         return torch.__version__
 
     def build(
-        self, config: DenseNetConfig, seed: int = 0, dtype: str = "float32", *, memory_efficient: bool = False
+        self,
+        config: DenseNetConfig,
+        seed: int = 0,
+        dtype: str = "float32",
+        *,
+        memory_efficient: bool = False,
+        precision: str = "float32",
     ) -> TorchModel:
         dtype = check_dtype(dtype)
+        precision = check_precision(precision, dtype)
         torch.manual_seed(seed)
         net = DenseNet.for_config(config, memory_efficient=memory_efficient)
         net.eval()
@@ -75,7 +88,7 @@ class TorchAdapter(Adapter[TorchRuntime]):
             net(torch.zeros(1, config.in_channels, size, size))
         if dtype == "float64":
             net.double()  # every parameter and buffer; activations follow the input's dtype
-        model = Model(config, net, TorchRuntime(), dtype=dtype)
+        model = Model(config, net, TorchRuntime(), dtype=dtype, precision=precision)
         # oneDNN's convolutions, BatchNorm and pooling run faster on NHWC memory
         # (docs/performance.md#what-each-backend-runs-by-default-and-why); the tensors keep their
         # NCHW shapes.
@@ -98,7 +111,14 @@ class TorchAdapter(Adapter[TorchRuntime]):
         return torch.from_numpy(X)
 
     def _to_numpy(self, Y: torch.Tensor) -> np.ndarray:
-        return Y.detach().numpy()
+        return _at_least_float32(Y.detach()).numpy()  # numpy has no bfloat16
+
+    @staticmethod
+    def autocast(model: TorchModel) -> torch.autocast:
+        """PyTorch's mixed precision: inside, convolutions and matrix products run in bfloat16 on
+        float32 weights, while BatchNorm keeps float32 statistics and softmax and the loss run in
+        float32 (autocast's own lists); off for a float32 model."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=model.precision == "bfloat16")
 
     def _forward(self, model: TorchModel, X: torch.Tensor, training: bool, compiled: bool) -> torch.Tensor:
         net = model.net
@@ -108,13 +128,13 @@ class TorchAdapter(Adapter[TorchRuntime]):
             net = model.runtime.compiled
         model.net.train(training)
         # inference_mode: no autograd bookkeeping at all (no version counters, no views tracked).
-        with torch.inference_mode():
-            return net(X)
+        with torch.inference_mode(), self.autocast(model):
+            return _at_least_float32(net(X))
 
     def _stages(self, model: TorchModel, X: torch.Tensor, training: bool) -> list[torch.Tensor]:
         model.net.train(training)
         outs = []
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast(model):
             for stage in model.net.net:
                 X = stage(X)
                 outs.append(X)
@@ -144,7 +164,8 @@ class TorchAdapter(Adapter[TorchRuntime]):
     def _loss(self, model: TorchModel, X: torch.Tensor, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         model.net.train(True)
         y = self.check_labels(X, y, model.config.num_classes)
-        logits = model.net(X)
+        with self.autocast(model):
+            logits = _at_least_float32(model.net(X))
         return F.cross_entropy(logits, torch.from_numpy(y)), logits
 
     def loss_and_grads(self, model, X, y):
@@ -194,7 +215,9 @@ class TorchAdapter(Adapter[TorchRuntime]):
         def step() -> None:
             model.net.train(True)
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(net(X), y).backward()
+            with self.autocast(model):
+                logits = _at_least_float32(net(X))
+            F.cross_entropy(logits, y).backward()
             opt.step()
 
         return step

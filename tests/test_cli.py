@@ -66,7 +66,7 @@ def test_harness_reports_disagreement(adapter, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_harness_reports_backend_errors(adapter, monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom(self, config, seed=0, dtype="float32"):
+    def boom(self, config, seed=0, dtype="float32", **kwargs):
         raise RuntimeError("simulated build failure")
 
     monkeypatch.setattr(type(adapter), "build", boom)

@@ -92,6 +92,26 @@ def test_training_steps_match_the_standard_network(adapter, backend_name: str, c
     assert abs(loss_e - loss_s) <= bound("train-forward", "float32") * abs(loss_s)
 
 
+def test_dropout_drops_after_the_recomputed_part(adapter) -> None:
+    """DenseNet-BC with dropout: the memory-efficient network applies its own masks in training,
+    after the recomputed part, and its gradients stay finite."""
+    config = CASES["bc-block"].replace(drop_rate=0.5)
+    rng = np.random.default_rng(4)
+    X = images(rng, (4, 1, 32, 32))
+    y = rng.integers(0, 10, 4)
+    dropping = adapter.build(config, seed=0, memory_efficient=True)
+    keeping = adapter.build(config.replace(drop_rate=0.0), seed=0, memory_efficient=True)
+    adapter.set_weights(keeping, adapter.get_weights(dropping))
+    scales = _scales(adapter, keeping, X, y)
+    loss_d, dX_d, grads_d = adapter.loss_and_grads(dropping, X, y)
+    _, dX_k, grads_k = adapter.loss_and_grads(keeping, X, y)
+    assert np.isfinite(loss_d) and np.all(np.isfinite(dX_d))
+    assert all(np.all(np.isfinite(g)) for g in grads_d.values())
+    # Half the new features zeroed and the rest doubled moves the gradients far beyond rounding.
+    error, _ = _errors({"dX": dX_d, **grads_d}, {"dX": dX_k, **grads_k}, scales)
+    assert error > 1000 * bound("grad-params", "float32"), error
+
+
 def test_float64_is_exact_to_the_claim(adapter) -> None:
     rng = np.random.default_rng(3)
     X = images(rng, (2, 1, 32, 32)).astype(np.float64)

@@ -1,11 +1,15 @@
 """``densenet bench``: speed and memory of every backend in every execution mode.
 
-Each case (backend x mode x phase) runs in its own process (:func:`run_case`, started by
-:func:`run_bench`), so its peak resident memory (``ru_maxrss``) is its own and a crash or a hang
-costs that case only: a case that fails or outlives its timeout is a row with its reason. A case
-times its first step apart (compiling, for every mode but eager), runs the warm-up steps, then
-times each of ``steps`` steps on its own; the report gives the median, the quartiles and the
-extremes. Nothing here imports a framework: the child loads its backend through the registry.
+Each case (backend x mode x phase x precision) runs in its own process (:func:`run_case`, started
+by :func:`run_bench`), so its peak resident memory (``ru_maxrss``) is its own and a crash or a hang
+costs that case only. Every row has an ``outcome``: ``measured``; ``n/a``, a case the backend does
+not offer (its adapter raised :class:`common.errors.Unsupported`: JAX's eager training step, say),
+with the reason in ``not_applicable``; or ``failed`` (an exception, a crash, a timeout), with the
+reason in ``error``. Only a failure fails the command. A case times its first step apart
+(compiling, for every mode but eager), runs the warm-up steps, then times each of ``steps`` steps
+on its own; the report gives the median, the quartiles and the extremes, and the load the case ran
+under (:mod:`common.bench.load`). Nothing here imports a framework: the child loads its backend
+through the registry.
 """
 
 from __future__ import annotations
@@ -24,20 +28,27 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from common import resources
+from common.adapter import PRECISIONS
+from common.bench import load
 from common.config import DenseNetConfig
-from common.errors import BackendError, DenseNetError
+from common.errors import BackendError, DenseNetError, Unsupported
 from common.process import allocator, lifeline, threads
 from common.registry import load_backend
 from common.render import format_table
 from common.verify.harness import seeded_batches
 
 __all__ = [
+    "FAILED",
+    "MEASURED",
     "MODES",
+    "NOT_APPLICABLE",
     "PHASES",
     "BenchCase",
     "BenchReport",
     "case_command",
     "parse_modes",
+    "parse_precisions",
+    "precision_ratios",
     "run_bench",
     "run_case",
 ]
@@ -55,7 +66,10 @@ MODES: dict[str, tuple[str, ...]] = {
 }
 UNCOMPILED = ("eager", "nchw")
 PHASES = ("train", "inference")
-SCHEMA = 1
+# 2: rows have an outcome (n/a apart from failed), a precision and the load they ran under.
+SCHEMA = 2
+# A row's outcome.
+MEASURED, NOT_APPLICABLE, FAILED = "measured", "n/a", "failed"
 
 
 class BenchError(DenseNetError, ValueError):
@@ -85,9 +99,19 @@ def parse_modes(text: str | None, backends: Sequence[str]) -> dict[str, list[str
     return {b: modes for b, modes in chosen.items() if modes}
 
 
+def parse_precisions(text: str) -> list[str]:
+    """``--precision``: ``float32``, ``bfloat16`` (mixed precision) or both, comma-separated, in
+    the order given."""
+    names = [v.strip().lower() for v in text.split(",")]
+    unknown = [v for v in names if v not in PRECISIONS]
+    if not text.strip() or unknown:
+        raise BenchError(f"expected precisions among {', '.join(PRECISIONS)}, comma-separated, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
 @dataclass(frozen=True)
 class BenchCase:
-    """One measurement: a backend, a mode and a phase, with the shared settings."""
+    """One measurement: a backend, a mode, a phase and a precision, with the shared settings."""
 
     backend: str
     mode: str
@@ -98,6 +122,7 @@ class BenchCase:
     steps: int = 5
     warmup: int = 1
     memory_efficient: bool = False
+    precision: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -120,10 +145,19 @@ def _peak_bytes() -> int:
 
 
 def run_case(case: BenchCase) -> dict[str, Any]:
-    """Measure ``case`` in this process (the child's side): build, first step, warm-up, timed steps."""
+    """Measure ``case`` in this process (the child's side): build, first step, warm-up, timed
+    steps. A case the backend does not offer is ``{"not_applicable": why}``: the adapter raises
+    :class:`Unsupported` for it (a mode, a phase in a mode, a precision it has no way to run)."""
 
     adapter = load_backend(case.backend)
-    model = adapter.build(case.config, seed=0, memory_efficient=case.memory_efficient)
+    try:
+        return _measure(adapter, case)
+    except Unsupported as exc:
+        return {"not_applicable": str(exc)}
+
+
+def _measure(adapter: Any, case: BenchCase) -> dict[str, Any]:
+    model = adapter.build(case.config, seed=0, memory_efficient=case.memory_efficient, precision=case.precision)
     ((X, y),) = seeded_batches(case.config, case.input_size, case.batch_size, 1, 0)
     step = adapter.bench_step(model, case.phase, case.mode, X, y)
     rss_before = _rss_bytes()
@@ -208,19 +242,79 @@ def _run_child(case: BenchCase, timeout: float) -> dict[str, Any]:
         return {"error": f"the child printed no result: {out[-200:]!r}"}
 
 
+def outcome(row: dict[str, Any]) -> str:
+    """A row's outcome, also for a schema-1 row (which had only ``error`` to tell)."""
+    if "outcome" in row:
+        return row["outcome"]
+    return FAILED if "error" in row else NOT_APPLICABLE if "not_applicable" in row else MEASURED
+
+
+def busy_reasons(row: dict[str, Any]) -> list[str]:
+    """Why a case's times are not an idle machine's (empty: they are, as far as ``/proc`` tells).
+    Not the load average: it counts the case's own threads."""
+    record = row.get("load") or {}
+    return load.busy_reasons(None, None, record.get("steal_share"), record.get("others_share"), load_too=False)
+
+
+def precision_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For every backend, mode and phase measured in both float32 and bfloat16: the two median
+    step times, ``speed_ratio``, bfloat16's images/s over float32's (above 1: bfloat16 is faster),
+    and ``busy``, whether either ran beside other load (then the ratio says little)."""
+    measured: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        if outcome(r) == MEASURED:
+            measured.setdefault((r["backend"], r["mode"], r["phase"]), {})[r.get("precision", "float32")] = r
+    return [
+        {
+            "backend": backend,
+            "mode": mode,
+            "phase": phase,
+            "float32_median_s": m["float32"]["median_s"],
+            "bfloat16_median_s": m["bfloat16"]["median_s"],
+            "speed_ratio": m["float32"]["median_s"] / m["bfloat16"]["median_s"],
+            "busy": bool(busy_reasons(m["float32"]) or busy_reasons(m["bfloat16"])),
+        }
+        for (backend, mode, phase), m in measured.items()
+        if {"float32", "bfloat16"} <= m.keys()
+    ]
+
+
+def _percent(share: float | None) -> str:
+    return "?" if share is None else f"{share * 100:.0f}"
+
+
 @dataclass
 class BenchReport:
-    """Every case's row, with the settings and the machine they were measured on."""
+    """Every case's row, with the settings and the machine they were measured on, the load on the
+    machine before the first case and the warnings given about it."""
 
     settings: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
+    load_at_start: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows if "error" in r]
+        return [r for r in self.rows if outcome(r) == FAILED]
+
+    @property
+    def not_applicable(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if outcome(r) == NOT_APPLICABLE]
+
+    @property
+    def measured(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if outcome(r) == MEASURED]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": SCHEMA, "settings": self.settings, "machine": machine(), "rows": self.rows}
+        return {
+            "schema": SCHEMA,
+            "settings": self.settings,
+            "machine": machine(),
+            "load_at_start": self.load_at_start,
+            "warnings": self.warnings,
+            "rows": self.rows,
+            "precision_ratios": precision_ratios(self.rows),
+        }
 
     def to_text(self) -> str:
         s = self.settings
@@ -230,16 +324,19 @@ class BenchReport:
             f"{'memory-efficient' if s['memory_efficient'] else 'standard'} network; each case in its own process"
             + (f", {s['threads']} thread(s)" if "threads" in s else "")
         )
+        if "bfloat16" in s.get("precisions", ()):
+            head += f"\nCPU support for bfloat16: {load.cpu_bfloat16() or 'unknown (no /proc/cpuinfo)'}"
+        headers = [
+            *("backend", "mode", "phase", "precision", "median ms", "IQR ms", "min-max ms"),
+            *("img/s", "first step s", "peak MiB", "malloc", "others %", "steal %"),
+        ]
         body = []
         for r in self.rows:
-            if "error" in r:
-                body.append([r["backend"], r["mode"], r["phase"], *["-"] * 7, f"FAILED: {r['error']}"])
-                continue
-            body.append(
-                [
-                    r["backend"],
-                    r["mode"],
-                    r["phase"],
+            cells = [r["backend"], r["mode"], r["phase"], r.get("precision", "float32")]
+            shares = [_percent(r.get("load", {}).get(k)) for k in ("others_share", "steal_share")]
+            kind = outcome(r)
+            if kind == MEASURED:
+                cells += [
                     f"{r['median_s'] * 1e3:,.1f}",
                     f"{r['q1_s'] * 1e3:,.1f}-{r['q3_s'] * 1e3:,.1f}",
                     f"{r['min_s'] * 1e3:,.1f}-{r['max_s'] * 1e3:,.1f}",
@@ -247,16 +344,43 @@ class BenchReport:
                     f"{r['first_step_s']:,.2f}",
                     f"{r['peak_mb']:,.0f}",
                     _runtime(r),
+                    *shares,
+                    "",
                 ]
-            )
-        headers = [
-            *("backend", "mode", "phase", "median ms", "IQR ms", "min-max ms"),
-            *("img/s", "first step s", "peak MiB", "malloc"),
-        ]
-        if any("error" in r for r in self.rows):
+            elif kind == NOT_APPLICABLE:
+                cells += ["n/a", *["-"] * 6, *shares, f"n/a: {r['not_applicable']}"]
+            else:
+                cells += ["-"] * 7 + [*shares, f"FAILED: {r['error']}"]
+            body.append(cells)
+        if any(row[-1] for row in body):
             headers.append("")
-            body = [row if len(row) == 11 else [*row, ""] for row in body]
-        return head + "\n" + format_table(headers, body)
+        else:
+            body = [row[:-1] for row in body]
+        foot = (
+            "others %, steal %: the share of the machine's CPU time (all cores) that other processes used,\n"
+            "and that the hypervisor took, while the case's process ran (? where /proc/stat is missing);\n"
+            "the JSON has them with the 1-minute load average before and after each case."
+        )
+        text = head + "\n" + format_table(headers, body) + "\n" + foot
+        ratios = precision_ratios(self.rows)
+        if ratios:
+            table = format_table(
+                ["backend", "mode", "phase", "float32 ms", "bfloat16 ms", "bfloat16 speed / float32", ""],
+                [
+                    [
+                        q["backend"],
+                        q["mode"],
+                        q["phase"],
+                        f"{q['float32_median_s'] * 1e3:,.1f}",
+                        f"{q['bfloat16_median_s'] * 1e3:,.1f}",
+                        f"{q['speed_ratio']:.2f}x",
+                        "beside other load: not to be trusted" if q["busy"] else "",
+                    ]
+                    for q in ratios
+                ],
+            )
+            text += "\n\nbfloat16 against float32 (median step times; above 1x, bfloat16 is faster):\n" + table
+        return text
 
 
 def _runtime(row: dict[str, Any]) -> str:
@@ -267,16 +391,17 @@ def _runtime(row: dict[str, Any]) -> str:
 
 
 def machine() -> dict[str, Any]:
-    """Where the numbers were taken: CPU count, load, platform, Python."""
+    """Where the numbers were taken: CPU count, load, platform, Python, what the CPU offers for bfloat16."""
     try:
-        load = list(os.getloadavg())
+        averages = list(os.getloadavg())
     except OSError:
-        load = None
+        averages = None
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
-        "load_average": load,
+        "load_average": averages,
+        "bfloat16": load.cpu_bfloat16(),
         "python": platform.python_version(),
     }
 
@@ -287,6 +412,7 @@ def run_bench(
     config: DenseNetConfig,
     *,
     phases: Sequence[str] = PHASES,
+    precisions: Sequence[str] = ("float32",),
     batch_size: int = 32,
     input_size: tuple[int, int] = (96, 96),
     steps: int = 5,
@@ -294,11 +420,18 @@ def run_bench(
     memory_efficient: bool = False,
     timeout: float = 600.0,
     progress: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+    load_sample_s: float = 0.5,
 ) -> BenchReport:
-    """Every case of ``backends`` x their ``modes`` x ``phases``, each in its own process."""
+    """Every case of ``backends`` x their ``modes`` x ``phases`` x ``precisions``, each in its own
+    process. The load is sampled for ``load_sample_s`` before the first case; ``warn`` is told,
+    one line each, when the machine is busy then and when a case ran beside other load (the
+    report keeps the same lines)."""
     unknown = [p for p in phases if p not in PHASES]
     if unknown:
         raise BenchError(f"unknown phase {unknown[0]!r}; expected {' or '.join(PHASES)}")
+    if not precisions or any(p not in PRECISIONS for p in precisions):
+        raise BenchError(f"expected precisions among {', '.join(PRECISIONS)}, got {list(precisions)}")
     for b in backends:
         if b not in MODES:
             raise BackendError(f"unknown backend {b!r}")
@@ -310,18 +443,45 @@ def run_bench(
         "steps": steps,
         "warmup": warmup,
         "memory_efficient": memory_efficient,
+        "precisions": list(precisions),
         "timeout_s": timeout,
         "threads": threads.current(),  # every case inherits it (common.process.threads)
     }
     report = BenchReport(settings)
-    for backend in backends:
-        for mode in modes.get(backend, []):
-            for phase in phases:
-                case = BenchCase(backend, mode, phase, config, batch_size, input_size, steps, warmup, memory_efficient)
-                say(f"{backend} {mode} {phase}")
-                started = time.perf_counter()
-                result = _run_child(case, timeout)
-                row = {"backend": backend, "mode": mode, "phase": phase, **result}
-                row["wall_s"] = time.perf_counter() - started
-                report.rows.append(row)
+
+    def caution(message: str) -> None:
+        report.warnings.append(message)
+        if warn is not None:
+            warn(message)
+
+    cpus = os.cpu_count()
+    report.load_at_start = {**load.sample(load_sample_s), "cpus": cpus}
+    start = report.load_at_start
+    busy = load.busy_reasons(start["load_avg_1min_after"], cpus, start["steal_share"], start["others_share"])
+    if busy:
+        caution(
+            f"the machine is busy before the first case ({'; '.join(busy)}; sampled over {load_sample_s:g} s): "
+            "expect slower, noisier times than on an idle machine"
+        )
+    cases = [
+        BenchCase(backend, mode, phase, config, batch_size, input_size, steps, warmup, memory_efficient, precision)
+        for backend in backends
+        for mode in modes.get(backend, [])
+        for phase in phases
+        for precision in precisions  # float32 and bfloat16 of one case side by side
+    ]
+    named = list(precisions) != ["float32"]  # the progress lines name the precision where it is not the default
+    for case in cases:
+        name = " ".join([case.backend, case.mode, case.phase] + ([case.precision] if named else []))
+        say(name)
+        window = load.Window()
+        result = _run_child(case, timeout)
+        kind = FAILED if "error" in result else NOT_APPLICABLE if "not_applicable" in result else MEASURED
+        row = {"backend": case.backend, "mode": case.mode, "phase": case.phase, "precision": case.precision}
+        row |= {"outcome": kind, **result, "load": window.close()}
+        row["wall_s"] = row["load"]["window_s"]
+        busy = busy_reasons(row)
+        if busy and kind != NOT_APPLICABLE:
+            caution(f"{name} ran beside other load ({'; '.join(busy)}): its times are not an idle machine's")
+        report.rows.append(row)
     return report

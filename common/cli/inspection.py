@@ -6,7 +6,13 @@ import argparse
 import json
 import sys
 
-from common.cli.options import add_network_options, backend_list, config_from_args
+from common.cli.options import (
+    add_network_options,
+    add_precision_option,
+    backend_list,
+    check_precision_args,
+    config_from_args,
+)
 from common.limits import check_memory
 from common.registry import BACKENDS, BackendStatus, available, installed
 from common.render import format_table
@@ -39,7 +45,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # before the backend names: a bad configuration is reported first
     backends = backend_list(args.backends)
     check_memory(config, args.input_size, args.batch_size, args.dtype)
-    report = compare_shapes(backends, config, args.input_size, args.batch_size, args.seed, dtype=args.dtype)
+    check_precision_args(args)
+    report = compare_shapes(
+        backends, config, args.input_size, args.batch_size, args.seed, dtype=args.dtype, precision=args.precision
+    )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_text())
     if not report.ok and not args.json:
         print("FAILED:\n  " + "\n  ".join(report.failures), file=sys.stderr)
@@ -69,6 +78,7 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
     )
     add_network_options(p)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="every weight and activation")
+    add_precision_option(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_compare)
 

@@ -11,7 +11,7 @@ import math
 import re
 
 from common.config import CONFIGS, DenseNetConfig, named_config
-from common.errors import BackendError
+from common.errors import BackendError, DenseNetError
 from common.process import threads
 from common.registry import canonical_name
 
@@ -286,6 +286,23 @@ THREADED = (
 def _subcommand(p: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[name]
+
+
+def add_precision_option(p: argparse.ArgumentParser, what: str = "runs") -> None:
+    p.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help=f"bfloat16: mixed precision, each framework's own (bfloat16 compute, float32 weights, BatchNorm "
+        f"statistics and loss; docs/precision.md); the network {what} in float32 by default",
+    )
+
+
+def check_precision_args(args: argparse.Namespace) -> None:
+    """``--precision bfloat16`` keeps float32 weights: refuse it beside another ``--dtype``."""
+    dtype = getattr(args, "dtype", "float32")
+    if args.precision != "float32" and dtype != "float32":
+        raise DenseNetError(f"--precision {args.precision} keeps float32 weights; it cannot go with --dtype {dtype}")
 
 
 def add_threads_options(sub: argparse._SubParsersAction) -> None:

@@ -11,7 +11,9 @@ from pathlib import Path
 from common import resources
 from common.cli.options import (
     add_network_options,
+    add_precision_option,
     backend_list,
+    check_precision_args,
     config_from_args,
     on_off_list,
     positive_float,
@@ -31,6 +33,7 @@ __all__ = ["add_golden", "add_parity", "add_parity_sweep", "cmd_golden", "cmd_pa
 def cmd_parity(args: argparse.Namespace) -> int:
     config = config_from_args(args, default=PARITY_CASE)
     backends = backend_list(args.backends)
+    check_precision_args(args)
     check_memory(config, args.input_size, args.batch_size, args.dtype)
     say = None if args.json else (lambda message: print(f"  {message}", file=sys.stderr))
     seeds = args.seeds or [args.seed]
@@ -45,6 +48,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
             seed=seed,
             progress=say,
             dtype=args.dtype,
+            precision=args.precision,
         )
         for seed in seeds
     ]
@@ -148,6 +152,7 @@ def add_parity(sub: argparse._SubParsersAction) -> None:
         default="float32",
         help="float64: the proof, every figure within 1e-9; float32 (default): what people train in",
     )
+    add_precision_option(p, what="is checked")
     p.add_argument("--seeds", type=seed_range, help="several seeds in one run, e.g. 0-15 (adds the worst per check)")
     p.add_argument("--naive", action="store_true", help="also show what each framework's default settings would change")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

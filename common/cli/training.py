@@ -16,6 +16,7 @@ from pathlib import Path
 from common import data, distributed
 from common.cli.options import (
     add_config_options,
+    add_precision_option,
     config_from_args,
     config_options_given,
     fraction,
@@ -85,6 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         sync_bn=args.sync_bn,
         **optimizer_settings(args),
         memory_efficient=args.memory_efficient,
+        precision=args.precision,
     )
     check_memory(settings.config, settings.resize, max(settings.batch_size, EVAL_BATCH))
     out = args.out or f"runs/{settings.backend}"
@@ -238,7 +240,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if note and not args.json:
         print(f"note: {note}", file=sys.stderr)
     adapter = load_backend(backend)
-    model = adapter.build(config)
+    model = adapter.build(config, precision=args.precision)
     adapter.set_weights(model, found.weights)
     bar = Progress(f"{adapter.name} evaluate", 0, 0, quiet=args.json)
     start = time.perf_counter()
@@ -251,12 +253,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     used = {"config": config.to_dict(), "resize": resize, "resize_from": why}
     if args.json:
         result = {"backend": adapter.name, "weights": args.weights, "test_loss": loss, "test_acc": acc}
+        result["precision"] = args.precision
         on = {"dataset": dataset.name, "split": dataset.test_name, "split_from": split_from}
         print(json.dumps({**result, "images": len(split.labels), **on, **used}))
     else:
         print(f"{args.weights}: DenseNet {config.describe()} (the file's configuration)")
         print(
-            f"{adapter.name} on {len(split.labels)} images of {split_from}, at {resize}x{resize} ({why}): "
+            f"{adapter.name}{' in bfloat16 mixed precision' if args.precision == 'bfloat16' else ''} on "
+            f"{len(split.labels)} images of {split_from}, at {resize}x{resize} ({why}): "
             f"accuracy {acc:.4f}, loss {loss:.4f} ({time.perf_counter() - start:.1f} s)"
         )
     return 0
@@ -312,6 +316,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="recompute each dense layer's concatenation, BatchNorm and ReLU in the backward pass (less memory)",
     )
+    add_precision_option(run, what="trains")
     dist = p.add_argument_group("data-parallel training (docs/distributed.md)")
     dist.add_argument(
         "--workers",
@@ -451,6 +456,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="--dataset folder without val/: share of each class held out (default: the file's training's, else "
         f"{DEFAULT_VAL})",
     )
+    add_precision_option(p, what="is evaluated")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_config_options(p, title="network the file must hold (default: whatever it holds)")
     p.set_defaults(func=cmd_evaluate)

@@ -227,16 +227,16 @@ def forward(self, X):
 OURS: dict[int, tuple[Piece, ...]] = {
     1: (_p("jax", "model", "DenseNet.create_net"),),
     2: (_p("tf", "model", "ConvBlock.call"), _p("tf", "model", "DenseNet.call")),
-    3: (_p("tf", "model", "DenseNet.b1"), _p("tf", "model", "MaxPoolPadded.call"), _p("jax", "model", "_max_pool")),
+    3: (_p("tf", "model", "DenseNet.b1"), _p("tf", "model", "MaxPoolPadded.call"), _p("jax", "model", "DenseNet.b1")),
     4: (_p("mxnet", "model", "DenseBlock"),),
     5: (_p("torch", "adapter", "TorchAdapter.build"),),
     6: (_p("jax", "model", "ConvBlock"), _p("jax", "model", "DenseBlock.__call__")),
     7: (_p("tf", "model", "_batch_norm"), _p("jax", "model", "_batch_norm")),
     8: (_p("torch", "model", "DenseNet.check_input"),),
-    9: (_p("jax", "model", "_global_avg_pool"), _p("jax", "model", "DenseNet.create_net::_global_avg_pool")),
+    9: (_p("jax", "model", "DenseNet.create_net::last = ..nn.Sequential(last)"),),
     10: (
         _p("torch", "model", "DenseBlock.forward"),
         _p("torch", "memory_efficient", "forward_recomputed"),
-        _p("jax", "model", "DenseBlock.setup"),
+        _p("mxnet", "memory_efficient", "HybridizesByStage"),
     ),
 }

@@ -292,7 +292,7 @@ def _memory_efficient(ctx: Context) -> list[tuple[str, str, str]]:
             "forward pass (`jax.checkpoint` was undone that way): the JAX and graph-mode TF backward "
             "passes make it read the output's gradient `dY`. Gluon cannot recompute inside a "
             "compiled graph: a memory-efficient MXNet network hybridizes stage by stage "
-            "(`DenseNet.hybridize`), its dense blocks staying imperative.",
+            "(`HybridizesByStage`), its dense blocks staying imperative (`KeepsImperative`).",
             "With `nn.remat` XLA:CPU kept the standard program's 990.5 MiB of temporary buffers "
             "(DenseNet-121, batch 8); the `custom_vjp` needs 387.0 MiB. Hybridized MXNet reaches "
             "only 0.80-0.88x the memory for 1.69-1.87x the time, so `densenet train` trains it "
@@ -300,8 +300,9 @@ def _memory_efficient(ctx: Context) -> list[tuple[str, str, str]]:
         ),
         (
             "dropout",
-            "DenseNet-BC's dropout stays outside the recomputed part in all four. JAX draws it from the dense "
-            "block's own `Dropout` modules, the others from the conv block's layer.",
+            "DenseNet-BC's dropout stays outside the recomputed part in all four. JAX draws its masks from the "
+            "dense block's `dropout` rng (`_dropout`: a Flax module declared in `setup` cannot be made "
+            "there), the others run the conv block's own dropout layer.",
             "Same function and weights as the standard network in all four; JAX's dropout masks differ from "
             "its standard network's (Flax derives them from the module's path).",
         ),
@@ -343,6 +344,48 @@ def _training_step(ctx: Context) -> list[tuple[str, str, str]]:
     ]
 
 
+def _mixed_precision(ctx: Context) -> list[tuple[str, str, str]]:
+    # The measurements are docs/precision.md's (the parity sweep over seeds 0-15 and the bench of the
+    # book's network at 96x96, batch 128): minutes per backend, too slow to rerun when the page is built.
+    return [
+        (
+            "mechanism",
+            "PyTorch wraps the forward pass in `torch.autocast`; MXNet's AMP (`amp.init`) rewrites the "
+            "operators of the whole process; Flax computes in the dtype of what it is given, so the float32 "
+            "parameters and the input are cast on their way in (`compute_cast`); Keras builds the layers under "
+            "the `mixed_bfloat16` dtype policy.",
+            "The same function to bfloat16's precision in all four: against the float64 oracle, the forward "
+            "passes within 4-6 u (u = 2**-8) and the gradients within 44-81 u, with every bound at least "
+            "5.8x above the worst of seeds 0-15 on one and two threads.",
+        ),
+        (
+            "kept in float32",
+            "Weights, BatchNorm statistics and the loss in all four. The normalisation itself: float32 in "
+            "Keras (BatchNormalization casts its input) and JAX (promoted, as Flax's statistics are), "
+            "float32 accumulation on bfloat16 data in PyTorch and MXNet's oneDNN kernels.",
+            "Cast to bfloat16 whole, PyTorch's network loses more than a whole SGD step's update at "
+            "lr 0.01 (1.15 of its size, against 0.48 in mixed precision): a bfloat16 weight cannot take an "
+            "update below 2**-9 of itself.",
+        ),
+        (
+            "scope",
+            "An autocast region, a dtype policy and a cast are per network; MXNet's AMP is per process and "
+            "cannot be undone, so the adapter refuses a float32 MXNet network once a bfloat16 one exists, "
+            "and MXNet's memory-efficient network, whose `autograd.Function` fails under AMP.",
+            "Weight files stay float32 and canonical: a bfloat16-trained file evaluates in float32 in any framework.",
+        ),
+        (
+            "speed",
+            "bfloat16 over float32 on the development machine's AMX (the book's network, batch 128): PyTorch "
+            "2.03x in training and 2.37x in inference; Keras 1.04x and 1.00x (`tf.function`); MXNet 0.74x and "
+            "0.65x; JAX 0.81x and 0.80x.",
+            "XLA:CPU runs every bfloat16 convolution in float32 between conversions (387 converts in the "
+            "compiled forward, none in float32's); MXNet's oneDNN picks AVX512-BF16 kernels, not AMX, "
+            "amid hundreds of reorders.",
+        ),
+    ]
+
+
 def _weights(ctx: Context) -> list[tuple[str, str, str]]:
     c = ctx.config
     return [
@@ -380,5 +423,6 @@ _NOTES = {
     "head": _head,
     "memory-efficient": _memory_efficient,
     "training-step": _training_step,
+    "mixed-precision": _mixed_precision,
     "weights": _weights,
 }

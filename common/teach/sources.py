@@ -205,7 +205,7 @@ ROWS: tuple[Row, ...] = (
         _cells(
             torch=(("model", "DenseNet.b1"),),
             mxnet=(("model", "DenseNet.b1"),),
-            jax=(("model", "DenseNet.b1"), ("model", "_max_pool")),
+            jax=(("model", "DenseNet.b1"),),
             tf=(("model", "DenseNet.b1"), ("model", "MaxPoolPadded")),
         ),
     ),
@@ -227,8 +227,8 @@ ROWS: tuple[Row, ...] = (
         _cells(
             torch=(("model", 'DenseNet.__init__::"last"'),),
             mxnet=(("model", "DenseNet.__init__::last = ..self.net.add(last)"),),
-            jax=(("model", "DenseNet.create_net::_global_avg_pool"), ("model", "_global_avg_pool")),
-            tf=(("model", "DenseNet.__init__::GlobalAvgPool2D"),),
+            jax=(("model", "DenseNet.create_net::last = ..nn.Sequential(last)"),),
+            tf=(("model", "DenseNet.__init__::last = ..tf.keras.Sequential(last)"),),
         ),
     ),
     Row(
@@ -248,12 +248,14 @@ ROWS: tuple[Row, ...] = (
                 ("memory_efficient", "can_recompute"),
                 ("memory_efficient", "_Recomputed"),
                 ("memory_efficient", "_concat"),
-                ("model", "DenseNet.hybridize"),
+                ("memory_efficient", "KeepsImperative"),
+                ("memory_efficient", "HybridizesByStage"),
             ),
             jax=(
                 ("memory_efficient", "forward_recomputed"),
                 ("memory_efficient", "can_recompute"),
                 ("memory_efficient", "_recomputed"),
+                ("memory_efficient", "_dropout"),
             ),
             tf=(
                 ("memory_efficient", "forward_recomputed"),
@@ -275,6 +277,24 @@ ROWS: tuple[Row, ...] = (
                 ("adapter", "TFAdapter._loss_and_grads"),
                 ("adapter", "TFAdapter.train_step"),
                 ("adapter", "TFAdapter._step"),
+            ),
+        ),
+    ),
+    Row(
+        "mixed-precision",
+        "Mixed precision (not in the book)",
+        "--precision bfloat16: convolutions and dense layers in bfloat16, weights, BatchNorm statistics and the "
+        "loss in float32, each framework by its own mechanism (docs/precision.md).",
+        _cells(
+            torch=(("adapter", "TorchAdapter.autocast"), ("adapter", "TorchAdapter._loss")),
+            mxnet=(("adapter", "_use_amp"), ("adapter", "_check_amp"), ("adapter", "_float32")),
+            jax=(
+                ("adapter", "compute_cast"),
+                ("adapter", "_batch_norm_as_products::dtype = jnp.promote_types..return Y"),
+            ),
+            tf=(
+                ("adapter", "TFAdapter.build"),
+                ("adapter", "_logits"),
             ),
         ),
     ),

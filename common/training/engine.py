@@ -35,21 +35,32 @@ class LocalGroup(Group):
     """This process alone: rank 0 of 1, the adapter's own step, nothing to communicate.
 
     ``compiled``: step through the compiled path (None: what ``densenet train`` uses,
-    ``adapter.trains_compiled``); ``memory_efficient``: build the recomputing network.
+    ``adapter.trains_compiled``); ``memory_efficient``: build the recomputing network;
+    ``precision``: build it in that precision (``"bfloat16"``: mixed precision).
     """
 
     rank, world, replicas = 0, 1, 1
 
-    def __init__(self, adapter: Adapter, *, compiled: bool | None = None, memory_efficient: bool = False) -> None:
+    def __init__(
+        self,
+        adapter: Adapter,
+        *,
+        compiled: bool | None = None,
+        memory_efficient: bool = False,
+        precision: str = "float32",
+    ) -> None:
         self.backend = adapter.name
         self.compiled = compiled
         self.memory_efficient = memory_efficient
+        self.precision = precision
 
     def build(
         self, adapter: Adapter, config: DenseNetConfig, seed: int = 0, dtype: str = "float32", sync_bn: bool = False
     ) -> Model:
         # One process holds the whole batch: its BatchNorm is already synchronised.
-        return adapter.build(config, seed=seed, dtype=dtype, memory_efficient=self.memory_efficient)
+        return adapter.build(
+            config, seed=seed, dtype=dtype, memory_efficient=self.memory_efficient, precision=self.precision
+        )
 
     def train_step(
         self, adapter: Adapter, model: Model, X: np.ndarray, y: np.ndarray, lr: float

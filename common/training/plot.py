@@ -127,8 +127,8 @@ def _save(fig: Any, out: Path) -> Path:
 
 def plot_bench(report: dict[str, Any], out: str | os.PathLike) -> Path:
     """``densenet bench --plot``: images per second (with the spread of the timed steps) and peak
-    memory of every case, one bar each, training and inference side by side; failed cases are
-    named with no bar."""
+    memory of every case, one bar each, training and inference side by side; failed and n/a cases
+    are named with no bar."""
     out = Path(out)
     if out.is_dir():
         raise DenseNetError(f"--plot {out} is a directory; name the PNG file to write")
@@ -140,8 +140,13 @@ def plot_bench(report: dict[str, Any], out: str | os.PathLike) -> Path:
     fig, axes = plt.subplots(len(phases), 2, figsize=(11, 1.8 * len(phases) + 0.3 * len(report["rows"])), squeeze=False)
     for (ax_speed, ax_mem), phase in zip(axes, phases):
         rows = [r for r in report["rows"] if r["phase"] == phase]
-        labels = [f"{r['backend']} {r['mode']}" + (" (failed)" if "error" in r else "") for r in rows]
-        ok = ["error" not in r for r in rows]
+        labels = [
+            f"{r['backend']} {r['mode']}"
+            + (f" {r['precision']}" if r.get("precision", "float32") != "float32" else "")
+            + (" (failed)" if "error" in r else " (n/a)" if "not_applicable" in r else "")
+            for r in rows
+        ]
+        ok = ["median_s" in r for r in rows]  # measured: neither failed nor n/a (a case the backend lacks)
         speed = [r["images_per_s"] if good else 0 for r, good in zip(rows, ok)]
         # images/s at the slowest and fastest timed step: the spread around the median's figure.
         low = [s - batch / r["max_s"] if good else 0 for r, s, good in zip(rows, speed, ok)]

@@ -83,7 +83,7 @@ def train(
     with rundir.locked() if writer else nullcontext():
         found = _prepare(settings, data_dir, resume)
         adapter = load_backend(settings.backend)
-        group = group or LocalGroup(adapter, memory_efficient=settings.memory_efficient)
+        group = group or LocalGroup(adapter, memory_efficient=settings.memory_efficient, precision=settings.precision)
         if settings.memory_efficient and not isinstance(group, LocalGroup):
             raise TrainingError(MEMORY_EFFICIENT_ALONE)
         check_divisible(settings.batch_size, group.replicas)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from common import data
+from common.adapter import PRECISIONS
 from common.config import DenseNetConfig
 from common.errors import DenseNetError, Failed, Interrupted
 from common.training.optim import SGD, LRSchedule, OptimizerError
@@ -90,6 +91,9 @@ class TrainSettings:
     # The pool of every transition block: the book's 2x2 average, or max (the book's exercise 1,
     # `densenet exercise pooling`; PyTorch and TensorFlow, one process).
     transition_pool: str = "avg"
+    # "bfloat16": mixed precision, each framework's own (docs/precision.md); the weights, the
+    # checkpoints and the optimiser state stay float32.
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         if self.dataset not in data.DATASETS:
@@ -120,6 +124,10 @@ class TrainSettings:
             raise TrainingError(f"transition pool must be avg or max, got {self.transition_pool!r}")
         if self.transition_pool != "avg" and self.workers > 1:
             raise TrainingError("a max-pool transition trains in one process only; drop --workers")
+        if self.precision not in PRECISIONS:
+            raise TrainingError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision != "float32" and self.workers > 1:
+            raise TrainingError(f"{self.precision} trains in one process only; drop --workers")
 
     @property
     def sgd(self) -> SGD:

@@ -62,6 +62,7 @@ class ShapeReport:
     runs: list[BackendRun]
     required: list[str]
     dtype: str = "float32"
+    precision: str = "float32"
 
     def expected(self) -> dict[str, tuple[int, ...]]:
         return self.plan.shapes(self.batch)
@@ -105,6 +106,7 @@ class ShapeReport:
             "batch": self.batch,
             "seed": self.seed,
             "dtype": self.dtype,
+            "precision": self.precision,
             "expected_params": self.plan.num_params,
             "macs_per_image": self.plan.macs,
             "stages": [
@@ -150,7 +152,7 @@ class ShapeReport:
         lines = [
             f"DenseNet {config.describe()}",
             f"input: {self.batch}x{config.in_channels}x{h}x{w} (NCHW), seeded uniform [0, 1), seed {self.seed}, "
-            f"{self.dtype}",
+            f"{self.dtype}" + (" weights, bfloat16 mixed precision" if self.precision == "bfloat16" else ""),
             "shapes are NCHW whatever the framework's own layout",
             "",
             format_table(["stage", "expected", *[r.name for r in ran], "agree"], stage_rows),
@@ -171,9 +173,16 @@ class ShapeReport:
 
 
 def run_backend(
-    name: str, config: DenseNetConfig, X: np.ndarray, *, seed: int = 0, dtype: str = "float32"
+    name: str,
+    config: DenseNetConfig,
+    X: np.ndarray,
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    precision: str = "float32",
 ) -> BackendRun:
-    """Build one backend's network in ``dtype`` and record its stage shapes; never raises for the backend."""
+    """Build one backend's network in ``dtype`` (and ``precision``) and record its stage shapes;
+    never raises for the backend."""
     framework = BACKENDS[name].framework
     try:
         adapter = load_backend(name)
@@ -182,7 +191,7 @@ def run_backend(
     run = BackendRun(name, adapter.framework, "ok", version=adapter.version())
     try:
         start = time.perf_counter()
-        model = adapter.build(config, seed=seed, dtype=dtype)
+        model = adapter.build(config, seed=seed, dtype=dtype, precision=precision)
         run.build_s = time.perf_counter() - start
         start = time.perf_counter()
         stages = adapter.stages(model, X)
@@ -210,6 +219,7 @@ def compare_shapes(
     batch: int = 1,
     seed: int = 0,
     dtype: str = "float32",
+    precision: str = "float32",
 ) -> ShapeReport:
     """Feed one seeded batch to each backend (all when ``backends`` is None) and compare shapes.
 
@@ -222,5 +232,6 @@ def compare_shapes(
     names = [canonical_name(b) for b in backends] if backends else list(BACKENDS)
     names = list(dict.fromkeys(names))
     ((X, _),) = seeded_batches(config, network_plan.input_size, batch, 1, seed)
-    runs = [run_backend(name, config, X, seed=seed, dtype=dtype) for name in names]
-    return ShapeReport(network_plan, batch, seed, runs, required=names if backends else [], dtype=dtype)
+    runs = [run_backend(name, config, X, seed=seed, dtype=dtype, precision=precision) for name in names]
+    required = names if backends else []
+    return ShapeReport(network_plan, batch, seed, runs, required=required, dtype=dtype, precision=precision)

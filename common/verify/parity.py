@@ -24,6 +24,9 @@ scale is the largest magnitude of the float64 reference for activations, weights
 for gradients and running means the largest sum of absolute values of the terms their last
 reduction adds up, so a gradient that cancels to nearly zero is not judged against its own small
 size. A float64 run must also meet the suite's claim, ``FLOAT64_CLAIM``, for every figure.
+
+In mixed precision (``precision="bfloat16"``: bfloat16 compute, float32 weights) the same checks
+run with ``u = 2**-8``, bfloat16's unit roundoff, and their own constants (``ERROR_MODEL_BF16``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from common.adapter import Adapter, check_dtype
+from common.adapter import Adapter, check_dtype, check_precision
 from common.arch import plan
 from common.config import DenseNetConfig
 from common.errors import BackendUnavailable
@@ -49,7 +52,8 @@ from common.weights.canonical import init_canonical
 
 ORACLE = "numpy"
 
-UNIT_ROUNDOFF = {"float32": 2.0**-24, "float64": 2.0**-53}
+# By the arithmetic a run computes in: its dtype, or bfloat16 in mixed precision.
+UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
 
 # C of the error model per check: the float32 bound is C * 2**-24. Each C is the power of two at
 # least 5x above the worst error `densenet parity-sweep` measured on the parity case (seeds 0-15,
@@ -66,6 +70,23 @@ ERROR_MODEL: dict[str, float] = {
     "momentum-step": 512,  # 86 u (stem.conv.bias.momentum_buffer: the gradient's rounding, as grad-params)
     "nesterov-step": 512,  # 86 u (the same velocity)
     "momentum-lockstep": 4096,  # 542 u after 20 Nesterov steps at a changing rate
+}
+
+# C of the bfloat16 error model (mixed precision: bfloat16 compute, float32 weights, statistics and
+# loss): the bound is C * 2**-8, each C the power of two at least 5x above the worst error
+# `densenet parity-sweep -- --precision bfloat16` measured (seeds 0-15, 1 and 2 threads, every
+# backend and pair; docs/precision.md).
+ERROR_MODEL_BF16: dict[str, float] = {
+    "inference": 32,  # worst measured 4.1 u (u = 2**-8)
+    "train-forward": 32,  # 5.5 u
+    "grad-input": 512,  # 81 u: BatchNorm's backward cancels, and its inputs carry bfloat16's rounding
+    "grad-params": 256,  # 44 u (dense1.conv2.conv.weight)
+    "running-stats": 8,  # 0.81 u: the statistics are float32 sums of bfloat16 activations
+    "sgd-step": 8,  # 0.81 u (the running statistics after the step)
+    "lockstep": 4,  # 0.46 u after 20 steps
+    "momentum-step": 128,  # 19.5 u (a velocity: the gradient's rounding, as grad-params)
+    "nesterov-step": 128,  # 19.5 u
+    "momentum-lockstep": 4,  # 0.63 u after 20 Nesterov steps
 }
 
 # The optimisers of the momentum checks: the DenseNet paper's (momentum 0.9, weight decay 1e-4),
@@ -99,13 +120,17 @@ CHECKS = tuple(ERROR_MODEL)
 
 
 def bound(check: str, dtype: str, pairwise: bool = False) -> float:
-    """The largest error ``check`` allows in ``dtype``: ``C * u`` in float32, the claim in float64
-    (twice that between two backends, each within the bound of the oracle).
+    """The largest error ``check`` allows in ``dtype`` (the arithmetic: ``"bfloat16"`` for mixed
+    precision): ``C * u`` in float32 and bfloat16, the claim in float64 (twice that between two
+    backends, each within the bound of the oracle).
 
     In float64 the error is rounding times the network's conditioning, which grows with depth and
     with BatchNorms that average few values (docs/parity.md); the claim bounds all of it at once.
     """
-    value = ERROR_MODEL[check] * UNIT_ROUNDOFF[dtype] if dtype == "float32" else FLOAT64_CLAIM
+    if dtype == "float64":
+        value = FLOAT64_CLAIM
+    else:
+        value = (ERROR_MODEL_BF16 if dtype == "bfloat16" else ERROR_MODEL)[check] * UNIT_ROUNDOFF[dtype]
     return 2 * value if pairwise else value
 
 
@@ -157,6 +182,12 @@ class ParityReport:
     losses: dict[str, list[float]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     momentum_losses: dict[str, list[float]] = field(default_factory=dict)
+    precision: str = "float32"
+
+    @property
+    def arithmetic(self) -> str:
+        """What the backends compute in: the dtype, or bfloat16 in mixed precision."""
+        return "bfloat16" if self.precision == "bfloat16" else self.dtype
 
     @property
     def ok(self) -> bool:
@@ -175,8 +206,9 @@ class ParityReport:
             "lr": self.lr,
             "seed": self.seed,
             "dtype": self.dtype,
-            "unit_roundoff": UNIT_ROUNDOFF[self.dtype],
-            "error_model": dict(ERROR_MODEL),
+            "precision": self.precision,
+            "unit_roundoff": UNIT_ROUNDOFF[self.arithmetic],
+            "error_model": dict(ERROR_MODEL_BF16 if self.arithmetic == "bfloat16" else ERROR_MODEL),
             "participants": self.participants,
             "comparisons": [c.to_dict() for c in self.comparisons],
             "losses": self.losses,
@@ -194,7 +226,9 @@ class ParityReport:
         h, w = self.input_size
         lines = [
             f"DenseNet {self.config.describe()}; input {self.batch}x{self.config.in_channels}x{h}x{w}, "
-            f"seed {self.seed}, {self.dtype}, lr {self.lr:g}, {self.steps} lockstep steps",
+            f"seed {self.seed}, {self.dtype}"
+            + (" weights, bfloat16 mixed precision" if self.precision == "bfloat16" else "")
+            + f", lr {self.lr:g}, {self.steps} lockstep steps",
             f"momentum checks: {PARITY_MOMENTUM.describe()} and {PARITY_NESTEROV.describe()} from seeded "
             f"velocities; momentum-lockstep: Nesterov, lr {self.lr:g} with a {PARITY_SCHEDULE.warmup_epochs:g} "
             "warm-up then cosine (changes every step)",
@@ -202,8 +236,8 @@ class ParityReport:
             "(numpy = common.oracle.reference, float64, the stand-in for exact arithmetic)",
             "error = max |a - b| / scale of the tensor; bound = "
             + (
-                f"C x {UNIT_ROUNDOFF[self.dtype]:.3g} (unit roundoff)"
-                if self.dtype == "float32"
+                f"C x {UNIT_ROUNDOFF[self.arithmetic]:.3g} (unit roundoff)"
+                if self.arithmetic != "float64"
                 else f"{FLOAT64_CLAIM:g}, the float64 claim"
             ),
             "",
@@ -340,13 +374,16 @@ def run_parity(
     progress: Callable[[str], None] | None = None,
     dtype: str = "float32",
     momentum: bool = True,
+    precision: str = "float32",
 ) -> ParityReport:
     """Run every check on every backend against the oracle and pairwise (module docstring);
-    without ``momentum``, the plain-SGD checks only (the momentum checks cost about a third more)."""
+    without ``momentum``, the plain-SGD checks only (the momentum checks cost about a third more).
+    ``precision="bfloat16"`` runs the backends in mixed precision, against the same oracle."""
     dtype = check_dtype(dtype)
+    precision = check_precision(precision, dtype)
     config = config or PARITY_CASE
     input_size = plan(config, input_size).input_size
-    report = ParityReport(config, input_size, batch, steps, lr, seed, dtype, [ORACLE])
+    report = ParityReport(config, input_size, batch, steps, lr, seed, dtype, [ORACLE], precision=precision)
     adapters = _load_adapters(backends, report)
     say = progress or (lambda message: None)
     case = _Case(config, init_canonical(config, seed), seeded_batches(config, input_size, batch, max(steps, 1), seed))
@@ -405,8 +442,8 @@ def _backend_results(
     name, w0, lr, steps = adapter.name, case.w0, report.lr, report.steps
     (X, y), batches = case.batches[0], case.batches[:steps]
     out: dict[str, dict[str, np.ndarray]] = {}
-    say(f"{name}: building in {report.dtype} and loading the canonical weights")
-    model = adapter.build(case.config, seed=report.seed, dtype=report.dtype)
+    say(f"{name}: building in {report.arithmetic} and loading the canonical weights")
+    model = adapter.build(case.config, seed=report.seed, dtype=report.dtype, precision=report.precision)
     for check, training in (("inference", False), ("train-forward", True)):
         adapter.set_weights(model, w0)
         s = adapter.stages(model, X, training=training)
@@ -445,7 +482,7 @@ def _compare(report: ParityReport, results: dict[str, dict[str, dict[str, np.nda
     for check, per in results.items():
         values = {ORACLE: oracle.results[check], **per}
         for a, b in [*((name, ORACLE) for name in per), *itertools.combinations(per, 2)]:
-            limit = bound(check, report.dtype, pairwise=b != ORACLE)
+            limit = bound(check, report.arithmetic, pairwise=b != ORACLE)
             error, worst = _error(values[a], values[b], oracle.scales[check])
             if check in ("lockstep", "momentum-lockstep"):
                 worst = _first_step(values[a]["loss"], values[b]["loss"], oracle.scales[check]["loss"], limit)
