@@ -188,5 +188,5 @@ def test_training_settings_record_the_precision() -> None:
     assert TrainSettings(backend="torch", precision="bfloat16").to_dict()["precision"] == "bfloat16"
     with pytest.raises(TrainingError, match="precision must be one of"):
         TrainSettings(backend="torch", precision="half")
-    with pytest.raises(TrainingError, match="bfloat16 trains in one process only"):
+    with pytest.raises(TrainingError, match="bfloat16 trains in one process only; drop --workers and --distributed"):
         TrainSettings(backend="torch", precision="bfloat16", workers=2)

@@ -86,6 +86,8 @@ def train(
         group = group or LocalGroup(adapter, memory_efficient=settings.memory_efficient, precision=settings.precision)
         if settings.memory_efficient and not isinstance(group, LocalGroup):
             raise TrainingError(MEMORY_EFFICIENT_ALONE)
+        if settings.precision != "float32" and not isinstance(group, LocalGroup):
+            raise TrainingError(settings.one_process_precision())
         check_divisible(settings.batch_size, group.replicas)
         model = group.build(adapter, settings.config, seed=settings.seed, sync_bn=settings.sync_bn)
         if settings.transition_pool == "max":

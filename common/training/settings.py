@@ -127,7 +127,12 @@ class TrainSettings:
         if self.precision not in PRECISIONS:
             raise TrainingError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.precision != "float32" and self.workers > 1:
-            raise TrainingError(f"{self.precision} trains in one process only; drop --workers")
+            raise TrainingError(self.one_process_precision())
+
+    def one_process_precision(self) -> str:
+        """Why mixed precision is refused beside data-parallel workers: the distributed engines
+        build their own replicas, in float32."""
+        return f"{self.precision} trains in one process only; drop --workers and --distributed"
 
     @property
     def sgd(self) -> SGD:
