@@ -26,9 +26,10 @@ _amp_on = False
 def _use_amp() -> None:
     """MXNet's mixed precision: ``amp.init(target_dtype="bfloat16")`` rewrites the operator
     namespaces (``mx.nd``, ``mx.sym``) of the whole process so that the operators on its bfloat16
-    list (convolutions, dense layers) cast their inputs to bfloat16, while those on its float32
-    lists (softmax, the loss, norms) cast to float32. Parameters stay float32; BatchNorm keeps
-    float32 statistics. It takes the whole process, for good: a float32 network run afterwards
+    list (convolutions, dense layers) cast their inputs to bfloat16, those on its float32 list
+    (softmax, log-softmax, sums, means, ``Flatten``) to float32, and the rest (BatchNorm, pooling,
+    ReLU, concatenation) run in their input's dtype. Parameters stay float32; BatchNorm keeps
+    float32 parameters and statistics. It takes the whole process, for good: a float32 network run afterwards
     would silently compute in bfloat16, so the adapter refuses one (:func:`_check_amp`)."""
     global _amp_on
     if not _amp_on:
