@@ -7,9 +7,11 @@ NCHW, and reads and writes the weights in the canonical format (``common.weights
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
@@ -104,6 +106,9 @@ class Adapter(ABC, Generic[RuntimeT]):
     # Execution modes `densenet bench` measures: "eager" and the framework's compiled paths by
     # their own names; :meth:`bench_step` knows each.
     bench_modes: ClassVar[tuple[str, ...]] = ("eager", "compiled")
+    # The backend's module that writes and loads deployment artefacts (``densenet_torch.export``),
+    # the same public names in all four; ``common.deploy`` drives it.
+    export_module: ClassVar[str | None] = None
 
     # --- framework specifics -------------------------------------------------------------
 
@@ -305,6 +310,13 @@ class Adapter(ABC, Generic[RuntimeT]):
                 self.forward(model, X, compiled=compiled)
 
         return step
+
+    def exporter(self) -> ModuleType:
+        """The backend's ``export`` module: ``export_onnx``, ``export_native``, ``load_native`` and
+        ``NATIVE_FORMAT`` (``common.deploy.export`` says what each does)."""
+        if self.export_module is None:
+            raise Unsupported(f"{self.name} has no exporter")
+        return importlib.import_module(self.export_module)
 
     # --- shared -------------------------------------------------------------------------
 

@@ -5,6 +5,17 @@ from __future__ import annotations
 from common.errors import InputError
 
 
+def _known(size: object) -> int | None:
+    """A size as an int, or None where it is unknown (a traced graph's ``None``) or symbolic (a
+    ``jax.export`` batch dimension, whose ``int()`` raises a plain Exception); neither is checked."""
+    if size is None:
+        return None
+    try:
+        return int(size)  # type: ignore[call-overload]
+    except Exception:
+        return None
+
+
 def check_images(
     shape: tuple[int | None, ...],
     is_float: bool,
@@ -20,8 +31,7 @@ def check_images(
     ``layout`` is ``"NCHW"`` or ``"NHWC"``; ``in_channels`` is None while a lazy network has not
     yet seen its first batch (any channel count is then accepted).
     """
-    # Unknown (None) sizes, as a traced graph may have, are not checked.
-    shape = tuple(None if d is None else int(d) for d in shape)
+    shape = tuple(_known(d) for d in shape)
     expected = "(N, C, H, W)" if layout == "NCHW" else "(N, H, W, C)"
     if len(shape) != 4:
         raise InputError(

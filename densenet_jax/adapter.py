@@ -253,6 +253,7 @@ def _x64(model: JaxModel):
 
 class JaxAdapter(Adapter[JaxRuntime]):
     name = "jax"
+    export_module = "densenet_jax.export"
     framework = "JAX/Flax"
     layout = "NHWC"
     running_var_unbiased = False

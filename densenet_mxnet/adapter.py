@@ -69,6 +69,7 @@ MXNetModel = Model[MXNetRuntime]
 
 class MXNetAdapter(Adapter[MXNetRuntime]):
     name = "mxnet"
+    export_module = "densenet_mxnet.export"
     framework = "MXNet Gluon"
     layout = "NCHW"
     running_var_unbiased = False

@@ -58,6 +58,7 @@ TFModel = Model[TFRuntime]
 
 class TFAdapter(Adapter[TFRuntime]):
     name = "tf"
+    export_module = "densenet_tf.export"
     framework = "TensorFlow/Keras"
     layout = "NHWC"
     running_var_unbiased = False

@@ -57,6 +57,7 @@ TorchModel = Model[TorchRuntime]
 
 class TorchAdapter(Adapter[TorchRuntime]):
     name = "torch"
+    export_module = "densenet_torch.export"
     framework = "PyTorch"
     layout = "NCHW"
     running_var_unbiased = True

@@ -364,3 +364,22 @@ def test_the_table_names_mxnets_engine_where_it_is_not_the_default() -> None:
     assert text[6].startswith("others %, steal %:")
     start, end = header.index("malloc"), header.index("others %")
     assert [line[start:end].strip() for line in lines] == ["system, NaiveEngine", "system", "system"]
+
+
+@pytest.mark.torch
+def test_onnxruntime_runs_pytorchs_export_float32_and_int8(capsys: pytest.CaptureFixture[str], request) -> None:
+    """The fifth runtime: ONNX Runtime on PyTorch's ONNX export, float32 and int8; inference only,
+    training is n/a with why."""
+    if not request.config.getoption("--backends"):  # with required backends (CI) a missing one fails
+        pytest.importorskip("onnxruntime")
+    get_adapter("torch", request.config)
+    argv = ["--steps", "2", "--backends", "onnxruntime", "--json"]
+    code, out, err = run_cli(capsys, "bench", *TINY, *argv)
+    assert code == 0, err
+    rows = {(r["mode"], r["phase"]): r for r in json.loads(out)["rows"]}
+    assert set(rows) == {(m, p) for m in ("onnx", "onnx-int8") for p in ("train", "inference")}
+    for mode in ("onnx", "onnx-int8"):
+        assert rows[mode, "train"]["outcome"] == "n/a" and "inference" in rows[mode, "train"]["not_applicable"]
+        row = rows[mode, "inference"]
+        assert row["outcome"] == "measured" and row["images_per_s"] > 0, row
+        assert "torch.onnx.export" in row["version"] and row["malloc"] == "system"

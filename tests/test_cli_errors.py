@@ -199,6 +199,41 @@ BAD_ARGUMENTS = [
     (["evaluate", "--weights", "{classes3}", "--backend", "torch"], 2, "needs num_classes=10 and in_channels=1"),
     (["evaluate", "--weights", "{weights}", "--backend", "torch", "--resize", "0"], 2, "argument --resize"),
     (["evaluate", "--weights", "{weights}", "--backend", "torch", "--data-dir", "{partial}"], 2, "lacks 1 of"),
+    (["evaluate", "--weights", "{weights}"], 2, "--backend is required"),
+    (["evaluate", "--weights", "{weights}", "--runtime", "onnxruntime"], 2, "is not an export directory"),
+    (["evaluate", "--weights", "{empty}", "--runtime", "onnxruntime"], 2, "holds no densenet-export.json"),
+    (["evaluate", "--weights", "{weights}", "--runtime", "tvm"], 2, "argument --runtime: invalid choice"),
+    (["export"], 2, "--backend"),
+    (["export", "--backend", "caffe", "--weights", "{weights}", "--out", "{tmp}/e"], 2, "unknown backend"),
+    (["export", "--backend", "torch", "--weights", "{missing}.safetensors", "--out", "{tmp}/e"], 2, "file not found"),
+    (["export", "--backend", "torch", "--weights", "{weights}", "--out", "{tmp}"], 2, "exists; name a new directory"),
+    (["export", "--backend", "torch", "--weights", "{weights}", "--out", "{missing}/e"], 2, "does not exist"),
+    (
+        ["export", "--backend", "torch", "--weights", "{weights}", "--out", "{tmp}/e", "--format", "tflite"],
+        2,
+        "--format",
+    ),
+    (
+        ["export", "--backend", "torch", "--weights", "{weights}", "--out", "{tmp}/e", "--input-size", "4"],
+        2,
+        "too small",
+    ),
+    (
+        [
+            "export",
+            "--backend",
+            "torch",
+            "--weights",
+            "{weights}",
+            "--out",
+            "{tmp}/e",
+            "--format",
+            "onnx-int8",
+            "--check",
+        ],
+        2,
+        "no float32 error model",
+    ),  # fmt: skip
     (["data-speed", "--data-dir", "{missing}"], 2, "does not exist"),
     (["data-speed", "--data-dir", "{empty}"], 2, "lacks 4 of the 4"),
     (["data-speed", "--batch-size", "x"], 2, "argument --batch-size"),
@@ -477,12 +512,21 @@ def test_base_install_is_enough_for_the_cli() -> None:
     # inside the function that needs it.
     teaching = {k for k, files in third_party.items() if all(f.startswith("common/teach/") for f in files)}
     assert teaching <= {"pygments", "jinja2", "markupsafe", "jupytext", "torch", "matplotlib"}, teaching
-    assert set(third_party) - teaching <= base | {"matplotlib", "PIL"}, third_party
+    # common/deploy (the `deploy` extra): onnx and ONNX Runtime, each imported inside the function
+    # that needs it, so `densenet --help` and every other command start without them.
+    deploying = {k for k, files in third_party.items() if all(f.startswith("common/deploy/") for f in files)}
+    assert deploying <= {"onnx", "onnxruntime"}, deploying
+    assert set(third_party) - teaching - deploying <= base | {"matplotlib", "PIL"}, third_party
     outside = {f for f in third_party.get("matplotlib", set()) if not f.startswith("common/teach/")}
     assert outside <= {"common/training/plot.py"}
     assert third_party.get("PIL", set()) <= {"common/data/folder.py"}
     loaded = subprocess.run(
-        [sys.executable, "-c", "import sys, common.cli; common.cli.build_parser(); print('PIL' in sys.modules)"],
+        [
+            sys.executable,
+            "-c",
+            "import sys, common.cli; common.cli.build_parser(); "
+            "print('PIL' in sys.modules or 'onnx' in sys.modules or 'onnxruntime' in sys.modules)",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -170,6 +170,7 @@ def test_every_computing_command_takes_threads() -> None:
         "evaluate": ["--backend", "torch", "--weights", "w.safetensors"],
         "teach": ["--out", "site"],
         "convert": ["--from", "a.npz", "--to", "b.npz"],
+        "export": ["--backend", "torch", "--weights", "w.safetensors", "--out", "e"],
     }
     for path in THREADED:
         args = build_parser().parse_args([*path.split(), "--threads", "2", *required.get(path, [])])

@@ -22,10 +22,14 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from common import resources
 from common.adapter import PRECISIONS
@@ -53,6 +57,9 @@ __all__ = [
     "run_case",
 ]
 
+RUNTIME = "onnxruntime"
+EXPORTED_FROM = "torch"  # the framework whose ONNX export the onnxruntime rows run
+
 # Every backend's execution modes, by the framework's own names: ``eager`` and each compiled path,
 # plus torch's ``nchw``: eager in the book's memory format, where ``eager`` is channels-last, and
 # JAX's ``flax-bn``: jit with Flax's own BatchNorm sums, where ``jit`` computes them as products.
@@ -63,8 +70,11 @@ MODES: dict[str, tuple[str, ...]] = {
     "mxnet": ("eager", "hybridize"),
     "jax": ("eager", "jit", "flax-bn"),
     "tf": ("eager", "function", "xla"),
+    # ONNX Runtime, the fifth runtime (docs/deploy.md): PyTorch's ONNX export of the same network,
+    # float32 and quantised to int8; inference only.
+    RUNTIME: ("onnx", "onnx-int8"),
 }
-UNCOMPILED = ("eager", "nchw")
+UNCOMPILED = ("eager", "nchw", "onnx", "onnx-int8")
 PHASES = ("train", "inference")
 # 2: rows have an outcome (n/a apart from failed), a precision and the load they ran under.
 SCHEMA = 2
@@ -149,9 +159,10 @@ def run_case(case: BenchCase) -> dict[str, Any]:
     steps. A case the backend does not offer is ``{"not_applicable": why}``: the adapter raises
     :class:`Unsupported` for it (a mode, a phase in a mode, a precision it has no way to run)."""
 
-    adapter = load_backend(case.backend)
     try:
-        return _measure(adapter, case)
+        if case.backend == RUNTIME:
+            return _measure_onnxruntime(case)
+        return _measure(load_backend(case.backend), case)
     except Unsupported as exc:
         return {"not_applicable": str(exc)}
 
@@ -160,6 +171,55 @@ def _measure(adapter: Any, case: BenchCase) -> dict[str, Any]:
     model = adapter.build(case.config, seed=0, memory_efficient=case.memory_efficient, precision=case.precision)
     ((X, y),) = seeded_batches(case.config, case.input_size, case.batch_size, 1, 0)
     step = adapter.bench_step(model, case.phase, case.mode, X, y)
+    return {"version": adapter.version(), **_time(step, case), **allocator.engine_record(case.backend)}
+
+
+def _measure_onnxruntime(case: BenchCase) -> dict[str, Any]:
+    """ONNX Runtime on PyTorch's ONNX export of the network (``case.mode``: ``onnx`` or
+    ``onnx-int8``, calibrated on the timed batch itself: the ranges change the values, not the speed)."""
+    from common.deploy.runtime import onnx_session, onnxruntime_version
+
+    if case.phase != "inference":
+        raise Unsupported("ONNX Runtime serves inference; it has no training step here")
+    if case.precision != "float32" or case.memory_efficient:
+        raise Unsupported("an ONNX export computes as written: no mixed precision, no memory-efficient training")
+    if case.input_size[0] != case.input_size[1]:
+        raise Unsupported("the ONNX exports take square images")
+    ((X, _),) = seeded_batches(case.config, case.input_size, case.batch_size, 1, 0)
+    version = onnxruntime_version()
+    with tempfile.TemporaryDirectory(prefix="densenet-bench-") as tmp:
+        out = Path(tmp) / "export"
+        # Exported in a process of its own, so that this one's peak memory is ONNX Runtime's alone.
+        job = {"config": case.config.to_dict(), "mode": case.mode, "out": str(out), "size": case.input_size[0]}
+        np.save(Path(tmp) / "calibration.npy", X)  # int8: the ranges change the values, not the speed
+        command = [sys.executable, "-c", _EXPORT_CHILD, json.dumps(job), str(Path(tmp) / "calibration.npy")]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or ["no output"]
+            raise RuntimeError(f"exporting for ONNX Runtime failed: {lines[-1]}")
+        manifest = json.loads((out / "densenet-export.json").read_text())
+        session = onnx_session(out / manifest["artefact"], threads.current())
+        feed = {session.get_inputs()[0].name: X}
+        result = _time(lambda: session.run(None, feed), case)
+    return {"version": f"{version} ({manifest['exporter']})", **result}
+
+
+_EXPORT_CHILD = f"""
+import json, sys
+import numpy as np
+from common.config import DenseNetConfig
+from common.deploy.export import export
+from common.registry import load_backend
+from common.weights.canonical import init_canonical
+job = json.loads(sys.argv[1])
+config = DenseNetConfig.from_dict(job["config"])
+calibration = np.load(sys.argv[2]) if job["mode"] == "onnx-int8" else None
+export(load_backend({EXPORTED_FROM!r}), config, init_canonical(config, 0), job["mode"], job["out"],
+       image_size=job["size"], calibration=calibration)
+"""
+
+
+def _time(step: Callable[[], Any], case: BenchCase) -> dict[str, Any]:
     rss_before = _rss_bytes()
     t0 = time.perf_counter()
     step()
@@ -174,7 +234,6 @@ def _measure(adapter: Any, case: BenchCase) -> dict[str, Any]:
     quartiles = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
     median = statistics.median(times)
     return {
-        "version": adapter.version(),
         "first_step_s": first,
         "median_s": median,
         "q1_s": quartiles[0],
@@ -186,7 +245,6 @@ def _measure(adapter: Any, case: BenchCase) -> dict[str, Any]:
         "peak_mb": _peak_bytes() / 2**20,
         "malloc": allocator.in_use(),
         "threads": threads.current(),  # inherited from the bench (common.process.threads)
-        **allocator.engine_record(case.backend),
     }
 
 
@@ -200,7 +258,8 @@ def case_malloc(case: BenchCase) -> str:
     TCMalloc unless ``DENSENET_MALLOC=system``), the book's mode and every other framework on
     the system's."""
     # `nchw` is the book's PyTorch code run the book's way, so it keeps the book's malloc too.
-    return "system" if case.mode == "nchw" else allocator.wanted(case.backend)
+    # ONNX Runtime brings its own arena allocator.
+    return "system" if case.mode == "nchw" or case.backend == RUNTIME else allocator.wanted(case.backend)
 
 
 def _child_env(case: BenchCase) -> dict[str, str]:

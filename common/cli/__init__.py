@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
-from common.cli import bench, inspection, parity, teach, training, weights
+from common.cli import bench, deploy, inspection, parity, teach, training, weights
 from common.cli.options import HelpFormatter, add_threads_options
 from common.errors import DenseNetError
 from common.process import allocator, lifeline, threads
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         bench.add_bench,
         parity.add_golden,
         weights.add_parsers,
+        deploy.add_export,
         teach.add_parsers,
     ):
         add(sub)
@@ -124,7 +125,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             threads.apply(args.threads)
         one_process = getattr(args, "workers", 1) == 1 and not getattr(args, "distributed", False)
         # Aliases included ("pytorch", "gluon"): the process is chosen by the backend it will load.
-        backend = canonical_name(args.backend) if args.command in ("train", "evaluate") else None
+        named = args.command in ("train", "evaluate") and args.backend is not None
+        backend = canonical_name(args.backend) if named else None
         if argv is None and backend is not None and one_process and allocator.wanted(backend) == "tcmalloc":
             # Only as the program itself (a caller's main([...]) is never replaced), and never for
             # distributed runs: a gloo worker on TCMalloc sometimes aborted at exit.

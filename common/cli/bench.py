@@ -8,7 +8,17 @@ import sys
 from pathlib import Path
 
 from common.adapter import PRECISIONS
-from common.bench import MODES, PHASES, BenchCase, BenchError, parse_modes, parse_precisions, run_bench, run_case
+from common.bench import (
+    MODES,
+    PHASES,
+    RUNTIME,
+    BenchCase,
+    BenchError,
+    parse_modes,
+    parse_precisions,
+    run_bench,
+    run_case,
+)
 from common.cli.options import _input_size, add_config_options, backend_list, config_from_args, positive_int
 from common.errors import DenseNetError, Failed
 from common.limits import check_memory
@@ -31,12 +41,22 @@ def _precisions(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _backends(text: str | None) -> list[str]:
+    """``--backends``: the frameworks, and ``onnxruntime`` (ONNX Runtime on PyTorch's export)."""
+    if text is None or text.strip().lower() == "all":
+        return list(MODES)
+    items = [v.strip().lower() for v in text.split(",")]
+    frameworks = ",".join(v for v in items if v != RUNTIME)
+    named = backend_list(frameworks) or [] if frameworks else []
+    return [b for b in MODES if b in named or (b == RUNTIME and RUNTIME in items)]
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.child:  # one case, measured in this process (run_bench starts it)
         print(json.dumps(run_case(BenchCase.from_dict(json.loads(args.child)))))
         return 0
     config = config_from_args(args)
-    backends = backend_list(args.backends) or list(MODES)
+    backends = _backends(args.backends)
     modes = parse_modes(args.modes, backends)
     check_memory(config, args.input_size, args.batch_size)
     if args.plot is not None:
@@ -91,7 +111,11 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     )
     add_config_options(p)
     run = p.add_argument_group("benchmark")
-    run.add_argument("--backends", help="comma-separated subset (default: all four)")
+    run.add_argument(
+        "--backends",
+        help=f"comma-separated subset of the four and {RUNTIME} (ONNX Runtime on PyTorch's ONNX export; "
+        "inference only) (default: all)",
+    )
     run.add_argument("--modes", help="comma-separated modes, 'compiled' for every non-eager one (default: all)")
     run.add_argument("--phases", type=_phases, default=list(PHASES), help="train, inference or both")
     run.add_argument(

@@ -278,7 +278,19 @@ def backend_list(text: str | None) -> list[str] | None:
 # (common.process.threads); an exercise is named with its command. `parity-sweep --threads 1,2`
 # is its own: the counts to sweep, each setting a process set up with the same table.
 THREADED = (
-    *("compare", "summary", "parity", "train", "evaluate", "data-speed", "bench", "golden", "convert", "teach"),
+    *(
+        "compare",
+        "summary",
+        "parity",
+        "train",
+        "evaluate",
+        "data-speed",
+        "bench",
+        "golden",
+        "convert",
+        "teach",
+        "export",
+    ),
     *("exercise pooling", "exercise memory", "exercise dense-mlp"),
 )
 

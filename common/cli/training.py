@@ -26,20 +26,23 @@ from common.cli.options import (
     positive_int_list,
     seed,
 )
+from common.config import DenseNetConfig
 from common.data.folder import DEFAULT_VAL_FRACTION as DEFAULT_VAL
+from common.deploy.export import read_manifest
+from common.deploy.runtime import onnxruntime_version, runner
 from common.errors import DenseNetError, Failed, Interrupted
 from common.limits import check_memory
-from common.process import lifeline
+from common.process import lifeline, threads
 from common.registry import BACKENDS, canonical_name, load_backend
 from common.training.callbacks import speed
-from common.training.engine import evaluate
+from common.training.engine import evaluate, score
 from common.training.optim import SCHEDULES
 from common.training.plot import plot_runs
 from common.training.progress import Progress
 from common.training.run import train
 from common.training.rundir import RunDir
 from common.training.settings import TrainSettings
-from common.weights.canonical import load_canonical
+from common.weights.canonical import CanonicalFile, load_canonical
 from common.weights.starting import FORMATS as INIT_FORMATS
 from common.weights.starting import read_init
 
@@ -220,47 +223,99 @@ def _evaluation_split(args: argparse.Namespace, found, resize: int) -> tuple[dat
     return dataset, split_from
 
 
+RUNTIMES = ("framework", "onnxruntime")
+
+
+def _resize(args: argparse.Namespace, recorded: int | None) -> tuple[int, str]:
+    if args.resize is not None:
+        return args.resize, "--resize"
+    if recorded is not None:
+        return recorded, "the file's training settings; --resize overrides"
+    return 96, "the default; the file records no training resize"
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.runtime == "onnxruntime":
+        return _evaluate_onnx(args)
+    if args.backend is None:
+        raise DenseNetError("--backend is required to evaluate a weight file (or --runtime onnxruntime for an export)")
     backend = canonical_name(args.backend)  # an unknown name is refused before any file is read
     # Network options, when given, state what the file must hold; the file's own configuration is used.
     expected = config_from_args(args) if config_options_given(args) else None
     found = load_canonical(args.weights, expected)
     config = found.config
-    recorded = _recorded_resize(found.metadata)
-    if args.resize is not None:
-        resize, why = args.resize, "--resize"
-    elif recorded is not None:
-        resize, why = recorded, "the file's training settings; --resize overrides"
-    else:
-        resize, why = 96, "the default; the file records no training resize"
+    resize, why = _resize(args, _recorded_resize(found.metadata))
     check_memory(config, resize, args.batch_size)
     dataset, split_from = _evaluation_split(args, found, resize)
+    adapter = load_backend(backend)
+    model = adapter.build(config, precision=args.precision)
+    adapter.set_weights(model, found.weights)
+    label = f"{adapter.name}{' in bfloat16 mixed precision' if args.precision == 'bfloat16' else ''}"
+    return _report_evaluation(
+        args,
+        label,
+        found,
+        dataset,
+        split_from,
+        (resize, why),
+        lambda split, bar: evaluate(adapter, model, split, args.batch_size, resize, bar.evaluating, config.in_channels),
+    )
+
+
+def _evaluate_onnx(args: argparse.Namespace) -> int:
+    """``--runtime onnxruntime``: an ONNX export (``densenet export``'s directory) run by ONNX
+    Runtime, on the same images and with the same measure as a framework."""
+    if args.precision != "float32":
+        raise DenseNetError("--precision bfloat16 is a framework's mixed precision; an ONNX export computes as written")
+    manifest = read_manifest(args.weights)
+    if manifest["format"] not in ("onnx", "onnx-int8"):
+        raise DenseNetError(
+            f"{args.weights} holds a {manifest['native_format']} export; ONNX Runtime runs the onnx formats "
+            f"(evaluate it with --backend {manifest['backend']} from its weight file)"
+        )
+    config = DenseNetConfig.from_dict(manifest["config"])
+    side = manifest["input"]["shape"][2 if manifest["layout"] == "NCHW" else 1]
+    if args.resize is not None and args.resize != side:
+        raise DenseNetError(f"{args.weights} takes {side}x{side} images; --resize {args.resize} cannot be fed to it")
+    found = CanonicalFile(config, {}, {})
+    resize, why = side, "the export's input size"
+    dataset, split_from = _evaluation_split(args, found, resize)
+    run = runner(args.weights, manifest, threads.current())
+    label = f"ONNX Runtime {onnxruntime_version()} ({manifest['format']} from {manifest['backend']})"
+
+    def measure(split, bar):
+        loss, correct = score(run, split, args.batch_size, resize, bar.evaluating, config.in_channels)
+        return loss / len(split.labels), correct / len(split.labels)
+
+    return _report_evaluation(args, label, found, dataset, split_from, (resize, why), measure)
+
+
+def _report_evaluation(args, label: str, found, dataset, split_from: str, resize_why: tuple[int, str], measure) -> int:
+    config = found.config
+    resize, why = resize_why
     split = data.subset(dataset.test, args.limit)
     note = dataset.channel_note(config.in_channels)
     if note and not args.json:
         print(f"note: {note}", file=sys.stderr)
-    adapter = load_backend(backend)
-    model = adapter.build(config, precision=args.precision)
-    adapter.set_weights(model, found.weights)
-    bar = Progress(f"{adapter.name} evaluate", 0, 0, quiet=args.json)
+    bar = Progress(f"{label.split()[0]} evaluate", 0, 0, quiet=args.json)
     start = time.perf_counter()
     try:
-        loss, acc = evaluate(adapter, model, split, args.batch_size, resize, bar.evaluating, config.in_channels)
+        loss, acc = measure(split, bar)
     finally:
         bar.close()
     if not math.isfinite(loss):
         raise Failed(f"the network's outputs are not finite on these images (loss {loss}); the weights are unusable")
     used = {"config": config.to_dict(), "resize": resize, "resize_from": why}
     if args.json:
-        result = {"backend": adapter.name, "weights": args.weights, "test_loss": loss, "test_acc": acc}
-        result["precision"] = args.precision
+        runtime = label.split()[0] if args.runtime == "framework" else "onnxruntime"
+        result = {"backend": runtime, "runtime": args.runtime, "weights": args.weights, "test_loss": loss}
+        result |= {"test_acc": acc, "precision": args.precision}
         on = {"dataset": dataset.name, "split": dataset.test_name, "split_from": split_from}
         print(json.dumps({**result, "images": len(split.labels), **on, **used}))
     else:
         print(f"{args.weights}: DenseNet {config.describe()} (the file's configuration)")
         print(
-            f"{adapter.name}{' in bfloat16 mixed precision' if args.precision == 'bfloat16' else ''} on "
-            f"{len(split.labels)} images of {split_from}, at {resize}x{resize} ({why}): "
+            f"{label} on {len(split.labels)} images of {split_from}, at {resize}x{resize} ({why}): "
             f"accuracy {acc:.4f}, loss {loss:.4f} ({time.perf_counter() - start:.1f} s)"
         )
     return 0
@@ -434,8 +489,17 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         description="Evaluates with the file's configuration, at the resize its training recorded (96 if none), on "
         "the test split of --dataset (an image folder's validation split).",
     )
-    p.add_argument("--weights", required=True, metavar="FILE", help="canonical weight file")
-    p.add_argument("--backend", required=True, help=", ".join(BACKENDS))
+    p.add_argument(
+        "--weights", required=True, metavar="FILE", help="canonical weight file; with --runtime onnxruntime, an export"
+    )
+    p.add_argument("--backend", help=", ".join(BACKENDS) + " (not with --runtime onnxruntime)")
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="framework",
+        help="framework: --backend runs the weight file; onnxruntime: ONNX Runtime runs a `densenet export` "
+        "directory in an onnx format",
+    )
     p.add_argument("--resize", type=positive_int, help="image side (default: the file's training resize, else 96)")
     p.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH, help="images per forward pass")
     p.add_argument("--limit", type=positive_int, help="the first N test images (default: all)")

@@ -3,7 +3,8 @@
 ``init`` writes a seeded canonical initialisation; ``convert`` reads a canonical file, passes the
 tensors through each named backend in turn (load with ``set_weights``, export with
 ``get_weights``), insists that every round trip is bit-identical, and writes the result in the
-format the output suffix names (``.safetensors`` or ``.npz``).
+format the output suffix names (``.safetensors`` or ``.npz``). ``--from-format`` reads a peer's
+weight file or an ONNX DenseNet (common.deploy.onnx_import) instead of a canonical file.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from common.arch import count_bn_stats, count_params
 from common.cli.options import add_config_options, backend_names, config_from_args, config_options_given, seed
 from common.config import CONFIGS, DenseNetConfig, named_config
+from common.deploy.onnx_import import confirm_config, read_onnx
 from common.errors import BackendError, Interrupted, WeightFileError
 from common.registry import BACKENDS, load_backend
 from common.weights import peers
@@ -27,6 +29,11 @@ from common.weights.canonical import init_canonical, load_canonical, save_weight
 from common.weights.safetensors_io import SUFFIXES, read_weights, write_weights
 
 __all__ = ["GluonZoo", "add_convert", "add_init", "add_parsers", "cmd_convert", "cmd_init"]
+
+# ONNX is read (any exporter's DenseNet graph, common.deploy.onnx_import), not written here:
+# `densenet export` writes it.
+FROM_FORMATS = ("canonical", *peers.FORMATS, "onnx")
+TO_FORMATS = ("canonical", *peers.FORMATS)
 
 
 @runtime_checkable
@@ -49,7 +56,9 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
         "convert",
         help="round-trip a canonical weight file through backends and write it (.safetensors <-> .npz)",
     )
-    p.add_argument("--from", dest="src", required=True, metavar="FILE", help="canonical weight file to read")
+    p.add_argument(
+        "--from", dest="src", required=True, metavar="FILE", help="weight file to read (--from-format names its layout)"
+    )
     p.add_argument("--to", dest="dst", required=True, metavar="FILE", help="file to write; the suffix picks the format")
     p.add_argument(
         "--backend",
@@ -60,9 +69,8 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
         help=f"pass the weights through this backend ({', '.join(BACKENDS)}); repeatable or comma-separated, "
         "applied in order; none: only convert the file format",
     )
-    formats = ", ".join(("canonical", *peers.FORMATS))
-    p.add_argument("--from-format", default="canonical", help=f"layout of --from: {formats}")
-    p.add_argument("--to-format", default="canonical", help=f"layout of --to: {formats}")
+    p.add_argument("--from-format", default="canonical", help=f"layout of --from: {', '.join(FROM_FORMATS)}")
+    p.add_argument("--to-format", default="canonical", help=f"layout of --to: {', '.join(TO_FORMATS)}")
     add_config_options(
         p,
         title="network the file holds (default: what a canonical file records, or what a peer file's tensors "
@@ -133,9 +141,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise WeightFileError(f"--to {dst} is a directory; name the file to write")
     if not dst.parent.is_dir():
         raise WeightFileError(f"--to {dst}: the directory {dst.parent} does not exist")
-    for fmt in (args.from_format, args.to_format):
-        if fmt not in ("canonical", *peers.FORMATS):
-            raise WeightFileError(f"unknown format {fmt!r}; expected one of canonical, {', '.join(peers.FORMATS)}")
+    for fmt, known in ((args.from_format, FROM_FORMATS), (args.to_format, TO_FORMATS)):
+        if fmt not in known:
+            raise WeightFileError(f"unknown format {fmt!r}; expected one of {', '.join(known)}")
     names = [n for text in args.backends for n in backend_names(text)]
     adapters = [load_backend(n) for n in names]  # refuse unknown or missing backends before any work
     try:
@@ -151,6 +159,9 @@ def _convert(args: argparse.Namespace, src: Path, dst: Path, adapters: list) -> 
         config, weights = found.config, found.weights
         source = found.metadata.get("source", "unknown")
         running_var = found.metadata["running_var"]  # load_canonical requires it
+    elif args.from_format == "onnx":
+        config, weights, metadata = _read_onnx(src, args)
+        source, running_var = metadata["source"], metadata["running_var"]
     else:
         config, weights = _read_peer(src, args.from_format, args)
         source = args.from_format
@@ -162,6 +173,8 @@ def _convert(args: argparse.Namespace, src: Path, dst: Path, adapters: list) -> 
         f"read  {src}: {len(weights)} tensors, {count_params(config):,} parameters + "
         f"{count_bn_stats(config):,} BatchNorm statistics, {_file_size(src)} (source: {source})"
     )
+    if args.from_format == "onnx":
+        print(f"running variances: {running_var} ({metadata['running_var_basis']})")
     for adapter in adapters:
         model = adapter.build(config)
         adapter.set_weights(model, weights)
@@ -204,6 +217,14 @@ def _read_peer(src: Path, fmt: str, args: argparse.Namespace) -> tuple[DenseNetC
     config = config_from_args(argparse.Namespace(**{**vars(args), "config": None}), default=base)
     convert = {"torchvision": peers.from_torchvision, "keras": peers.from_keras, "gluon": peers.from_gluon}[fmt]
     return config, convert(tensors, config)
+
+
+def _read_onnx(src: Path, args: argparse.Namespace) -> tuple[DenseNetConfig, dict[str, np.ndarray], dict[str, str]]:
+    """An ONNX DenseNet's weights; ``--config`` and the network options state what it must hold."""
+    config, weights, metadata = read_onnx(src)
+    if config_options_given(args):
+        config = confirm_config(src, config, config_from_args(args, default=config))
+    return config, weights, metadata
 
 
 def _to_peer(weights: dict[str, np.ndarray], config: DenseNetConfig, fmt: str) -> dict[str, np.ndarray]:

@@ -26,7 +26,7 @@ from common.distributed.sharding import shard_range
 from common.errors import WeightFileError
 from common.process import lifeline
 
-__all__ = ["Callback", "Engine", "EpochEnd", "LocalGroup", "NonFinite", "StepEnd", "evaluate"]
+__all__ = ["Callback", "Engine", "EpochEnd", "LocalGroup", "NonFinite", "StepEnd", "evaluate", "score"]
 
 EVAL_BATCH = 256
 
@@ -173,22 +173,36 @@ def evaluate(
     group = group or LocalGroup(adapter)
     count = len(split.labels)
     start, stop = shard_range(count, group.rank, group.world)
-    split = data.Split(split.images[start:stop], split.labels[start:stop])
+    share = data.Split(split.images[start:stop], split.labels[start:stop])
+    sums = score(lambda X: group.forward(adapter, model, X), share, batch_size, resize, progress, channels)
+    total_loss, correct = group.sum(np.array(sums, np.float64))
+    return total_loss / count, correct / count
+
+
+def score(
+    logits_of: Callable[[np.ndarray], np.ndarray],
+    split: data.Split,
+    batch_size: int,
+    resize: int,
+    progress: Callable[[int, int], None] | None = None,
+    channels: int | None = None,
+) -> tuple[float, int]:
+    """The summed cross-entropy and the number of right answers of ``logits_of`` (NCHW float32
+    batch -> logits) over ``split``; what :func:`evaluate` adds up, for any runtime."""
     total_loss, correct = 0.0, 0
     total = math.ceil(len(split.labels) / batch_size)
     if progress is not None:
         progress(0, total)
     for done, (X, y) in enumerate(data.batches(split, batch_size, resize, shuffle=False, channels=channels), start=1):
         lifeline.check()
-        logits = group.forward(adapter, model, X).astype(np.float64)
+        logits = np.asarray(logits_of(X)).astype(np.float64)
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         total_loss += float(-log_p[np.arange(len(y)), y].sum())
         correct += int((logits.argmax(axis=1) == y).sum())
         if progress is not None:
             progress(done, total)
-    total_loss, correct = group.sum(np.array([total_loss, correct], np.float64))
-    return total_loss / count, correct / count
+    return total_loss, correct
 
 
 class Engine:
