@@ -7,7 +7,8 @@ configuration, the weights it came from). Formats:
 - ``onnx``: ONNX through the framework's own exporter (``torch.onnx.export``, tf2onnx for Keras,
   ``jax2tf`` + tf2onnx for Flax, ``mx.onnx.export_model`` for Gluon);
 - ``native``: the framework's own serving format (``torch.export`` ``.pt2``, a TensorFlow
-  SavedModel, ``jax.export`` serialized StableHLO, a Gluon symbol + params pair).
+  SavedModel, ``jax.export`` serialized StableHLO, a Gluon symbol + params pair);
+- ``onnx-int8``: the ``onnx`` export quantised by ONNX Runtime (:mod:`common.deploy.quantize`).
 
 Every artefact is in inference mode (BatchNorm with its running statistics), float32, for images of
 one size and any batch size, in its framework's layout (NCHW for PyTorch and MXNet, NHWC for Keras
