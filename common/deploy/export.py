@@ -161,6 +161,8 @@ def _stamp(path: Path, manifest: dict[str, Any]) -> str:
         "densenet.layout": manifest["layout"],
         "densenet.running_var": manifest["weights"].get("running_var", RUNNING_VAR),
     }
+    if not model.producer_name:  # MXNet's exporter leaves it empty
+        model.producer_name, _, model.producer_version = manifest["framework"].rpartition(" ")
     kept = [p for p in model.metadata_props if p.key not in props]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
