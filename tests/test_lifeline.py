@@ -254,3 +254,21 @@ def test_a_signal_inside_a_finalizer_is_raised_after_it(capfd: pytest.CaptureFix
     err = capfd.readouterr().err
     assert "Exception ignored" not in err and "Traceback" not in err
     assert sys.unraisablehook is sys.__unraisablehook__ or sys.unraisablehook.__module__ != "common.process.lifeline"
+
+
+def test_run_returns_the_output_and_kills_what_outlives_its_timeout(tmp_path: Path) -> None:
+    """``lifeline.run``: a child that ends gives its status and output; one that outlives the
+    timeout is killed together with the grandchild it started, and the timeout is raised."""
+    done = lifeline.run([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"], _env(), timeout=BOUND_S)
+    assert (done.returncode, done.stdout.strip()) == (3, "out")
+    pids = tmp_path / "pids"
+    code = textwrap.dedent(f"""
+        import os, subprocess, sys, time
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        open({str(pids)!r}, "w").write(f"{{os.getpid()}} {{grandchild.pid}}")
+        time.sleep(60)
+    """)
+    with pytest.raises(subprocess.TimeoutExpired):
+        lifeline.run([sys.executable, "-c", code], _env(), timeout=3)
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 2 and _wait_gone(started) == []

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import resource
-import signal
 import statistics
 import subprocess
 import sys
@@ -193,7 +192,7 @@ def _measure_onnxruntime(case: BenchCase) -> dict[str, Any]:
         job = {"config": case.config.to_dict(), "mode": case.mode, "out": str(out), "size": case.input_size[0]}
         np.save(Path(tmp) / "calibration.npy", X)  # int8: the ranges change the values, not the speed
         command = [sys.executable, "-c", _EXPORT_CHILD, json.dumps(job), str(Path(tmp) / "calibration.npy")]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        done = lifeline.run(command, os.environ, timeout=600)
         if done.returncode != 0:
             lines = done.stderr.strip().splitlines() or ["no output"]
             raise RuntimeError(f"exporting for ONNX Runtime failed: {lines[-1]}")
@@ -278,27 +277,20 @@ def _run_child(case: BenchCase, timeout: float) -> dict[str, Any]:
     is killed with anything it started on timeout, on Ctrl-C, SIGTERM or SIGHUP (then re-raised)
     and on any other way out; it dies with this process if this one is killed outright
     (common.process.lifeline)."""
-    job = lifeline.Job(grace_s=0)
     try:
-        proc = job.start(
-            case_command(case), _child_env(case), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout:g} s"}
-    finally:
-        job.end(signal.SIGKILL)  # nothing to save in a measurement: at once
-    if proc.returncode != 0:
-        lines = [line for line in (err or out).strip().splitlines() if line.strip()]
+        done = lifeline.run(case_command(case), _child_env(case), timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s"}
+    if done.returncode != 0:
+        lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
         reason = lines[-1] if lines else "no output"
-        if proc.returncode < 0:
-            reason = f"killed by signal {-proc.returncode}" + (f" ({reason})" if lines else "")
-        return {"error": f"exit {proc.returncode}: {reason[:300]}"}
+        if done.returncode < 0:
+            reason = f"killed by signal {-done.returncode}" + (f" ({reason})" if lines else "")
+        return {"error": f"exit {done.returncode}: {reason[:300]}"}
     try:
-        return json.loads(out.strip().splitlines()[-1])
+        return json.loads(done.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        return {"error": f"the child printed no result: {out[-200:]!r}"}
+        return {"error": f"the child printed no result: {done.stdout[-200:]!r}"}
 
 
 def outcome(row: dict[str, Any]) -> str:

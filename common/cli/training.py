@@ -253,6 +253,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     label = f"{adapter.name}{' in bfloat16 mixed precision' if args.precision == 'bfloat16' else ''}"
     return _report_evaluation(
         args,
+        adapter.name,
         label,
         found,
         dataset,
@@ -287,17 +288,19 @@ def _evaluate_onnx(args: argparse.Namespace) -> int:
         loss, correct = score(run, split, args.batch_size, resize, bar.evaluating, config.in_channels)
         return loss / len(split.labels), correct / len(split.labels)
 
-    return _report_evaluation(args, label, found, dataset, split_from, (resize, why), measure)
+    return _report_evaluation(args, "onnxruntime", label, found, dataset, split_from, (resize, why), measure)
 
 
-def _report_evaluation(args, label: str, found, dataset, split_from: str, resize_why: tuple[int, str], measure) -> int:
+def _report_evaluation(
+    args, name: str, label: str, found, dataset, split_from: str, resize_why: tuple[int, str], measure
+) -> int:
     config = found.config
     resize, why = resize_why
     split = data.subset(dataset.test, args.limit)
     note = dataset.channel_note(config.in_channels)
     if note and not args.json:
         print(f"note: {note}", file=sys.stderr)
-    bar = Progress(f"{label.split()[0]} evaluate", 0, 0, quiet=args.json)
+    bar = Progress(f"{name} evaluate", 0, 0, quiet=args.json)
     start = time.perf_counter()
     try:
         loss, acc = measure(split, bar)
@@ -307,8 +310,7 @@ def _report_evaluation(args, label: str, found, dataset, split_from: str, resize
         raise Failed(f"the network's outputs are not finite on these images (loss {loss}); the weights are unusable")
     used = {"config": config.to_dict(), "resize": resize, "resize_from": why}
     if args.json:
-        runtime = label.split()[0] if args.runtime == "framework" else "onnxruntime"
-        result = {"backend": runtime, "runtime": args.runtime, "weights": args.weights, "test_loss": loss}
+        result = {"backend": name, "runtime": args.runtime, "weights": args.weights, "test_loss": loss}
         result |= {"test_acc": acc, "precision": args.precision}
         on = {"dataset": dataset.name, "split": dataset.test_name, "split_from": split_from}
         print(json.dumps({**result, "images": len(split.labels), **on, **used}))

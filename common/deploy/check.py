@@ -22,12 +22,14 @@ import numpy as np
 from common.config import DenseNetConfig
 from common.errors import DenseNetError, Failed
 from common.oracle import reference
+from common.process import lifeline
 from common.verify.parity import bound
 
 __all__ = ["BATCH_SIZES", "check", "check_in_child", "seeded_images"]
 
 BATCH_SIZES = (1, 5)  # neither is the batch the exporters traced with (2)
 CHECK = "inference"
+CHILD_TIMEOUT_S = 600
 
 
 def seeded_images(config: DenseNetConfig, image_size: int, batch: int, seed: int = 0) -> np.ndarray:
@@ -106,7 +108,10 @@ def check_in_child(
         "--speed-batch",
         str(speed_batch),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    try:
+        done = lifeline.run(command, os.environ, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise Failed(f"checking {directory} took more than {CHILD_TIMEOUT_S} s in its child process") from None
     lines = done.stdout.strip().splitlines()
     if done.returncode not in (0, 1) or not lines:  # 1: it ran, and an error is above its bound
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -122,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed-batch", type=int, default=0, help="also time runs on a batch of this size")
     args = parser.parse_args(argv)
     from common.process import threads
+
+    lifeline.guard_parent()  # dies with the command that started it
     from common.weights.canonical import load_canonical
 
     threads.apply(args.threads)  # before the runtime loads

@@ -44,6 +44,7 @@ __all__ = [
     "PARENT_ENV",
     "Interrupt",
     "Job",
+    "run",
     "check",
     "describe",
     "exit_status",
@@ -360,3 +361,16 @@ class Job:
             os.killpg(self.pgid, signum)
         except ProcessLookupError:
             pass
+
+
+def run(argv: Sequence[str], env: Mapping[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``argv`` to its end in a :class:`Job` of its own, its output captured as text: the child
+    dies with this process, and it is killed (with anything it started) on timeout, Ctrl-C,
+    SIGTERM or SIGHUP. Raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
+    job = Job(grace_s=0)
+    try:
+        proc = job.start(argv, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        job.end(signal.SIGKILL)  # a measurement or a check: nothing to save, so at once
+    return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
