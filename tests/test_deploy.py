@@ -168,9 +168,10 @@ def test_cli_export_check_and_evaluate_with_onnxruntime(tmp_path: Path, capsys, 
 
 
 # int8 (static, U8S8, per-channel weights): an 8-bit step is 2**-8 of a tensor's range. Measured
-# on the parity case, calibrated on the inputs' own distribution: 3.1-4.4 steps of the logits'
-# scale over seeds 0-3; the bound is the power of two at least 5x above.
-INT8_BOUND = 32 * 2.0**-8
+# on the parity case, calibrated on the inputs' own distribution: 2.4-8.5 steps of the logits'
+# scale over seeds 0-15, the same with 1 and 2 threads; the bound is the power of two at least 5x
+# above the worst.
+INT8_BOUND = 64 * 2.0**-8
 
 
 @pytest.mark.torch
